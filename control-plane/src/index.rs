@@ -1,0 +1,485 @@
+//! The service index: the current backend set of every service port, and the
+//! channels that carry its changes to subscribed proxies.
+//!
+//! Each service has one `watch` channel holding an `Arc<Published>`: the endpoint
+//! map (shared, never copied per subscriber) and the delta from the previous
+//! version, computed once per change. A subscriber that kept up sends that delta; one
+//! that fell behind (the channel only keeps the latest value) diffs the set it last
+//! sent against the current one. Sources (file, Kubernetes) call `upsert`/`remove`
+//! or `replace_all`; they never talk to subscribers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tandem_proto::discovery::v1 as pb;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::model::{CallerShares, EndpointMap, Locality, ServiceKey, ServiceSpec, diff};
+
+/// Node name → locality, as the sources know it.
+pub type NodeMap = BTreeMap<String, Locality>;
+
+/// One version of one service's backend set.
+#[derive(Debug)]
+pub struct Published {
+    pub version: u64,
+    /// The version `delta` applies to (0 for the first version).
+    pub prev_version: u64,
+    pub endpoints: Arc<EndpointMap>,
+    pub callers: Arc<CallerShares>,
+    /// From `prev_version` to `version`.
+    pub delta: pb::Delta,
+    /// When the change was seen by the source, to measure push latency.
+    pub changed_at: Instant,
+    /// The service is gone: subscribers end their stream with NOT_FOUND.
+    pub deleted: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResolveError {
+    #[error("destination {0:?} is not a name[:port] or ip:port")]
+    Malformed(String),
+    #[error("unknown service {0}")]
+    Unknown(String),
+    #[error("the control plane has not finished its first sync yet")]
+    NotSynced,
+}
+
+/// A proxy's subscription to one service: a receiver, not a copy of the set.
+pub struct Subscription {
+    pub key: ServiceKey,
+    pub canonical: String,
+    pub service: watch::Receiver<Arc<Published>>,
+    pub nodes: watch::Receiver<Arc<NodeMap>>,
+}
+
+struct Entry {
+    tx: watch::Sender<Arc<Published>>,
+    spec: ServiceSpec,
+}
+
+#[derive(Default)]
+struct State {
+    services: HashMap<ServiceKey, Entry>,
+    by_cluster_ip: HashMap<SocketAddr, ServiceKey>,
+}
+
+pub struct ServiceIndex {
+    cluster_domain: String,
+    state: RwLock<State>,
+    nodes: watch::Sender<Arc<NodeMap>>,
+    synced: watch::Sender<bool>,
+    next_version: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+impl ServiceIndex {
+    pub fn new(cluster_domain: impl Into<String>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            cluster_domain: cluster_domain.into(),
+            state: RwLock::default(),
+            nodes: watch::channel(Arc::new(NodeMap::new())).0,
+            synced: watch::channel(false).0,
+            // Versions start at the wall clock in microseconds, so that a restarted
+            // control plane does not hand out versions a proxy has already seen.
+            next_version: AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as u64)
+                    .unwrap_or(1),
+            ),
+            metrics,
+        }
+    }
+
+    pub fn cluster_domain(&self) -> &str {
+        &self.cluster_domain
+    }
+
+    fn version(&self) -> u64 {
+        self.next_version.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The first full view of the source is loaded: subscriptions may be answered.
+    pub fn mark_synced(&self) {
+        self.synced.send_replace(true);
+    }
+
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Waits (bounded) for the first sync, so a proxy that connects during start-up
+    /// gets its snapshot instead of a false "unknown service".
+    pub async fn wait_synced(&self, timeout: Duration) -> bool {
+        let mut rx = self.synced.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|s| *s))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Sets or replaces one service port. Returns true when proxies were told something.
+    pub fn upsert(&self, key: ServiceKey, spec: ServiceSpec, changed_at: Instant) -> bool {
+        let mut state = self.write();
+        let changed = self.upsert_locked(&mut state, key, spec, changed_at);
+        self.update_gauges(&state);
+        changed
+    }
+
+    /// Removes one service port; its subscribers are told it is gone.
+    pub fn remove(&self, key: &ServiceKey, changed_at: Instant) -> bool {
+        let mut state = self.write();
+        let removed = self.remove_locked(&mut state, key, changed_at);
+        self.update_gauges(&state);
+        removed
+    }
+
+    /// Replaces the whole index (the file source's reload). Unchanged services are untouched.
+    pub fn replace_all(
+        &self,
+        services: BTreeMap<ServiceKey, ServiceSpec>,
+        changed_at: Instant,
+    ) -> usize {
+        let mut state = self.write();
+        let gone: Vec<ServiceKey> = state
+            .services
+            .keys()
+            .filter(|key| !services.contains_key(*key))
+            .cloned()
+            .collect();
+        let mut changes = 0;
+        for key in gone {
+            changes += usize::from(self.remove_locked(&mut state, &key, changed_at));
+        }
+        for (key, spec) in services {
+            changes += usize::from(self.upsert_locked(&mut state, key, spec, changed_at));
+        }
+        self.update_gauges(&state);
+        changes
+    }
+
+    /// Replaces the node → locality map (proxies on changed nodes get a delta).
+    pub fn set_nodes(&self, nodes: NodeMap) {
+        self.nodes.send_if_modified(|current| {
+            if **current == nodes {
+                false
+            } else {
+                *current = Arc::new(nodes);
+                true
+            }
+        });
+    }
+
+    pub fn node_locality(&self, node: &str) -> Option<Locality> {
+        self.nodes.borrow().get(node).cloned()
+    }
+
+    fn upsert_locked(
+        &self,
+        state: &mut State,
+        key: ServiceKey,
+        spec: ServiceSpec,
+        changed_at: Instant,
+    ) -> bool {
+        let old_ips = state
+            .services
+            .get(&key)
+            .map(|entry| entry.spec.cluster_ips.clone())
+            .unwrap_or_default();
+        for ip in old_ips.iter().filter(|ip| !spec.cluster_ips.contains(ip)) {
+            state.by_cluster_ip.remove(&SocketAddr::new(*ip, key.port));
+        }
+        for ip in &spec.cluster_ips {
+            state
+                .by_cluster_ip
+                .insert(SocketAddr::new(*ip, key.port), key.clone());
+        }
+
+        match state.services.get_mut(&key) {
+            Some(entry) if entry.spec == spec => false,
+            Some(entry) => {
+                let current = entry.tx.borrow().clone();
+                let mut delta = diff(&current.endpoints, &spec.endpoints);
+                if entry.spec.callers != spec.callers {
+                    delta.caller_shares = Some(pb::CallerShares {
+                        by_zone: spec.callers.clone().into_iter().collect(),
+                    });
+                }
+                let published = Published {
+                    version: self.version(),
+                    prev_version: current.version,
+                    endpoints: Arc::new(spec.endpoints.clone()),
+                    callers: Arc::new(spec.callers.clone()),
+                    delta,
+                    changed_at,
+                    deleted: false,
+                };
+                let endpoint_changes = published.delta.added.len()
+                    + published.delta.changed.len()
+                    + published.delta.removed.len();
+                tracing::info!(
+                    service = %key,
+                    version = published.version,
+                    endpoints = spec.endpoints.len(),
+                    endpoint_changes,
+                    "service updated"
+                );
+                entry.spec = spec;
+                entry.tx.send_replace(Arc::new(published));
+                self.metrics.publishes.inc();
+                true
+            }
+            None => {
+                tracing::info!(service = %key, endpoints = spec.endpoints.len(), "service added");
+                let published = Published {
+                    version: self.version(),
+                    prev_version: 0,
+                    endpoints: Arc::new(spec.endpoints.clone()),
+                    callers: Arc::new(spec.callers.clone()),
+                    delta: pb::Delta::default(),
+                    changed_at,
+                    deleted: false,
+                };
+                let (tx, _) = watch::channel(Arc::new(published));
+                state.services.insert(key, Entry { tx, spec });
+                self.metrics.publishes.inc();
+                true
+            }
+        }
+    }
+
+    fn remove_locked(&self, state: &mut State, key: &ServiceKey, changed_at: Instant) -> bool {
+        let Some(entry) = state.services.remove(key) else {
+            return false;
+        };
+        for ip in &entry.spec.cluster_ips {
+            let addr = SocketAddr::new(*ip, key.port);
+            if state.by_cluster_ip.get(&addr) == Some(key) {
+                state.by_cluster_ip.remove(&addr);
+            }
+        }
+        tracing::info!(service = %key, "service removed");
+        let current = entry.tx.borrow().clone();
+        entry.tx.send_replace(Arc::new(Published {
+            version: self.version(),
+            prev_version: current.version,
+            endpoints: Arc::new(EndpointMap::new()),
+            callers: current.callers.clone(),
+            delta: pb::Delta::default(),
+            changed_at,
+            deleted: true,
+        }));
+        self.metrics.publishes.inc();
+        true
+    }
+
+    fn update_gauges(&self, state: &State) {
+        self.metrics.services.set(state.services.len() as i64);
+        self.metrics.endpoints.set(
+            state
+                .services
+                .values()
+                .map(|e| e.spec.endpoints.len() as i64)
+                .sum(),
+        );
+    }
+
+    /// Resolves a destination as a proxy names it and subscribes to it.
+    pub fn subscribe(
+        &self,
+        destination: &str,
+        caller_namespace: &str,
+    ) -> Result<Subscription, ResolveError> {
+        if !self.is_synced() {
+            return Err(ResolveError::NotSynced);
+        }
+        let target = parse_destination(destination, &self.cluster_domain, caller_namespace)?;
+        let state = self.read();
+        let key = match target {
+            Target::Name(key) => key,
+            Target::Addr(addr) => state
+                .by_cluster_ip
+                .get(&addr)
+                .cloned()
+                .ok_or_else(|| ResolveError::Unknown(destination.to_string()))?,
+        };
+        let entry = state
+            .services
+            .get(&key)
+            .ok_or_else(|| ResolveError::Unknown(key.canonical(&self.cluster_domain)))?;
+        Ok(Subscription {
+            canonical: key.canonical(&self.cluster_domain),
+            key,
+            service: entry.tx.subscribe(),
+            nodes: self.nodes.subscribe(),
+        })
+    }
+
+    /// The current endpoint count per service, for logs and tests.
+    pub fn service_count(&self) -> usize {
+        self.read().services.len()
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    Name(ServiceKey),
+    Addr(SocketAddr),
+}
+
+/// Parses `name[.namespace[.svc[.cluster-domain]]][:port]` or `ip:port`.
+/// A missing port means 80, as it does for an HTTP Host header.
+fn parse_destination(
+    destination: &str,
+    cluster_domain: &str,
+    caller_namespace: &str,
+) -> Result<Target, ResolveError> {
+    let malformed = || ResolveError::Malformed(destination.to_string());
+    let trimmed = destination.trim();
+    if trimmed.is_empty() {
+        return Err(malformed());
+    }
+    if let Ok(addr) = trimmed.parse::<SocketAddr>() {
+        return Ok(Target::Addr(addr));
+    }
+    let (host, port) = match trimmed.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => {
+            (host, port.parse::<u16>().map_err(|_| malformed())?)
+        }
+        Some(_) => return Err(malformed()),
+        None => (trimmed, 80),
+    };
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(Target::Addr(SocketAddr::new(ip, port)));
+    }
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let suffix = format!(".svc.{cluster_domain}");
+    let host = host
+        .strip_suffix(&suffix)
+        .or_else(|| host.strip_suffix(".svc"))
+        .unwrap_or(&host);
+    let mut labels = host.split('.');
+    let name = labels
+        .next()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(malformed)?;
+    let caller_namespace = if caller_namespace.is_empty() {
+        "default"
+    } else {
+        caller_namespace
+    };
+    let namespace = labels.next().unwrap_or(caller_namespace);
+    if labels.next().is_some() || namespace.is_empty() {
+        // `a.b.c` is not a cluster service name; it is an external host.
+        return Err(ResolveError::Unknown(destination.to_string()));
+    }
+    Ok(Target::Name(ServiceKey::new(namespace, name, port)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Endpoint;
+
+    fn key(ns: &str, name: &str, port: u16) -> Target {
+        Target::Name(ServiceKey::new(ns, name, port))
+    }
+
+    #[test]
+    fn destination_forms() {
+        let p = |d| parse_destination(d, "cluster.local", "default");
+        assert_eq!(
+            p("web.default.svc.cluster.local:80"),
+            Ok(key("default", "web", 80))
+        );
+        assert_eq!(p("web.shop.svc:8080"), Ok(key("shop", "web", 8080)));
+        assert_eq!(p("web.shop:80"), Ok(key("shop", "web", 80)));
+        assert_eq!(p("web:80"), Ok(key("default", "web", 80)));
+        assert_eq!(p("WEB"), Ok(key("default", "web", 80)));
+        assert_eq!(
+            p("10.96.0.10:80"),
+            Ok(Target::Addr("10.96.0.10:80".parse().unwrap()))
+        );
+        assert_eq!(
+            p("[fd00::1]:80"),
+            Ok(Target::Addr("[fd00::1]:80".parse().unwrap()))
+        );
+        assert!(matches!(p("web:http"), Err(ResolveError::Malformed(_))));
+        assert!(matches!(
+            p("example.com.evil:80"),
+            Err(ResolveError::Unknown(_))
+        ));
+        assert!(matches!(p(""), Err(ResolveError::Malformed(_))));
+    }
+
+    fn spec(addrs: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            endpoints: addrs
+                .iter()
+                .map(|a| {
+                    let addr: SocketAddr = a.parse().unwrap();
+                    (addr, Endpoint::new(addr))
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn publishes_deltas_and_deletion() {
+        let index = ServiceIndex::new("cluster.local", Arc::new(Metrics::default()));
+        let k = ServiceKey::new("default", "web", 80);
+        let now = Instant::now();
+        assert_eq!(
+            index.subscribe("web:80", "default").err(),
+            Some(ResolveError::NotSynced)
+        );
+        index.upsert(k.clone(), spec(&["10.0.0.1:80"]), now);
+        index.mark_synced();
+        let mut sub = index.subscribe("web:80", "default").unwrap();
+        let v1 = sub.service.borrow_and_update().version;
+
+        assert!(
+            !index.upsert(k.clone(), spec(&["10.0.0.1:80"]), now),
+            "no-op upsert"
+        );
+        assert!(index.upsert(k.clone(), spec(&["10.0.0.1:80", "10.0.0.2:80"]), now));
+        sub.service.changed().await.unwrap();
+        let p = sub.service.borrow_and_update().clone();
+        assert_eq!(p.prev_version, v1);
+        assert!(p.version > v1);
+        assert_eq!(p.delta.added.len(), 1);
+
+        index.remove(&k, now);
+        sub.service.changed().await.unwrap();
+        assert!(sub.service.borrow().deleted);
+        assert!(matches!(
+            index.subscribe("web:80", "default"),
+            Err(ResolveError::Unknown(_))
+        ));
+    }
+
+    #[test]
+    fn cluster_ip_resolves_to_service() {
+        let index = ServiceIndex::new("cluster.local", Arc::new(Metrics::default()));
+        let mut s = spec(&["10.0.0.1:8080"]);
+        s.cluster_ips = vec!["10.96.0.10".parse().unwrap()];
+        index.upsert(ServiceKey::new("shop", "cart", 80), s, Instant::now());
+        index.mark_synced();
+        let sub = index.subscribe("10.96.0.10:80", "default").unwrap();
+        assert_eq!(sub.canonical, "cart.shop.svc.cluster.local:80");
+        assert!(index.subscribe("10.96.0.10:81", "default").is_err());
+    }
+}

@@ -1,0 +1,236 @@
+//! The control plane's view of a backend set, independent of where it came from
+//! (a YAML file, Kubernetes) and of the wire format.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use tandem_proto::discovery::v1 as pb;
+
+/// A service port: what a proxy's destination resolves to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub port: u16,
+}
+
+impl ServiceKey {
+    pub fn new(namespace: &str, name: &str, port: u16) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            port,
+        }
+    }
+
+    /// `name.namespace.svc.<domain>:port`, the name proxies are told they reached.
+    pub fn canonical(&self, cluster_domain: &str) -> String {
+        format!(
+            "{}.{}.svc.{}:{}",
+            self.name, self.namespace, cluster_domain, self.port
+        )
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}:{}", self.name, self.namespace, self.port)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+impl Locality {
+    pub fn is_empty(&self) -> bool {
+        self.region.is_empty() && self.zone.is_empty() && self.subzone.is_empty()
+    }
+
+    pub fn to_proto(&self) -> pb::Locality {
+        pb::Locality {
+            region: self.region.clone(),
+            zone: self.zone.clone(),
+            subzone: self.subzone.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Health {
+    #[default]
+    Healthy,
+    Draining,
+    Unhealthy,
+}
+
+impl Health {
+    pub fn to_proto(self) -> pb::Health {
+        match self {
+            Health::Healthy => pb::Health::Healthy,
+            Health::Draining => pb::Health::Draining,
+            Health::Unhealthy => pb::Health::Unhealthy,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// Whatever the client spoke.
+    #[default]
+    Unspecified,
+    Http1,
+    Http2,
+    Opaque,
+}
+
+impl Protocol {
+    pub fn to_proto(self) -> pb::Protocol {
+        match self {
+            Protocol::Unspecified => pb::Protocol::Unspecified,
+            Protocol::Http1 => pb::Protocol::Http1,
+            Protocol::Http2 => pb::Protocol::Http2,
+            Protocol::Opaque => pb::Protocol::Opaque,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub locality: Locality,
+    pub health: Health,
+    pub identity: String,
+    pub protocol: Protocol,
+    pub name: String,
+}
+
+impl Endpoint {
+    pub fn new(address: SocketAddr) -> Self {
+        Self {
+            address,
+            weight: 1,
+            locality: Locality::default(),
+            health: Health::Healthy,
+            identity: String::new(),
+            protocol: Protocol::Unspecified,
+            name: String::new(),
+        }
+    }
+
+    pub fn to_proto(&self) -> pb::Endpoint {
+        pb::Endpoint {
+            address: self.address.to_string(),
+            weight: self.weight,
+            locality: Some(self.locality.to_proto()),
+            health: self.health.to_proto() as i32,
+            identity: self.identity.clone(),
+            protocol: self.protocol.to_proto() as i32,
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// The endpoints of one service port, ordered by address so that diffs are a merge.
+pub type EndpointMap = BTreeMap<SocketAddr, Endpoint>;
+
+/// Share of a service's callers per zone (relative weights; not necessarily summing to 1).
+pub type CallerShares = BTreeMap<String, f64>;
+
+/// Everything a source knows about one service port.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceSpec {
+    pub endpoints: EndpointMap,
+    pub callers: CallerShares,
+    /// ClusterIPs under which proxies may also name this service (`10.96.0.10:80`).
+    pub cluster_ips: Vec<IpAddr>,
+}
+
+/// What changed between two endpoint maps, as the wire's `Delta`.
+pub fn diff(old: &EndpointMap, new: &EndpointMap) -> pb::Delta {
+    let mut delta = pb::Delta::default();
+    let mut old_iter = old.iter().peekable();
+    let mut new_iter = new.iter().peekable();
+    loop {
+        match (old_iter.peek(), new_iter.peek()) {
+            (None, None) => break,
+            (Some((addr, _)), None) => {
+                delta.removed.push(addr.to_string());
+                old_iter.next();
+            }
+            (None, Some((_, ep))) => {
+                delta.added.push(ep.to_proto());
+                new_iter.next();
+            }
+            (Some((old_addr, old_ep)), Some((new_addr, new_ep))) => match old_addr.cmp(new_addr) {
+                std::cmp::Ordering::Less => {
+                    delta.removed.push(old_addr.to_string());
+                    old_iter.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    delta.added.push(new_ep.to_proto());
+                    new_iter.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if old_ep != new_ep {
+                        delta.changed.push(new_ep.to_proto());
+                    }
+                    old_iter.next();
+                    new_iter.next();
+                }
+            },
+        }
+    }
+    delta
+}
+
+/// True when a delta carries no change at all.
+pub fn delta_is_empty(delta: &pb::Delta) -> bool {
+    delta.added.is_empty()
+        && delta.changed.is_empty()
+        && delta.removed.is_empty()
+        && delta.caller_shares.is_none()
+        && delta.proxy_locality.is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(addr: &str, weight: u32) -> (SocketAddr, Endpoint) {
+        let address: SocketAddr = addr.parse().unwrap();
+        let mut e = Endpoint::new(address);
+        e.weight = weight;
+        (address, e)
+    }
+
+    #[test]
+    fn diff_finds_added_changed_removed() {
+        let old: EndpointMap = [
+            ep("10.0.0.1:80", 1),
+            ep("10.0.0.2:80", 1),
+            ep("10.0.0.3:80", 1),
+        ]
+        .into_iter()
+        .collect();
+        let new: EndpointMap = [
+            ep("10.0.0.2:80", 5),
+            ep("10.0.0.3:80", 1),
+            ep("10.0.0.4:80", 1),
+        ]
+        .into_iter()
+        .collect();
+        let d = diff(&old, &new);
+        assert_eq!(d.removed, vec!["10.0.0.1:80"]);
+        assert_eq!(d.changed.len(), 1);
+        assert_eq!(d.changed[0].weight, 5);
+        assert_eq!(d.added[0].address, "10.0.0.4:80");
+        assert!(delta_is_empty(&diff(&new, &new)));
+    }
+}

@@ -1,0 +1,596 @@
+//! The file source: services and their endpoints from a YAML file that is watched
+//! for edits. A malformed edit is rejected with its line and reason, and the last
+//! good version keeps being served.
+//!
+//! ```yaml
+//! services:
+//!   - name: web
+//!     namespace: default            # default: default
+//!     port: 80
+//!     cluster_ip: 10.96.0.10        # optional: proxies may also ask for 10.96.0.10:80
+//!     callers: {zone-a: 40, zone-b: 40, zone-c: 20}
+//!     endpoints:
+//!       - {address: "127.0.0.1:9001", weight: 1, region: region-1, zone: zone-a, health: healthy}
+//! nodes:                            # optional: where proxies run (their --node)
+//!   - {name: node-a, region: region-1, zone: zone-a}
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use tokio::sync::mpsc;
+
+use crate::index::{NodeMap, ServiceIndex};
+use crate::metrics::{KindLabel, Metrics, ResultLabel};
+use crate::model::{Endpoint, Health, Locality, Protocol, ServiceKey, ServiceSpec};
+
+/// A rejected file: where and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}{message}", location(*line, *column))]
+pub struct FileError {
+    pub line: Option<u32>,
+    pub column: Option<u32>,
+    pub message: String,
+}
+
+fn location(line: Option<u32>, column: Option<u32>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!("line {l}, column {c}: "),
+        (Some(l), None) => format!("line {l}: "),
+        _ => String::new(),
+    }
+}
+
+impl FileError {
+    fn at(line: u32, message: impl Into<String>) -> Self {
+        Self {
+            line: Some(line),
+            column: None,
+            message: message.into(),
+        }
+    }
+}
+
+/// The parsed content of a file: what the index should hold.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FileContent {
+    pub services: BTreeMap<ServiceKey, ServiceSpec>,
+    pub nodes: NodeMap,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    #[serde(default)]
+    services: Vec<Spanned<ServiceEntry>>,
+    #[serde(default)]
+    nodes: Vec<Spanned<NodeEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceEntry {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    port: u16,
+    #[serde(default)]
+    cluster_ip: Option<IpAddr>,
+    /// Protocol hint for every endpoint that does not name its own.
+    #[serde(default)]
+    protocol: Option<ProtocolName>,
+    #[serde(default)]
+    callers: BTreeMap<String, f64>,
+    #[serde(default)]
+    endpoints: Vec<Spanned<EndpointEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointEntry {
+    address: SocketAddr,
+    #[serde(default = "default_weight")]
+    weight: u32,
+    #[serde(default)]
+    region: String,
+    #[serde(default)]
+    zone: String,
+    #[serde(default)]
+    subzone: String,
+    #[serde(default)]
+    health: HealthName,
+    #[serde(default)]
+    protocol: Option<ProtocolName>,
+    #[serde(default)]
+    identity: String,
+    #[serde(default)]
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeEntry {
+    name: String,
+    #[serde(default)]
+    region: String,
+    #[serde(default)]
+    zone: String,
+    #[serde(default)]
+    subzone: String,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum HealthName {
+    #[default]
+    Healthy,
+    Draining,
+    Unhealthy,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ProtocolName {
+    Http1,
+    Http2,
+    Opaque,
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl From<HealthName> for Health {
+    fn from(h: HealthName) -> Self {
+        match h {
+            HealthName::Healthy => Health::Healthy,
+            HealthName::Draining => Health::Draining,
+            HealthName::Unhealthy => Health::Unhealthy,
+        }
+    }
+}
+
+impl From<ProtocolName> for Protocol {
+    fn from(p: ProtocolName) -> Self {
+        match p {
+            ProtocolName::Http1 => Protocol::Http1,
+            ProtocolName::Http2 => Protocol::Http2,
+            ProtocolName::Opaque => Protocol::Opaque,
+        }
+    }
+}
+
+/// A Kubernetes object name: lowercase letters, digits and '-', starting and ending alphanumeric.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Parses and validates a whole file.
+pub fn parse(text: &str) -> Result<FileContent, FileError> {
+    let doc: FileDoc = if text.trim().is_empty() {
+        FileDoc {
+            services: Vec::new(),
+            nodes: Vec::new(),
+        }
+    } else {
+        serde_saphyr::from_str(text).map_err(|e| FileError {
+            line: e.location().map(|l| l.line() as u32),
+            column: e.location().map(|l| l.column() as u32),
+            message: reason(&e.to_string()),
+        })?
+    };
+
+    let mut content = FileContent::default();
+    let mut service_lines: HashMap<ServiceKey, u32> = HashMap::new();
+    for spanned in doc.services {
+        let line = spanned.referenced.line() as u32;
+        let service = spanned.value;
+        for (what, value) in [("name", &service.name), ("namespace", &service.namespace)] {
+            if !is_dns_label(value) {
+                return Err(FileError::at(
+                    line,
+                    format!(
+                        "service {what} {value:?} is not a DNS label (lowercase letters, digits and '-')"
+                    ),
+                ));
+            }
+        }
+        if service.port == 0 {
+            return Err(FileError::at(
+                line,
+                format!("service {}: port must not be 0", service.name),
+            ));
+        }
+        let key = ServiceKey::new(&service.namespace, &service.name, service.port);
+        if let Some(first) = service_lines.insert(key.clone(), line) {
+            return Err(FileError::at(
+                line,
+                format!("service {key} is listed twice (first on line {first})"),
+            ));
+        }
+        for (zone, share) in &service.callers {
+            if !share.is_finite() || *share < 0.0 {
+                return Err(FileError::at(
+                    line,
+                    format!(
+                        "service {key}: callers share for {zone:?} must be a number >= 0, got {share}"
+                    ),
+                ));
+            }
+        }
+
+        let mut spec = ServiceSpec {
+            callers: service.callers,
+            cluster_ips: service.cluster_ip.into_iter().collect(),
+            ..Default::default()
+        };
+        for spanned in service.endpoints {
+            let line = spanned.referenced.line() as u32;
+            let e = spanned.value;
+            if e.weight == 0 {
+                return Err(FileError::at(
+                    line,
+                    format!(
+                        "endpoint {} of {key}: weight must be at least 1 (remove the endpoint or mark it unhealthy instead)",
+                        e.address
+                    ),
+                ));
+            }
+            if e.address.port() == 0 {
+                return Err(FileError::at(
+                    line,
+                    format!("endpoint {} of {key}: port must not be 0", e.address),
+                ));
+            }
+            let endpoint = Endpoint {
+                address: e.address,
+                weight: e.weight,
+                locality: Locality {
+                    region: e.region,
+                    zone: e.zone,
+                    subzone: e.subzone,
+                },
+                health: e.health.into(),
+                identity: e.identity,
+                protocol: e
+                    .protocol
+                    .or(service.protocol)
+                    .map(Into::into)
+                    .unwrap_or_default(),
+                name: e.name,
+            };
+            if spec.endpoints.insert(e.address, endpoint).is_some() {
+                return Err(FileError::at(
+                    line,
+                    format!("endpoint {} is listed twice in {key}", e.address),
+                ));
+            }
+        }
+        content.services.insert(key, spec);
+    }
+
+    for spanned in doc.nodes {
+        let line = spanned.referenced.line() as u32;
+        let node = spanned.value;
+        if node.name.is_empty() {
+            return Err(FileError::at(line, "node name must not be empty"));
+        }
+        let locality = Locality {
+            region: node.region,
+            zone: node.zone,
+            subzone: node.subzone,
+        };
+        if content.nodes.insert(node.name.clone(), locality).is_some() {
+            return Err(FileError::at(
+                line,
+                format!("node {} is listed twice", node.name),
+            ));
+        }
+    }
+    Ok(content)
+}
+
+/// serde-saphyr renders `error: line L column C: reason` and a code snippet; we keep
+/// the reason only, since the location is carried (and printed) separately.
+fn reason(message: &str) -> String {
+    let first = message.lines().next().unwrap_or(message).trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    match first
+        .strip_prefix("line ")
+        .and_then(|rest| rest.split_once(": "))
+    {
+        Some((_, reason)) => reason.to_string(),
+        None => first.to_string(),
+    }
+}
+
+/// Reads and parses `path`.
+pub fn load(path: &Path) -> Result<FileContent, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| FileError {
+        line: None,
+        column: None,
+        message: format!("cannot read {}: {e}", path.display()),
+    })?;
+    parse(&text)
+}
+
+/// What a poll compares to notice an edit that the watcher missed.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    // `metadata` follows symlinks: a ConfigMap's `..data` swap changes the target's inode.
+    let meta = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: meta.modified().ok(),
+        len: meta.len(),
+        inode: meta.ino(),
+    })
+}
+
+pub struct FileSource {
+    path: PathBuf,
+    index: Arc<ServiceIndex>,
+    metrics: Arc<Metrics>,
+    last_good: Option<FileContent>,
+}
+
+impl FileSource {
+    /// Loads the file once; a file that cannot be used at start-up is an error (there is
+    /// no last good state to fall back to).
+    pub fn start(
+        path: PathBuf,
+        index: Arc<ServiceIndex>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, FileError> {
+        let content = load(&path)?;
+        let mut source = Self {
+            path,
+            index,
+            metrics,
+            last_good: None,
+        };
+        source.apply(content);
+        source.index.mark_synced();
+        Ok(source)
+    }
+
+    fn apply(&mut self, content: FileContent) {
+        if self.last_good.as_ref() == Some(&content) {
+            return;
+        }
+        let changed_at = Instant::now();
+        self.index.set_nodes(content.nodes.clone());
+        let changes = self.index.replace_all(content.services.clone(), changed_at);
+        tracing::info!(
+            file = %self.path.display(),
+            services = content.services.len(),
+            changed = changes,
+            "file loaded"
+        );
+        self.last_good = Some(content);
+        self.metrics.source_up.set(1);
+        self.metrics
+            .source_reloads
+            .get_or_create(&ResultLabel { result: "ok" })
+            .inc();
+    }
+
+    fn reload(&mut self) {
+        match load(&self.path) {
+            Ok(content) => self.apply(content),
+            Err(error) => {
+                self.metrics.source_up.set(0);
+                self.metrics
+                    .source_reloads
+                    .get_or_create(&ResultLabel { result: "error" })
+                    .inc();
+                self.metrics
+                    .source_errors
+                    .get_or_create(&KindLabel { kind: "file" })
+                    .inc();
+                tracing::error!(
+                    file = %self.path.display(),
+                    line = error.line,
+                    reason = %error.message,
+                    "rejected an edit of the file: {error}; still serving the last good version"
+                );
+            }
+        }
+    }
+
+    /// Watches the file and applies every edit until the task is dropped.
+    pub async fn watch(mut self) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let _watcher = self.start_watcher(tx);
+        let mut last_stamp = stamp(&self.path);
+        let mut poll = tokio::time::interval(Duration::from_secs(1));
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = rx.recv() => {
+                    if event.is_none() {
+                        // The watcher is gone; the poll below still notices edits.
+                        std::future::pending::<()>().await;
+                    }
+                    // An editor's save is several events (truncate, write, rename):
+                    // settle briefly and read once.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    while rx.try_recv().is_ok() {}
+                }
+                _ = poll.tick() => {
+                    let now = stamp(&self.path);
+                    if now == last_stamp {
+                        continue;
+                    }
+                }
+            }
+            last_stamp = stamp(&self.path);
+            self.reload();
+        }
+    }
+
+    /// Watches the file's directory, not the file: editors and ConfigMap updates replace
+    /// the file by renaming, which a watch on the file itself would lose.
+    fn start_watcher(&self, tx: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
+        use notify::{RecursiveMode, Watcher};
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let file_name = self.path.file_name().map(|n| n.to_os_string());
+        let handler = move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            let relevant = event.paths.iter().any(|p| {
+                let name = p.file_name();
+                name == file_name.as_deref() || name.is_some_and(|n| n == "..data")
+            });
+            if relevant {
+                let _ = tx.send(());
+            }
+        };
+        match notify::recommended_watcher(handler)
+            .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|()| w))
+        {
+            Ok(watcher) => Some(watcher),
+            Err(error) => {
+                tracing::warn!(%error, dir = %dir.display(), "cannot watch the file's directory; polling it every second instead");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+services:
+  - name: web
+    namespace: default
+    port: 80
+    callers: {zone-a: 40, zone-b: 40, zone-c: 20}
+    endpoints:
+      - {address: "127.0.0.1:9001", weight: 1, region: region-1, zone: zone-a, health: healthy}
+      - {address: "127.0.0.1:9002", weight: 3, region: region-1, zone: zone-b, health: draining}
+  - name: api
+    port: 8080
+    cluster_ip: 10.96.0.7
+    protocol: http2
+    endpoints:
+      - address: "[::1]:9003"
+nodes:
+  - {name: node-a, region: region-1, zone: zone-a}
+"#;
+
+    #[test]
+    fn parses_the_documented_format() {
+        let content = parse(GOOD).unwrap();
+        let web = &content.services[&ServiceKey::new("default", "web", 80)];
+        assert_eq!(web.endpoints.len(), 2);
+        let second = &web.endpoints[&"127.0.0.1:9002".parse().unwrap()];
+        assert_eq!(second.weight, 3);
+        assert_eq!(second.health, Health::Draining);
+        assert_eq!(second.locality.zone, "zone-b");
+        assert_eq!(web.callers["zone-c"], 20.0);
+        let api = &content.services[&ServiceKey::new("default", "api", 8080)];
+        let ep = api.endpoints.values().next().unwrap();
+        assert_eq!(ep.weight, 1, "weight defaults to 1");
+        assert_eq!(ep.health, Health::Healthy, "health defaults to healthy");
+        assert_eq!(
+            ep.protocol,
+            Protocol::Http2,
+            "service protocol applies to endpoints"
+        );
+        assert_eq!(
+            api.cluster_ips,
+            vec!["10.96.0.7".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(content.nodes["node-a"].zone, "zone-a");
+    }
+
+    #[test]
+    fn empty_file_is_no_services() {
+        assert_eq!(parse("").unwrap(), FileContent::default());
+        assert_eq!(parse("services: []").unwrap(), FileContent::default());
+    }
+
+    fn error_of(text: &str) -> FileError {
+        parse(text).expect_err("must be rejected")
+    }
+
+    #[test]
+    fn errors_name_the_line_and_reason() {
+        let e = error_of(
+            "services:\n  - name: web\n    port: 80\n    endpoints:\n      - {address: \"127.0.0.1:abc\"}\n",
+        );
+        assert_eq!(e.line, Some(5), "{e}");
+        assert!(e.message.to_lowercase().contains("address"), "{e}");
+
+        let e = error_of(
+            "services:\n  - name: web\n    port: 80\n    endpoints:\n      - {address: \"127.0.0.1:1\", health: sick}\n",
+        );
+        assert_eq!(e.line, Some(5), "{e}");
+        assert!(e.message.contains("sick"), "{e}");
+
+        let e = error_of(
+            "services:\n  - name: web\n    port: 80\n    endpoints:\n      - {address: \"127.0.0.1:1\"}\n      - {address: \"127.0.0.1:1\"}\n",
+        );
+        assert_eq!(e.line, Some(6), "{e}");
+        assert!(e.message.contains("twice"), "{e}");
+
+        let e = error_of(
+            "services:\n  - name: web\n    port: 80\n    endpoints:\n      - {address: \"127.0.0.1:1\", weight: 0}\n",
+        );
+        assert_eq!(e.line, Some(5));
+        assert!(e.message.contains("weight"));
+
+        let e = error_of("services:\n  - name: Web\n    port: 80\n");
+        assert_eq!(e.line, Some(2));
+
+        let e = error_of("services:\n  - name: web\n    prot: 80\n");
+        assert!(e.line.is_some(), "{e}");
+        assert!(e.message.contains("prot"), "{e}");
+
+        let e = error_of("services:\n  - name: web\n    port: 80\n  - name: web\n    port: 80\n");
+        assert_eq!(e.line, Some(4));
+
+        let e = error_of("services: [\n");
+        assert!(e.line.is_some(), "{e}");
+    }
+
+    #[test]
+    fn error_display_starts_with_the_line() {
+        let e = FileError::at(7, "bad");
+        assert_eq!(e.to_string(), "line 7: bad");
+        let e = error_of(
+            "services:\n  - name: web\n    port: 80\n    endpoints:\n      - {address: \"127.0.0.1:abc\"}\n",
+        );
+        assert_eq!(
+            e.to_string(),
+            "line 5, column 19: invalid socket address syntax"
+        );
+    }
+}
