@@ -1,1 +1,44 @@
-fn main() {}
+use clap::{Parser, Subcommand};
+
+/// Tandem: a service mesh data plane. Start with `tandem demo`.
+#[derive(Debug, Parser)]
+#[command(name = "tandem", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// See round-robin balancing work: backends, a control plane and a proxy on this machine.
+    Demo(tandem::demo::DemoArgs),
+    /// A tiny HTTP/1.1, HTTP/2 and gRPC server that answers with its name.
+    Backend(tandem::backend::BackendArgs),
+    /// Run the proxy (the same as the tandem-proxy binary).
+    Proxy(tandem_proxy::Args),
+    /// Run the control plane (the same as the tandem-control-plane binary).
+    ControlPlane(tandem_control_plane::Args),
+}
+
+fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Demo(args) => {
+            let exe = std::env::current_exe()?;
+            current_thread()?.block_on(tandem::demo::run(args, &exe))
+        }
+        Command::Backend(args) => current_thread()?.block_on(tandem::backend::run(args)),
+        Command::Proxy(args) => Ok(tandem_proxy::run_blocking(args)?),
+        Command::ControlPlane(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            Ok(runtime.block_on(tandem_control_plane::run(args))?)
+        }
+    }
+}

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod announce;
 pub mod backoff;
+pub mod duration;
 pub mod logging;
 pub mod process_metrics;
 pub mod shutdown;

@@ -318,14 +318,12 @@ fn reason(message: &str) -> String {
     }
 }
 
-/// Reads and parses `path`.
-pub fn load(path: &Path) -> Result<FileContent, FileError> {
-    let text = std::fs::read_to_string(path).map_err(|e| FileError {
+fn read(path: &Path) -> Result<String, FileError> {
+    std::fs::read_to_string(path).map_err(|e| FileError {
         line: None,
         column: None,
         message: format!("cannot read {}: {e}", path.display()),
-    })?;
-    parse(&text)
+    })
 }
 
 /// What a poll compares to notice an edit that the watcher missed.
@@ -352,6 +350,8 @@ pub struct FileSource {
     index: Arc<ServiceIndex>,
     metrics: Arc<Metrics>,
     last_good: Option<FileContent>,
+    /// The text last parsed, good or not.
+    last_text: Option<String>,
 }
 
 impl FileSource {
@@ -362,12 +362,14 @@ impl FileSource {
         index: Arc<ServiceIndex>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, FileError> {
-        let content = load(&path)?;
+        let text = read(&path)?;
+        let content = parse(&text)?;
         let mut source = Self {
             path,
             index,
             metrics,
             last_good: None,
+            last_text: Some(text),
         };
         source.apply(content);
         source.index.mark_synced();
@@ -396,26 +398,39 @@ impl FileSource {
     }
 
     fn reload(&mut self) {
-        match load(&self.path) {
-            Ok(content) => self.apply(content),
-            Err(error) => {
-                self.metrics.source_up.set(0);
-                self.metrics
-                    .source_reloads
-                    .get_or_create(&ResultLabel { result: "error" })
-                    .inc();
-                self.metrics
-                    .source_errors
-                    .get_or_create(&KindLabel { kind: "file" })
-                    .inc();
-                tracing::error!(
-                    file = %self.path.display(),
-                    line = error.line,
-                    reason = %error.message,
-                    "rejected an edit of the file: {error}; still serving the last good version"
-                );
-            }
+        let text = match read(&self.path) {
+            Ok(text) => text,
+            Err(error) => return self.rejected(error),
+        };
+        // Several events for one save, or a touch: the same bytes need no second look
+        // (and a rejected edit is reported once, not once per event).
+        if self.last_text.as_deref() == Some(text.as_str()) {
+            return;
         }
+        let result = parse(&text);
+        self.last_text = Some(text);
+        match result {
+            Ok(content) => self.apply(content),
+            Err(error) => self.rejected(error),
+        }
+    }
+
+    fn rejected(&mut self, error: FileError) {
+        self.metrics.source_up.set(0);
+        self.metrics
+            .source_reloads
+            .get_or_create(&ResultLabel { result: "error" })
+            .inc();
+        self.metrics
+            .source_errors
+            .get_or_create(&KindLabel { kind: "file" })
+            .inc();
+        tracing::error!(
+            file = %self.path.display(),
+            line = error.line,
+            reason = %error.message,
+            "rejected an edit of the file: {error}; still serving the last good version"
+        );
     }
 
     /// Watches the file and applies every edit until the task is dropped.
@@ -462,6 +477,10 @@ impl FileSource {
         let file_name = self.path.file_name().map(|n| n.to_os_string());
         let handler = move |event: notify::Result<notify::Event>| {
             let Ok(event) = event else { return };
+            // Our own reads of the file raise access events; only changes matter.
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
             let relevant = event.paths.iter().any(|p| {
                 let name = p.file_name();
                 name == file_name.as_deref() || name.is_some_and(|n| n == "..data")

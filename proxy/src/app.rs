@@ -1,0 +1,282 @@
+//! Command-line arguments and start-up: builds the runtime, the routing state, the
+//! listeners and the discovery client, and runs until shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tandem_common::logging::LogFormat;
+use tandem_common::process_metrics::ProcessCollector;
+use tandem_common::{Admin, Readiness, Shutdown, announce};
+use tandem_proto::discovery::v1 as pb;
+use tokio::net::TcpListener;
+
+use crate::destination::{Backend, BackendConn, BackendSet, Destination, Destinations, Resolution};
+use crate::discovery::{DiscoveryClient, ProxyLocality, control_plane_endpoint};
+use crate::endpoint::{EndpointMeta, Locality};
+use crate::forward::{Forwarder, Router};
+use crate::inspect::Inspector;
+use crate::metrics::ProxyMetrics;
+use crate::server::Server;
+use crate::tls::{TlsError, server_config};
+use crate::upstream::UpstreamSettings;
+
+/// How often idle destinations are looked for, and how long unused ones are kept.
+const EVICT_EVERY: Duration = Duration::from_secs(30);
+const DESTINATION_IDLE: Duration = Duration::from_secs(600);
+
+fn duration(s: &str) -> Result<Duration, String> {
+    tandem_common::duration::parse(s)
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// tandem-proxy: balances HTTP/1.1, HTTP/2 and gRPC requests across backends.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "tandem-proxy", version)]
+#[command(group(clap::ArgGroup::new("backends-source").required(true).args(["control_plane", "backends"])))]
+pub struct Args {
+    /// Where clients connect.
+    #[arg(long, default_value = "127.0.0.1:4140", env = "TANDEM_LISTEN")]
+    pub listen: SocketAddr,
+    /// Admin server: /live, /ready, /metrics, /config, POST /shutdown (loopback callers only).
+    #[arg(long, default_value = "127.0.0.1:4191", env = "TANDEM_ADMIN")]
+    pub admin: SocketAddr,
+    /// The control plane's discovery address (host:port); destinations are chosen by Host / :authority.
+    #[arg(long, env = "TANDEM_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+    /// Static backends, no control plane: HOST:PORT,HOST:PORT (every request goes to them).
+    #[arg(long, value_delimiter = ',', conflicts_with = "control_plane")]
+    pub backends: Vec<String>,
+    /// Where requests for destinations the control plane does not know go (e.g. web.default:80).
+    #[arg(long, requires = "control_plane")]
+    pub default_destination: Option<String>,
+    /// Tokio worker threads (1 runs everything on one thread).
+    #[arg(long, default_value_t = default_threads(), env = "TANDEM_THREADS")]
+    pub threads: usize,
+    /// This proxy's locality, REGION/ZONE[/SUBZONE]; overrides what the control plane says.
+    #[arg(long, value_parser = Locality::parse, env = "TANDEM_LOCALITY")]
+    pub locality: Option<Locality>,
+    /// The node this proxy runs on (the control plane derives its locality from it).
+    #[arg(long, env = "TANDEM_NODE", default_value = "")]
+    pub node: String,
+    /// The proxy's namespace: short names like `web:80` resolve in it.
+    #[arg(long, env = "TANDEM_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// The proxy's pod name (for the control plane's bookkeeping).
+    #[arg(long, env = "TANDEM_POD", default_value = "")]
+    pub pod: String,
+    /// Terminate TLS on the listener with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Timeout to connect to a backend.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    pub connect_timeout: Duration,
+    /// How long a request waits for a new destination's first discovery answer.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub discovery_timeout: Duration,
+    /// How long open connections may finish after a shutdown signal.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+    /// At most this many destinations are tracked at once.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_destinations: usize,
+    /// Log format on stderr: plain or json.
+    #[arg(long, default_value = "plain", env = "TANDEM_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr} for {what}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Builds the runtime `--threads` asks for and runs the proxy on it.
+pub fn run_blocking(args: Args) -> Result<(), Error> {
+    let runtime = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .thread_name("tandem-proxy")
+            .enable_all()
+            .build()
+    }
+    .map_err(Error::Runtime)?;
+    runtime.block_on(run(args))
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { what, addr, source })
+}
+
+async fn resolve_backends(specs: &[String]) -> Result<Vec<SocketAddr>, Error> {
+    let mut out = Vec::new();
+    for spec in specs.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let mut addrs = tokio::net::lookup_host(spec)
+            .await
+            .map_err(|e| Error::Config(format!("--backends: cannot resolve {spec:?}: {e}")))?;
+        let addr = addrs
+            .next()
+            .ok_or_else(|| Error::Config(format!("--backends: {spec:?} resolves to no address")))?;
+        out.push(addr);
+    }
+    if out.is_empty() {
+        return Err(Error::Config("--backends lists no backend".into()));
+    }
+    Ok(out)
+}
+
+/// Runs the proxy until SIGTERM/SIGINT or `POST /shutdown`.
+pub async fn run(args: Args) -> Result<(), Error> {
+    tandem_common::logging::init(args.log_format);
+    let shutdown = Shutdown::new();
+    shutdown.trigger_on_signals();
+
+    let metrics = Arc::new(ProxyMetrics::default());
+    let upstream = Arc::new(UpstreamSettings {
+        connect_timeout: args.connect_timeout,
+        ..Default::default()
+    });
+    let locality = Arc::new(ProxyLocality::new(args.locality.clone()));
+    let readiness = Arc::new(Readiness::not_ready("waiting for the control plane"));
+
+    let router = match &args.control_plane {
+        None => {
+            let addrs = resolve_backends(&args.backends).await?;
+            let backends = addrs
+                .iter()
+                .map(|addr| {
+                    let conn = BackendConn::new(*addr, &upstream);
+                    Backend {
+                        meta: EndpointMeta::static_backend(*addr),
+                        upstream: conn.upstream,
+                        stats: conn.stats,
+                    }
+                })
+                .collect();
+            let set = BackendSet::new(
+                0,
+                "static".into(),
+                backends,
+                args.locality.clone(),
+                fastrand::u64(..),
+            );
+            metrics.discovery_connected.set(1);
+            readiness.set_ready();
+            Router::Static(Destination::new("static", Resolution::Ready(Arc::new(set))))
+        }
+        Some(addr) => {
+            let endpoint = control_plane_endpoint(addr).map_err(Error::Config)?;
+            let identity = pb::ProxyIdentity {
+                node: args.node.clone(),
+                namespace: args.namespace.clone(),
+                pod: args.pod.clone(),
+            };
+            let client = Arc::new(DiscoveryClient::new(
+                endpoint,
+                identity,
+                locality.clone(),
+                upstream.clone(),
+                metrics.clone(),
+            ));
+            tokio::spawn(client.clone().hello(readiness.clone()));
+            let watcher = client.clone();
+            let destinations = Arc::new(Destinations::new(args.max_destinations, move |d| {
+                watcher.spawn_watch(d)
+            }));
+            let evict = destinations.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(EVICT_EVERY);
+                loop {
+                    tick.tick().await;
+                    evict.evict_idle(DESTINATION_IDLE);
+                }
+            });
+            Router::Discovery {
+                destinations,
+                default: args.default_destination.as_deref().map(|d| {
+                    let mut buf = [0u8; 256];
+                    crate::forward::normalize_name(d, &mut buf)
+                        .unwrap_or(d)
+                        .into()
+                }),
+            }
+        }
+    };
+    let router = Arc::new(router);
+
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(server_config(cert, key)?)),
+        _ => None,
+    };
+
+    let inspector = Arc::new(Inspector {
+        router: router.clone(),
+        locality: locality.clone(),
+    });
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    registry.register_collector(Box::new(inspector.clone()));
+    registry.register_collector(Box::new(ProcessCollector));
+
+    let listener = bind("the proxy (--listen)", args.listen).await?;
+    let admin_listener = bind("admin (--admin)", args.admin).await?;
+    let proxy_addr = listener.local_addr().unwrap_or(args.listen);
+    let admin_addr = admin_listener.local_addr().unwrap_or(args.admin);
+
+    let admin = Arc::new(Admin {
+        registry,
+        readiness,
+        routes: Some(inspector),
+        shutdown: shutdown.clone(),
+    });
+    tokio::spawn(admin.serve(admin_listener));
+
+    let forwarder = Arc::new(Forwarder {
+        router: router.clone(),
+        discovery_timeout: args.discovery_timeout,
+        max_attempts: 3,
+    });
+    let server = Arc::new(Server {
+        forwarder,
+        tls,
+        metrics,
+        shutdown: shutdown.clone(),
+        grace: args.shutdown_grace,
+    });
+    tracing::info!(
+        proxy = %proxy_addr,
+        admin = %admin_addr,
+        tls = args.tls_cert.is_some(),
+        threads = args.threads,
+        mode = if args.control_plane.is_some() { "discovery" } else { "static" },
+        "proxy ready"
+    );
+    announce::listening(&[("proxy", proxy_addr), ("admin", admin_addr)]);
+    server.serve(listener).await;
+    tracing::info!("proxy stopped");
+    Ok(())
+}

@@ -1,0 +1,260 @@
+//! Destinations (a service as the application names it, e.g. `web:80`) and their
+//! current backend sets.
+//!
+//! The request path reads a destination's state with one `ArcSwap` load: no lock. A
+//! discovery update builds a new immutable [`BackendSet`] (endpoints + balancer) and
+//! swaps it in; requests in flight keep the set they started with.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+
+use crate::balancer::{Balancer, EndpointView, PickError};
+use crate::endpoint::{EndpointMeta, Locality};
+use crate::metrics::{BackendStats, DestinationStats};
+use crate::upstream::{Upstream, UpstreamSettings};
+
+/// The connections and counters of one endpoint; they outlive backend-set versions so
+/// that a discovery update does not drop pooled connections or reset counters.
+pub struct BackendConn {
+    pub upstream: Arc<Upstream>,
+    pub stats: Arc<BackendStats>,
+}
+
+impl BackendConn {
+    pub fn new(address: SocketAddr, settings: &Arc<UpstreamSettings>) -> Self {
+        Self {
+            upstream: Upstream::new(address, settings.clone()),
+            stats: Arc::new(BackendStats::default()),
+        }
+    }
+}
+
+pub struct Backend {
+    pub meta: EndpointMeta,
+    pub upstream: Arc<Upstream>,
+    pub stats: Arc<BackendStats>,
+}
+
+/// One version of a destination's endpoints, with the balancer built for them.
+pub struct BackendSet {
+    pub version: u64,
+    pub service: String,
+    pub backends: Vec<Backend>,
+    pub balancer: Balancer,
+    pub proxy_locality: Option<Locality>,
+}
+
+impl BackendSet {
+    pub fn new(
+        version: u64,
+        service: String,
+        backends: Vec<Backend>,
+        proxy_locality: Option<Locality>,
+        seed: u64,
+    ) -> Self {
+        let views: Vec<EndpointView> = backends
+            .iter()
+            .map(|b| EndpointView {
+                weight: b.meta.weight,
+                health: b.meta.health,
+            })
+            .collect();
+        Self {
+            version,
+            service,
+            balancer: Balancer::new(&views, seed),
+            backends,
+            proxy_locality,
+        }
+    }
+
+    #[inline]
+    pub fn pick(&self) -> Result<&Backend, PickError> {
+        self.balancer.pick().map(|i| &self.backends[i])
+    }
+
+    pub fn views(&self) -> Vec<EndpointView> {
+        self.backends
+            .iter()
+            .map(|b| EndpointView {
+                weight: b.meta.weight,
+                health: b.meta.health,
+            })
+            .collect()
+    }
+}
+
+pub enum Resolution {
+    /// Waiting for the control plane's first answer.
+    Pending,
+    Ready(Arc<BackendSet>),
+    /// The control plane does not know this destination (its message).
+    Unknown(String),
+    /// No answer yet and the control plane cannot be reached (the error).
+    Unavailable(String),
+}
+
+pub struct Destination {
+    name: Box<str>,
+    resolution: ArcSwap<Resolution>,
+    resolved: Notify,
+    evicted: Notify,
+    /// Seconds since the process started, at the last request: idle ones are evicted.
+    last_used: AtomicU64,
+    pub stats: DestinationStats,
+}
+
+fn process_start() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+fn seconds_since_start(at: Instant) -> u64 {
+    at.saturating_duration_since(process_start()).as_secs()
+}
+
+impl Destination {
+    pub fn new(name: &str, resolution: Resolution) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.into(),
+            resolution: ArcSwap::from_pointee(resolution),
+            resolved: Notify::new(),
+            evicted: Notify::new(),
+            last_used: AtomicU64::new(seconds_since_start(Instant::now())),
+            stats: DestinationStats::default(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Marks the destination used at `now` (the request's own start time: no extra clock read).
+    #[inline]
+    pub fn touch(&self, now: Instant) {
+        let secs = seconds_since_start(now);
+        if self.last_used.load(Ordering::Relaxed) != secs {
+            self.last_used.store(secs, Ordering::Relaxed);
+        }
+    }
+
+    pub fn resolution(&self) -> arc_swap::Guard<Arc<Resolution>> {
+        self.resolution.load()
+    }
+
+    pub fn set(&self, resolution: Resolution) {
+        self.resolution.store(Arc::new(resolution));
+        self.resolved.notify_waiters();
+    }
+
+    /// The current state, waiting up to `timeout` while the first answer is pending.
+    pub async fn resolve(&self, timeout: Duration) -> Arc<Resolution> {
+        let current = self.resolution.load_full();
+        if !matches!(*current, Resolution::Pending) {
+            return current;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.resolved.notified();
+            tokio::pin!(notified);
+            // Register before re-checking, so an answer between the check and the wait is not lost.
+            notified.as_mut().enable();
+            let current = self.resolution.load_full();
+            if !matches!(*current, Resolution::Pending) {
+                return current;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.resolution.load_full();
+            }
+        }
+    }
+
+    /// Resolves once the destination was evicted from the cache (its watch should end).
+    pub async fn evicted(&self) {
+        self.evicted.notified().await;
+    }
+}
+
+/// The destinations the proxy has been asked for, created on first use.
+pub struct Destinations {
+    map: ArcSwap<HashMap<Box<str>, Arc<Destination>>>,
+    create: Mutex<()>,
+    max: usize,
+    on_new: Box<dyn Fn(&Arc<Destination>) + Send + Sync>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the proxy already tracks {0} destinations; refusing new ones until idle ones expire")]
+pub struct TooManyDestinations(pub usize);
+
+impl Destinations {
+    /// `on_new` starts whatever resolves a new destination (a discovery watch).
+    pub fn new(max: usize, on_new: impl Fn(&Arc<Destination>) + Send + Sync + 'static) -> Self {
+        Self {
+            map: ArcSwap::from_pointee(HashMap::new()),
+            create: Mutex::new(()),
+            max,
+            on_new: Box::new(on_new),
+        }
+    }
+
+    #[inline]
+    pub fn get(&self, name: &str) -> Option<Arc<Destination>> {
+        self.map.load().get(name).cloned()
+    }
+
+    pub fn get_or_create(&self, name: &str) -> Result<Arc<Destination>, TooManyDestinations> {
+        if let Some(found) = self.get(name) {
+            return Ok(found);
+        }
+        let _creating = self.create.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.map.load_full();
+        if let Some(found) = current.get(name) {
+            return Ok(found.clone());
+        }
+        if current.len() >= self.max {
+            return Err(TooManyDestinations(self.max));
+        }
+        let destination = Destination::new(name, Resolution::Pending);
+        let mut next = HashMap::clone(&current);
+        next.insert(name.into(), destination.clone());
+        self.map.store(Arc::new(next));
+        (self.on_new)(&destination);
+        Ok(destination)
+    }
+
+    pub fn all(&self) -> Vec<Arc<Destination>> {
+        let mut all: Vec<_> = self.map.load().values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Drops destinations unused for `idle`; their discovery watches end.
+    pub fn evict_idle(&self, idle: Duration) -> usize {
+        let _creating = self.create.lock().unwrap_or_else(|e| e.into_inner());
+        let now = seconds_since_start(Instant::now());
+        let current = self.map.load_full();
+        let (keep, evict): (Vec<_>, Vec<_>) = current.iter().partition(|(_, d)| {
+            now.saturating_sub(d.last_used.load(Ordering::Relaxed)) < idle.as_secs()
+        });
+        if evict.is_empty() {
+            return 0;
+        }
+        for (name, destination) in &evict {
+            tracing::debug!(destination = %name, "evicting idle destination");
+            destination.evicted.notify_one();
+        }
+        let next: HashMap<_, _> = keep
+            .into_iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        self.map.store(Arc::new(next));
+        evict.len()
+    }
+}

@@ -1,0 +1,446 @@
+//! The discovery client: asks the control plane who we are (`Hello`) and keeps one
+//! `Watch` stream per destination, turning snapshots and deltas into backend sets.
+//!
+//! If a stream breaks, the destination keeps its last-known backends and the stream is
+//! re-opened with jittered exponential backoff; the fresh snapshot then replaces the
+//! set. An update that does not make sense (a delta before any snapshot, a malformed
+//! address) is rejected whole, the last good set is kept, and the stream is re-opened.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use tandem_common::{Backoff, Readiness};
+use tandem_proto::discovery::v1 as pb;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::destination::{Backend, BackendConn, BackendSet, Destination, Resolution};
+use crate::endpoint::{EndpointMeta, Locality};
+use crate::metrics::ProxyMetrics;
+use crate::upstream::UpstreamSettings;
+
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(3);
+
+/// The proxy's own locality: the `--locality` flag if given, else what the control plane says.
+#[derive(Default)]
+pub struct ProxyLocality {
+    pub configured: Option<Locality>,
+    discovered: ArcSwapOption<Locality>,
+}
+
+impl ProxyLocality {
+    pub fn new(configured: Option<Locality>) -> Self {
+        Self {
+            configured,
+            discovered: ArcSwapOption::empty(),
+        }
+    }
+
+    pub fn current(&self) -> Option<Locality> {
+        self.configured
+            .clone()
+            .or_else(|| self.discovered.load_full().map(|l| (*l).clone()))
+    }
+
+    fn discovered(&self, locality: Option<Locality>) {
+        self.discovered.store(locality.map(Arc::new));
+    }
+}
+
+pub struct DiscoveryClient {
+    client: pb::discovery_client::DiscoveryClient<Channel>,
+    identity: pb::ProxyIdentity,
+    pub locality: Arc<ProxyLocality>,
+    upstream: Arc<UpstreamSettings>,
+    metrics: Arc<ProxyMetrics>,
+}
+
+/// Accepts `host:port` or `http://host:port`.
+pub fn control_plane_endpoint(addr: &str) -> Result<Endpoint, String> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Endpoint::from_shared(uri)
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true)
+        })
+        .map_err(|e| format!("--control-plane {addr:?} is not host:port or a URL: {e}"))
+}
+
+/// Why one stream ended.
+enum StreamEnd {
+    /// The control plane does not know the destination (NOT_FOUND, INVALID_ARGUMENT).
+    Unknown(String),
+    /// The control plane could not be reached or the stream broke.
+    Broken(String),
+    /// An update was rejected; the stream is re-opened for a fresh snapshot.
+    Rejected(String),
+    /// The control plane closed the stream (e.g. it is shutting down).
+    Closed,
+}
+
+impl DiscoveryClient {
+    pub fn new(
+        endpoint: Endpoint,
+        identity: pb::ProxyIdentity,
+        locality: Arc<ProxyLocality>,
+        upstream: Arc<UpstreamSettings>,
+        metrics: Arc<ProxyMetrics>,
+    ) -> Self {
+        Self {
+            client: pb::discovery_client::DiscoveryClient::new(endpoint.connect_lazy()),
+            identity,
+            locality,
+            upstream,
+            metrics,
+        }
+    }
+
+    /// Calls `Hello` until it answers, then marks the proxy ready.
+    pub async fn hello(self: Arc<Self>, readiness: Arc<Readiness>) {
+        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+        let mut failures = 0u32;
+        loop {
+            let request = pb::HelloRequest {
+                proxy: Some(self.identity.clone()),
+            };
+            match self.client.clone().hello(request).await {
+                Ok(response) => {
+                    let response = response.into_inner();
+                    let locality = response.locality.as_ref().map(Locality::from_proto);
+                    tracing::info!(
+                        control_plane_version = %response.control_plane_version,
+                        locality = ?self.locality.configured.clone().or(locality.clone()),
+                        "connected to the control plane"
+                    );
+                    self.locality.discovered(locality);
+                    self.metrics.discovery_connected.set(1);
+                    readiness.set_ready();
+                    return;
+                }
+                Err(status) => {
+                    failures += 1;
+                    let message = status.message().to_string();
+                    readiness.set_not_ready(format!(
+                        "no answer from the control plane yet ({failures} attempts): {message}"
+                    ));
+                    if failures == 1 {
+                        tracing::warn!(error = %message, "control plane not reachable yet; retrying");
+                    }
+                }
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    /// Starts the watch task of a new destination.
+    pub fn spawn_watch(self: &Arc<Self>, destination: &Arc<Destination>) {
+        let this = self.clone();
+        let destination = destination.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = this.watch(&destination) => {}
+                _ = destination.evicted() => {}
+            }
+        });
+    }
+
+    async fn watch(&self, destination: &Arc<Destination>) {
+        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+        // Pools and counters per endpoint survive updates and re-subscriptions.
+        let mut conns: HashMap<SocketAddr, BackendConn> = HashMap::new();
+        loop {
+            match self.watch_once(destination, &mut conns, &mut backoff).await {
+                StreamEnd::Unknown(message) => {
+                    tracing::debug!(destination = destination.name(), %message, "unknown destination");
+                    destination.set(Resolution::Unknown(message));
+                }
+                StreamEnd::Broken(message) => {
+                    self.metrics.discovery_stream_errors.inc();
+                    match &**destination.resolution() {
+                        Resolution::Pending | Resolution::Unavailable(_) => {
+                            destination.set(Resolution::Unavailable(message.clone()));
+                        }
+                        // Keep serving what we know.
+                        Resolution::Ready(_) | Resolution::Unknown(_) => {}
+                    }
+                    tracing::warn!(destination = destination.name(), error = %message, "discovery stream broke; keeping the last-known backends and reconnecting");
+                }
+                StreamEnd::Rejected(reason) => {
+                    self.metrics.discovery_updates_rejected.inc();
+                    tracing::error!(destination = destination.name(), %reason, "rejected a discovery update; keeping the last good backends and resubscribing");
+                }
+                StreamEnd::Closed => {
+                    tracing::info!(
+                        destination = destination.name(),
+                        "the control plane closed the discovery stream; resubscribing"
+                    );
+                }
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    async fn watch_once(
+        &self,
+        destination: &Arc<Destination>,
+        conns: &mut HashMap<SocketAddr, BackendConn>,
+        backoff: &mut Backoff,
+    ) -> StreamEnd {
+        let request = pb::WatchRequest {
+            destination: destination.name().to_string(),
+            proxy: Some(self.identity.clone()),
+        };
+        let mut stream = match self.client.clone().watch(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return end_of(status),
+        };
+        let mut view: Option<ServiceView> = None;
+        loop {
+            let update = match stream.message().await {
+                Ok(Some(update)) => update,
+                Ok(None) => return StreamEnd::Closed,
+                Err(status) => return end_of(status),
+            };
+            let next = match apply(view.as_ref(), &update) {
+                Ok(next) => next,
+                Err(reason) => return StreamEnd::Rejected(reason),
+            };
+            backoff.reset();
+            destination
+                .stats
+                .discovery_updates
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if next.proxy_locality.is_some() {
+                self.locality.discovered(next.proxy_locality.clone());
+            }
+            self.install(destination, &next, conns);
+            view = Some(next);
+        }
+    }
+
+    fn install(
+        &self,
+        destination: &Destination,
+        view: &ServiceView,
+        conns: &mut HashMap<SocketAddr, BackendConn>,
+    ) {
+        conns.retain(|addr, _| view.endpoints.contains_key(addr));
+        let backends = view
+            .endpoints
+            .values()
+            .map(|meta| {
+                let conn = conns
+                    .entry(meta.address)
+                    .or_insert_with(|| BackendConn::new(meta.address, &self.upstream));
+                Backend {
+                    meta: meta.clone(),
+                    upstream: conn.upstream.clone(),
+                    stats: conn.stats.clone(),
+                }
+            })
+            .collect();
+        let set = BackendSet::new(
+            view.version,
+            view.service.clone(),
+            backends,
+            self.locality.current(),
+            fastrand::u64(..),
+        );
+        tracing::debug!(
+            destination = destination.name(),
+            version = view.version,
+            endpoints = set.backends.len(),
+            pickable = set.balancer.pickable(),
+            "backend set updated"
+        );
+        destination.set(Resolution::Ready(Arc::new(set)));
+    }
+}
+
+fn end_of(status: Status) -> StreamEnd {
+    match status.code() {
+        Code::NotFound | Code::InvalidArgument => StreamEnd::Unknown(status.message().to_string()),
+        _ => {
+            let message = if status.message().is_empty() {
+                format!("{:?}", status.code())
+            } else {
+                status.message().to_string()
+            };
+            StreamEnd::Broken(message)
+        }
+    }
+}
+
+/// The proxy's copy of one service, rebuilt from snapshots and deltas.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceView {
+    pub version: u64,
+    pub service: String,
+    pub endpoints: BTreeMap<SocketAddr, EndpointMeta>,
+    pub caller_shares: BTreeMap<String, f64>,
+    pub proxy_locality: Option<Locality>,
+}
+
+/// Applies one update to `view`, validating all of it first: on error nothing changes.
+pub fn apply(view: Option<&ServiceView>, update: &pb::Update) -> Result<ServiceView, String> {
+    match &update.change {
+        Some(pb::update::Change::Snapshot(snapshot)) => {
+            let mut endpoints = BTreeMap::new();
+            for e in &snapshot.endpoints {
+                let meta = EndpointMeta::from_proto(e)?;
+                if endpoints.insert(meta.address, meta).is_some() {
+                    return Err(format!("snapshot lists endpoint {} twice", e.address));
+                }
+            }
+            Ok(ServiceView {
+                version: update.version,
+                service: snapshot.service.clone(),
+                endpoints,
+                caller_shares: snapshot.caller_shares.clone().into_iter().collect(),
+                proxy_locality: snapshot.proxy_locality.as_ref().map(Locality::from_proto),
+            })
+        }
+        Some(pb::update::Change::Delta(delta)) => {
+            let Some(view) = view else {
+                return Err("a delta arrived before any snapshot".to_string());
+            };
+            if update.version <= view.version {
+                return Err(format!(
+                    "delta version {} is not newer than {}",
+                    update.version, view.version
+                ));
+            }
+            let mut next = view.clone();
+            next.version = update.version;
+            for removed in &delta.removed {
+                let addr: SocketAddr = removed
+                    .parse()
+                    .map_err(|_| format!("removed address {removed:?} is not ip:port"))?;
+                next.endpoints.remove(&addr);
+            }
+            for e in delta.added.iter().chain(&delta.changed) {
+                let meta = EndpointMeta::from_proto(e)?;
+                next.endpoints.insert(meta.address, meta);
+            }
+            if let Some(shares) = &delta.caller_shares {
+                next.caller_shares = shares.by_zone.clone().into_iter().collect();
+            }
+            if let Some(locality) = &delta.proxy_locality {
+                let locality = Locality::from_proto(locality);
+                next.proxy_locality = (locality != Locality::default()).then_some(locality);
+            }
+            Ok(next)
+        }
+        None => Err("an update with neither snapshot nor delta".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(addr: &str, weight: u32) -> pb::Endpoint {
+        pb::Endpoint {
+            address: addr.into(),
+            weight,
+            health: pb::Health::Healthy as i32,
+            ..Default::default()
+        }
+    }
+
+    fn snapshot(version: u64, eps: Vec<pb::Endpoint>) -> pb::Update {
+        pb::Update {
+            version,
+            change: Some(pb::update::Change::Snapshot(pb::Snapshot {
+                service: "web.default.svc.cluster.local:80".into(),
+                endpoints: eps,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn delta(version: u64, d: pb::Delta) -> pb::Update {
+        pb::Update {
+            version,
+            change: Some(pb::update::Change::Delta(d)),
+        }
+    }
+
+    #[test]
+    fn snapshot_then_deltas() {
+        let v1 = apply(
+            None,
+            &snapshot(10, vec![ep("10.0.0.1:80", 1), ep("10.0.0.2:80", 1)]),
+        )
+        .unwrap();
+        assert_eq!(v1.endpoints.len(), 2);
+        let v2 = apply(
+            Some(&v1),
+            &delta(
+                11,
+                pb::Delta {
+                    added: vec![ep("10.0.0.3:80", 2)],
+                    changed: vec![ep("10.0.0.1:80", 5)],
+                    removed: vec!["10.0.0.2:80".into()],
+                    ..Default::default()
+                },
+            ),
+        )
+        .unwrap();
+        let weights: Vec<(String, u32)> = v2
+            .endpoints
+            .values()
+            .map(|e| (e.address.to_string(), e.weight))
+            .collect();
+        assert_eq!(
+            weights,
+            vec![("10.0.0.1:80".into(), 5), ("10.0.0.3:80".into(), 2)]
+        );
+    }
+
+    #[test]
+    fn bad_updates_change_nothing() {
+        assert!(apply(None, &delta(1, pb::Delta::default())).is_err());
+        let v1 = apply(None, &snapshot(10, vec![ep("10.0.0.1:80", 1)])).unwrap();
+        assert!(
+            apply(Some(&v1), &delta(10, pb::Delta::default())).is_err(),
+            "stale"
+        );
+        let bad = delta(
+            11,
+            pb::Delta {
+                added: vec![ep("10.0.0.9:80", 1), ep("not-an-address", 1)],
+                ..Default::default()
+            },
+        );
+        assert!(apply(Some(&v1), &bad).is_err());
+        assert!(
+            apply(
+                None,
+                &snapshot(1, vec![ep("10.0.0.1:80", 1), ep("10.0.0.1:80", 1)])
+            )
+            .is_err()
+        );
+        assert!(
+            apply(
+                None,
+                &pb::Update {
+                    version: 1,
+                    change: None
+                }
+            )
+            .is_err()
+        );
+    }
+}

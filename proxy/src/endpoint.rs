@@ -1,0 +1,177 @@
+//! What the proxy knows about one backend endpoint, as discovery described it.
+
+use std::net::SocketAddr;
+
+use tandem_proto::discovery::v1 as pb;
+
+use crate::balancer::Health;
+use crate::upstream::HttpVersion;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub subzone: String,
+}
+
+impl Locality {
+    /// Parses `REGION/ZONE` or `REGION/ZONE/SUBZONE`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split('/').collect();
+        match parts.as_slice() {
+            [region, zone] | [region, zone, _] if !region.is_empty() && !zone.is_empty() => {
+                Ok(Self {
+                    region: region.to_string(),
+                    zone: zone.to_string(),
+                    subzone: parts.get(2).unwrap_or(&"").to_string(),
+                })
+            }
+            _ => Err(format!(
+                "locality {s:?} is not REGION/ZONE or REGION/ZONE/SUBZONE"
+            )),
+        }
+    }
+
+    pub fn from_proto(l: &pb::Locality) -> Self {
+        Self {
+            region: l.region.clone(),
+            zone: l.zone.clone(),
+            subzone: l.subzone.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Speak to the endpoint as the client spoke to us.
+    #[default]
+    Unspecified,
+    Http1,
+    Http2,
+    Opaque,
+}
+
+impl Protocol {
+    /// The HTTP version for a request that arrived as `client` (gRPC needs HTTP/2).
+    #[inline]
+    pub fn version_for(self, client: HttpVersion, grpc: bool) -> HttpVersion {
+        match self {
+            Protocol::Http1 if !grpc => HttpVersion::Http1,
+            Protocol::Http2 => HttpVersion::Http2,
+            _ if grpc => HttpVersion::Http2,
+            _ => client,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EndpointMeta {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub health: Health,
+    pub locality: Locality,
+    pub protocol: Protocol,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub identity: String,
+}
+
+impl EndpointMeta {
+    pub fn static_backend(address: SocketAddr) -> Self {
+        Self {
+            address,
+            weight: 1,
+            health: Health::Healthy,
+            locality: Locality::default(),
+            protocol: Protocol::Unspecified,
+            name: String::new(),
+            identity: String::new(),
+        }
+    }
+
+    /// Validates one endpoint of a discovery update.
+    pub fn from_proto(e: &pb::Endpoint) -> Result<Self, String> {
+        let address: SocketAddr = e
+            .address
+            .parse()
+            .map_err(|_| format!("endpoint address {:?} is not ip:port", e.address))?;
+        if e.weight == 0 {
+            return Err(format!("endpoint {address} has weight 0"));
+        }
+        let health = match pb::Health::try_from(e.health) {
+            Ok(pb::Health::Healthy) => Health::Healthy,
+            Ok(pb::Health::Draining) => Health::Draining,
+            Ok(pb::Health::Unhealthy) => Health::Unhealthy,
+            // An endpoint whose health we cannot read must not receive traffic.
+            Ok(pb::Health::Unspecified) | Err(_) => Health::Unhealthy,
+        };
+        let protocol = match pb::Protocol::try_from(e.protocol) {
+            Ok(pb::Protocol::Http1) => Protocol::Http1,
+            Ok(pb::Protocol::Http2) => Protocol::Http2,
+            Ok(pb::Protocol::Opaque) => Protocol::Opaque,
+            _ => Protocol::Unspecified,
+        };
+        Ok(Self {
+            address,
+            weight: e.weight,
+            health,
+            locality: e
+                .locality
+                .as_ref()
+                .map(Locality::from_proto)
+                .unwrap_or_default(),
+            protocol,
+            name: e.name.clone(),
+            identity: e.identity.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locality_flag() {
+        let l = Locality::parse("eu-west-1/eu-west-1a").unwrap();
+        assert_eq!(
+            (l.region.as_str(), l.zone.as_str()),
+            ("eu-west-1", "eu-west-1a")
+        );
+        assert_eq!(Locality::parse("r/z/s").unwrap().subzone, "s");
+        assert!(Locality::parse("just-a-zone").is_err());
+        assert!(Locality::parse("/z").is_err());
+    }
+
+    #[test]
+    fn grpc_always_gets_http2() {
+        use HttpVersion::*;
+        assert_eq!(Protocol::Unspecified.version_for(Http1, false), Http1);
+        assert_eq!(Protocol::Unspecified.version_for(Http2, false), Http2);
+        assert_eq!(Protocol::Http1.version_for(Http2, false), Http1);
+        assert_eq!(Protocol::Http1.version_for(Http2, true), Http2);
+        assert_eq!(Protocol::Http2.version_for(Http1, false), Http2);
+    }
+
+    #[test]
+    fn malformed_endpoints_are_rejected() {
+        let mut e = pb::Endpoint {
+            address: "10.0.0.1".into(),
+            weight: 1,
+            ..Default::default()
+        };
+        assert!(EndpointMeta::from_proto(&e).is_err());
+        e.address = "10.0.0.1:80".into();
+        e.weight = 0;
+        assert!(EndpointMeta::from_proto(&e).is_err());
+        e.weight = 2;
+        e.health = 99;
+        assert_eq!(
+            EndpointMeta::from_proto(&e).unwrap().health,
+            Health::Unhealthy
+        );
+    }
+}

@@ -1,0 +1,487 @@
+//! The request path: route by authority, pick a backend, forward, count.
+//!
+//! Nothing here takes a lock. The common cases (HTTP/1 in and out, HTTP/2 in and
+//! out) forward the request head untouched apart from hop-by-hop headers; only a
+//! protocol change (HTTP/1 client to HTTP/2 backend or back) rewrites the URI.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+
+use crate::balancer::PickError;
+use crate::body::ProxyBody;
+use crate::destination::{Destination, Destinations, Resolution};
+use crate::metrics::ProxyErrorKind;
+use crate::upstream::HttpVersion;
+
+/// How requests find their destination.
+pub enum Router {
+    /// `--backends`: every request goes to one fixed set.
+    Static(Arc<Destination>),
+    /// `--control-plane`: by the request's authority (`Host` / `:authority`).
+    Discovery {
+        destinations: Arc<Destinations>,
+        /// Where requests for unknown destinations (or without a Host) go, if anywhere.
+        default: Option<Box<str>>,
+    },
+}
+
+pub struct Forwarder {
+    pub router: Arc<Router>,
+    /// How long a request waits for a new destination's first discovery answer.
+    pub discovery_timeout: Duration,
+    /// Endpoints tried for one request when connecting fails (nothing was sent).
+    pub max_attempts: usize,
+}
+
+/// A response the proxy makes itself.
+#[derive(Debug)]
+pub struct ProxyError {
+    pub kind: ProxyErrorKind,
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ProxyError {
+    fn new(kind: ProxyErrorKind, status: StatusCode, message: String) -> Self {
+        Self {
+            kind,
+            status,
+            message,
+        }
+    }
+
+    /// Text for HTTP clients; for gRPC clients a trailers-only gRPC error, which their
+    /// libraries turn into a proper status with this message.
+    pub fn into_response(self, grpc: bool) -> Response<ProxyBody> {
+        let mut response = if grpc {
+            let code = match self.kind {
+                ProxyErrorKind::BadRequest => "13",
+                _ => "14", // UNAVAILABLE: the caller may retry.
+            };
+            let mut r = Response::new(ProxyBody::Empty);
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from_static(code));
+            if let Ok(message) = HeaderValue::from_str(&grpc_message(&self.message)) {
+                h.insert("grpc-message", message);
+            }
+            r
+        } else {
+            let mut r = Response::new(ProxyBody::text(format!("tandem: {}\n", self.message)));
+            *r.status_mut() = self.status;
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            r
+        };
+        response.headers_mut().insert(
+            HeaderName::from_static("x-tandem-error"),
+            HeaderValue::from_static(self.kind.as_str()),
+        );
+        response
+    }
+}
+
+/// gRPC messages are percent-encoded outside printable ASCII (and '%' itself).
+fn grpc_message(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[inline]
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The authority the client addressed: `:authority` (HTTP/2, absolute-form) or `Host`.
+#[inline]
+fn authority<B>(req: &Request<B>) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+        .filter(|a| !a.is_empty())
+}
+
+/// Lower-cases `authority` and adds the default port (80) into `buf`, without allocating.
+pub fn normalize_name<'b>(authority: &str, buf: &'b mut [u8; 256]) -> Option<&'b str> {
+    let bytes = authority.as_bytes();
+    let has_port = match bytes.first() {
+        Some(b'[') => authority.contains("]:"),
+        _ => bytes.contains(&b':'),
+    };
+    let len = bytes.len() + if has_port { 0 } else { 3 };
+    if len > buf.len() {
+        return None;
+    }
+    for (dst, src) in buf.iter_mut().zip(bytes) {
+        *dst = src.to_ascii_lowercase();
+    }
+    if !has_port {
+        buf[bytes.len()..len].copy_from_slice(b":80");
+    }
+    std::str::from_utf8(&buf[..len]).ok()
+}
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, not the
+/// message, and HTTP/2 forbids them. `te: trailers` stays: gRPC needs it end to end.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(connection) = headers.remove(header::CONNECTION) {
+        if let Ok(listed) = connection.to_str() {
+            for name in listed.split(',') {
+                let name = name.trim();
+                if !name.eq_ignore_ascii_case("te") && !name.is_empty() {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::UPGRADE);
+    if headers
+        .get(header::TE)
+        .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+/// Shapes the request head for the HTTP version spoken to the backend. The authority
+/// moves between the URI (HTTP/2 `:authority`) and `Host` (HTTP/1) only when the
+/// versions differ, so the common paths do no work here.
+fn adapt(req: &mut Request<ProxyBody>, to: HttpVersion) {
+    match to {
+        HttpVersion::Http1 => {
+            *req.version_mut() = Version::HTTP_11;
+            if let Some(authority) = req.uri().authority() {
+                // HTTP/1 servers expect origin-form (`/path?query`) and a Host header.
+                if !req.headers().contains_key(header::HOST) {
+                    if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                        req.headers_mut().insert(header::HOST, host);
+                    }
+                }
+                let origin = req
+                    .uri()
+                    .path_and_query()
+                    .map(|pq| pq.as_str())
+                    .unwrap_or("/")
+                    .parse::<Uri>()
+                    .unwrap_or_else(|_| Uri::from_static("/"));
+                *req.uri_mut() = origin;
+            }
+        }
+        HttpVersion::Http2 => {
+            *req.version_mut() = Version::HTTP_2;
+            if req.uri().authority().is_none() {
+                // HTTP/2 carries the authority in the URI (`:authority`), not in Host.
+                let host = req.headers_mut().remove(header::HOST);
+                let mut parts = req.uri().clone().into_parts();
+                parts.scheme = Some(http::uri::Scheme::HTTP);
+                parts.authority = host
+                    .as_ref()
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|h| h.parse().ok());
+                if parts.path_and_query.is_none() {
+                    parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+                }
+                if let Ok(uri) = Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+            } else {
+                req.headers_mut().remove(header::HOST);
+            }
+        }
+    }
+}
+
+impl Forwarder {
+    fn route<B>(&self, req: &Request<B>) -> Result<Arc<Destination>, ProxyError> {
+        match &*self.router {
+            Router::Static(destination) => Ok(destination.clone()),
+            Router::Discovery {
+                destinations,
+                default,
+            } => {
+                let name = match authority(req) {
+                    Some(authority) => {
+                        let mut buf = [0u8; 256];
+                        normalize_name(authority, &mut buf)
+                            .ok_or_else(|| {
+                                ProxyError::new(
+                                    ProxyErrorKind::BadRequest,
+                                    StatusCode::BAD_REQUEST,
+                                    "the request's Host is longer than 250 bytes".into(),
+                                )
+                            })
+                            .and_then(|name| {
+                                destinations.get_or_create(name).map_err(|e| {
+                                    ProxyError::new(
+                                        ProxyErrorKind::DiscoveryUnavailable,
+                                        StatusCode::SERVICE_UNAVAILABLE,
+                                        e.to_string(),
+                                    )
+                                })
+                            })?
+                    }
+                    None => match default {
+                        Some(default) => destinations.get_or_create(default).map_err(|e| {
+                            ProxyError::new(
+                                ProxyErrorKind::DiscoveryUnavailable,
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                e.to_string(),
+                            )
+                        })?,
+                        None => {
+                            return Err(ProxyError::new(
+                                ProxyErrorKind::BadRequest,
+                                StatusCode::BAD_REQUEST,
+                                "the request names no destination: Tandem routes by its Host header (HTTP/1) or :authority (HTTP/2)".into(),
+                            ));
+                        }
+                    },
+                };
+                Ok(name)
+            }
+        }
+    }
+
+    fn default_destination(&self) -> Option<Arc<Destination>> {
+        match &*self.router {
+            Router::Discovery {
+                destinations,
+                default: Some(default),
+            } => destinations.get_or_create(default).ok(),
+            _ => None,
+        }
+    }
+
+    /// The backend set for `destination`, following `--default-destination` for unknown ones.
+    async fn backends(
+        &self,
+        destination: &Arc<Destination>,
+    ) -> Result<(Arc<Destination>, Arc<crate::destination::BackendSet>), ProxyError> {
+        let mut destination = destination.clone();
+        let mut followed_default = false;
+        loop {
+            let resolution = destination.resolve(self.discovery_timeout).await;
+            let error = match &*resolution {
+                Resolution::Ready(set) => return Ok((destination, set.clone())),
+                Resolution::Unknown(message) => {
+                    if !followed_default {
+                        if let Some(default) = self.default_destination() {
+                            if default.name() != destination.name() {
+                                followed_default = true;
+                                destination = default;
+                                continue;
+                            }
+                        }
+                    }
+                    ProxyError::new(
+                        ProxyErrorKind::UnknownDestination,
+                        StatusCode::NOT_FOUND,
+                        format!("unknown destination {}: {message}", destination.name()),
+                    )
+                }
+                Resolution::Unavailable(reason) => ProxyError::new(
+                    ProxyErrorKind::DiscoveryUnavailable,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "no backends known for {} yet: the control plane is unreachable ({reason})",
+                        destination.name()
+                    ),
+                ),
+                Resolution::Pending => ProxyError::new(
+                    ProxyErrorKind::DiscoveryUnavailable,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the control plane did not answer for {} within {:?}",
+                        destination.name(),
+                        self.discovery_timeout
+                    ),
+                ),
+            };
+            destination.stats.error(error.kind);
+            return Err(error);
+        }
+    }
+
+    /// Handles one request (one HTTP/2 stream); never fails: errors become responses.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let grpc = is_grpc(&req);
+        let client_version = if req.version() == Version::HTTP_2 {
+            HttpVersion::Http2
+        } else {
+            HttpVersion::Http1
+        };
+        let result = match self.route(&req) {
+            Ok(destination) => {
+                destination.touch(start);
+                self.forward(&destination, req, start, grpc, client_version)
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        let mut response = result.unwrap_or_else(|error| error.into_response(grpc));
+        if client_version == HttpVersion::Http1 {
+            *response.version_mut() = Version::HTTP_11;
+        } else {
+            *response.version_mut() = Version::HTTP_2;
+        }
+        response
+    }
+
+    async fn forward(
+        &self,
+        destination: &Arc<Destination>,
+        req: Request<Incoming>,
+        start: Instant,
+        grpc: bool,
+        client_version: HttpVersion,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (destination, set) = self.backends(destination).await?;
+        let mut req = req.map(ProxyBody::Incoming);
+        strip_hop_by_hop(req.headers_mut());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let backend = set.pick().map_err(|e| {
+                let (kind, message) = match e {
+                    PickError::NoEndpoints => (
+                        ProxyErrorKind::NoEndpoints,
+                        format!("destination {} has no endpoints", destination.name()),
+                    ),
+                    PickError::NoHealthyEndpoints { total } => (
+                        ProxyErrorKind::NoHealthyEndpoints,
+                        format!(
+                            "destination {} has no healthy endpoints ({total} known, none ready)",
+                            destination.name()
+                        ),
+                    ),
+                };
+                destination.stats.error(kind);
+                ProxyError::new(kind, StatusCode::SERVICE_UNAVAILABLE, message)
+            })?;
+            let version = backend.meta.protocol.version_for(client_version, grpc);
+            adapt(&mut req, version);
+            match backend.upstream.send(version, req).await {
+                Ok(mut response) => {
+                    backend.stats.latency.observe(start.elapsed());
+                    backend.stats.responses.record(response.status().as_u16());
+                    strip_hop_by_hop(response.headers_mut());
+                    return Ok(response);
+                }
+                Err((error, unsent)) => {
+                    backend.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    let retry = error.before_request()
+                        && attempt < self.max_attempts
+                        && set.balancer.pickable() > 1;
+                    match unsent {
+                        Some(unsent) if retry => {
+                            tracing::debug!(destination = destination.name(), backend = %backend.meta.address, %error, "endpoint failed before the request was sent; trying another");
+                            req = unsent;
+                        }
+                        _ => {
+                            tracing::debug!(destination = destination.name(), backend = %backend.meta.address, %error, "upstream request failed");
+                            destination.stats.error(ProxyErrorKind::UpstreamFailed);
+                            return Err(ProxyError::new(
+                                ProxyErrorKind::UpstreamFailed,
+                                StatusCode::BAD_GATEWAY,
+                                format!(
+                                    "backend {} of {} failed: {error}",
+                                    backend.meta.address,
+                                    destination.name()
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_authorities() {
+        let mut buf = [0u8; 256];
+        assert_eq!(normalize_name("web", &mut buf), Some("web:80"));
+        assert_eq!(
+            normalize_name("Web.Default:8080", &mut buf),
+            Some("web.default:8080")
+        );
+        assert_eq!(normalize_name("10.0.0.1:80", &mut buf), Some("10.0.0.1:80"));
+        assert_eq!(normalize_name("[::1]", &mut buf), Some("[::1]:80"));
+        assert_eq!(normalize_name("[::1]:81", &mut buf), Some("[::1]:81"));
+        assert_eq!(normalize_name(&"a".repeat(300), &mut buf), None);
+    }
+
+    #[test]
+    fn strips_hop_by_hop_but_keeps_te_trailers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(h.contains_key("x-app") && h.contains_key(header::TE));
+    }
+
+    #[test]
+    fn adapts_between_versions() {
+        let mut req = Request::builder()
+            .uri("/a?b=1")
+            .header(header::HOST, "web:80")
+            .body(ProxyBody::Empty)
+            .unwrap();
+        adapt(&mut req, HttpVersion::Http2);
+        assert_eq!(req.uri().to_string(), "http://web:80/a?b=1");
+        assert!(!req.headers().contains_key(header::HOST));
+        adapt(&mut req, HttpVersion::Http1);
+        assert_eq!(req.uri().to_string(), "/a?b=1");
+        assert_eq!(req.headers()[header::HOST], "web:80");
+        assert_eq!(req.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(grpc_message("no endpoints: 100%"), "no endpoints: 100%25");
+        assert_eq!(grpc_message("é"), "%C3%A9");
+    }
+}

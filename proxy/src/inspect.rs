@@ -1,0 +1,235 @@
+//! What the proxy knows, for operators: the `/config` admin route (JSON) and the
+//! per-destination Prometheus metrics, both read from the live destinations.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use http::{Method, Request};
+use hyper::body::Incoming;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use serde_json::json;
+use tandem_common::admin::{AdminResponse, AdminRoutes, json as json_response};
+
+use crate::balancer::Health;
+use crate::destination::{Destination, Resolution};
+use crate::discovery::ProxyLocality;
+use crate::forward::Router;
+use crate::metrics::{ProxyErrorKind, encode_latency};
+
+/// The live destinations, wherever the router keeps them.
+pub struct Inspector {
+    pub router: Arc<Router>,
+    pub locality: Arc<ProxyLocality>,
+}
+
+impl std::fmt::Debug for Inspector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Inspector")
+    }
+}
+
+impl Router {
+    pub fn destinations(&self) -> Vec<Arc<Destination>> {
+        match self {
+            Router::Static(destination) => vec![destination.clone()],
+            Router::Discovery { destinations, .. } => destinations.all(),
+        }
+    }
+}
+
+fn health_str(h: Health) -> &'static str {
+    match h {
+        Health::Healthy => "healthy",
+        Health::Draining => "draining",
+        Health::Unhealthy => "unhealthy",
+    }
+}
+
+impl Inspector {
+    pub fn config(&self) -> serde_json::Value {
+        let destinations: Vec<serde_json::Value> = self
+            .router
+            .destinations()
+            .iter()
+            .map(|d| {
+                let resolution = d.resolution();
+                let mut out = json!({ "name": d.name() });
+                match &**resolution {
+                    Resolution::Pending => out["state"] = "pending".into(),
+                    Resolution::Unknown(m) => {
+                        out["state"] = "unknown".into();
+                        out["reason"] = m.clone().into();
+                    }
+                    Resolution::Unavailable(m) => {
+                        out["state"] = "unavailable".into();
+                        out["reason"] = m.clone().into();
+                    }
+                    Resolution::Ready(set) => {
+                        let views = set.views();
+                        out["state"] = "ready".into();
+                        out["service"] = set.service.clone().into();
+                        out["version"] = set.version.into();
+                        out["pickable"] = set.balancer.pickable().into();
+                        out["endpoints"] = set
+                            .backends
+                            .iter()
+                            .enumerate()
+                            .map(|(i, b)| {
+                                let mut e = serde_json::to_value(&b.meta).unwrap_or_default();
+                                e["expected_share"] = set.balancer.expected_share(&views, i).into();
+                                e["responses"] = b.stats.responses.total().into();
+                                e["failures"] = b.stats.failures.load(Relaxed).into();
+                                e["idle_connections"] = b.upstream.idle_connections().into();
+                                e
+                            })
+                            .collect();
+                    }
+                }
+                out
+            })
+            .collect();
+        json!({
+            "mode": match &*self.router { Router::Static(_) => "static", Router::Discovery { .. } => "discovery" },
+            "locality": self.locality.current(),
+            "destinations": destinations,
+        })
+    }
+}
+
+impl AdminRoutes for Inspector {
+    fn route(&self, req: &Request<Incoming>) -> Option<AdminResponse> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/config") => Some(json_response(&self.config())),
+            _ => None,
+        }
+    }
+}
+
+impl Collector for Inspector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let destinations = self.router.destinations();
+        let sets: Vec<(
+            Arc<Destination>,
+            Option<Arc<crate::destination::BackendSet>>,
+        )> = destinations
+            .iter()
+            .map(|d| {
+                let set = match &**d.resolution() {
+                    Resolution::Ready(set) => Some(set.clone()),
+                    _ => None,
+                };
+                (d.clone(), set)
+            })
+            .collect();
+
+        let mut requests = encoder.encode_descriptor(
+            "tandem_proxy_requests",
+            "Responses from backends by destination, backend and status code",
+            None,
+            MetricType::Counter,
+        )?;
+        for (d, set) in &sets {
+            for b in set.iter().flat_map(|s| &s.backends) {
+                let backend = b.meta.address.to_string();
+                for (status, count) in b.stats.responses.snapshot() {
+                    let labels = [
+                        ("direction", "outbound"),
+                        ("destination", d.name()),
+                        ("backend", backend.as_str()),
+                        ("status_code", status.as_str()),
+                    ];
+                    ConstCounter::new(count).encode(requests.encode_family(&labels)?)?;
+                }
+            }
+        }
+
+        let mut failures = encoder.encode_descriptor(
+            "tandem_proxy_request_failures",
+            "Requests that got no response from a backend (connect error, reset)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (d, set) in &sets {
+            for b in set.iter().flat_map(|s| &s.backends) {
+                let backend = b.meta.address.to_string();
+                let labels = [
+                    ("direction", "outbound"),
+                    ("destination", d.name()),
+                    ("backend", backend.as_str()),
+                ];
+                ConstCounter::new(b.stats.failures.load(Relaxed))
+                    .encode(failures.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut latency = encoder.encode_descriptor(
+            "tandem_proxy_response_latency_seconds",
+            "Time from request to response headers, by destination and backend",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (d, set) in &sets {
+            for b in set.iter().flat_map(|s| &s.backends) {
+                let backend = b.meta.address.to_string();
+                let labels = [
+                    ("direction", "outbound"),
+                    ("destination", d.name()),
+                    ("backend", backend.as_str()),
+                ];
+                encode_latency(&mut latency.encode_family(&labels)?, &b.stats.latency)?;
+            }
+        }
+
+        let mut endpoints = encoder.encode_descriptor(
+            "tandem_proxy_endpoints",
+            "Endpoints known per destination, by health",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (d, set) in &sets {
+            let Some(set) = set else { continue };
+            for health in [Health::Healthy, Health::Draining, Health::Unhealthy] {
+                let n = set
+                    .backends
+                    .iter()
+                    .filter(|b| b.meta.health == health)
+                    .count();
+                let labels = [("destination", d.name()), ("health", health_str(health))];
+                ConstGauge::new(n as i64).encode(endpoints.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut errors = encoder.encode_descriptor(
+            "tandem_proxy_errors",
+            "Requests the proxy answered itself, by destination and reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (d, _) in &sets {
+            for kind in ProxyErrorKind::ALL {
+                let n = d.stats.errors[kind as usize].load(Relaxed);
+                if n > 0 {
+                    let labels = [("destination", d.name()), ("reason", kind.as_str())];
+                    ConstCounter::new(n).encode(errors.encode_family(&labels)?)?;
+                }
+            }
+        }
+
+        let mut updates = encoder.encode_descriptor(
+            "tandem_proxy_discovery_updates",
+            "Discovery updates applied per destination",
+            None,
+            MetricType::Counter,
+        )?;
+        for (d, _) in &sets {
+            let labels = [("destination", d.name())];
+            ConstCounter::new(d.stats.discovery_updates.load(Relaxed))
+                .encode(updates.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}

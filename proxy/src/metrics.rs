@@ -1,0 +1,276 @@
+//! Proxy metrics. Per-request numbers live in plain atomics owned by the backend or
+//! destination they describe (no label lookup, lock or allocation per request); a
+//! [`prometheus_client`] collector walks the live destinations at scrape time.
+
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, NoLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Exact status codes are kept for this many distinct codes per backend; rarer codes
+/// beyond that are counted by class (`status_code="5xx"`).
+const STATUS_SLOTS: usize = 8;
+
+/// Counts of responses by status code, lock-free.
+#[derive(Debug, Default)]
+pub struct StatusCounts {
+    codes: [AtomicU16; STATUS_SLOTS],
+    counts: [AtomicU64; STATUS_SLOTS],
+    overflow_by_class: [AtomicU64; 6],
+}
+
+impl StatusCounts {
+    pub fn record(&self, code: u16) {
+        for (slot, count) in self.codes.iter().zip(&self.counts) {
+            match slot.load(Relaxed) {
+                c if c == code => {
+                    count.fetch_add(1, Relaxed);
+                    return;
+                }
+                0 => match slot.compare_exchange(0, code, Relaxed, Relaxed) {
+                    Ok(_) => {
+                        count.fetch_add(1, Relaxed);
+                        return;
+                    }
+                    Err(c) if c == code => {
+                        count.fetch_add(1, Relaxed);
+                        return;
+                    }
+                    Err(_) => continue,
+                },
+                _ => continue,
+            }
+        }
+        let class = (code / 100).min(5) as usize;
+        self.overflow_by_class[class].fetch_add(1, Relaxed);
+    }
+
+    /// `(label, count)` for every status seen.
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = self
+            .codes
+            .iter()
+            .zip(&self.counts)
+            .filter_map(|(c, n)| {
+                let code = c.load(Relaxed);
+                (code != 0).then(|| (code.to_string(), n.load(Relaxed)))
+            })
+            .collect();
+        for (class, n) in self.overflow_by_class.iter().enumerate() {
+            let n = n.load(Relaxed);
+            if n > 0 {
+                out.push((format!("{class}xx"), n));
+            }
+        }
+        out
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts
+            .iter()
+            .chain(&self.overflow_by_class)
+            .map(|n| n.load(Relaxed))
+            .sum()
+    }
+}
+
+/// Upper bounds of the latency buckets, in microseconds (0.5 ms … 10 s).
+const LATENCY_BOUNDS_US: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
+];
+
+/// A fixed-bucket latency histogram, lock-free.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let us = elapsed.as_micros().min(u64::MAX as u128) as u64;
+        let bucket = LATENCY_BOUNDS_US
+            .iter()
+            .position(|bound| us <= *bound)
+            .unwrap_or(LATENCY_BOUNDS_US.len());
+        self.buckets[bucket].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// `(sum seconds, count, per-bucket counts)`; the encoder makes them cumulative.
+    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut count = 0;
+        let buckets = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let n = n.load(Relaxed);
+                count += n;
+                let bound = LATENCY_BOUNDS_US
+                    .get(i)
+                    .map_or(f64::INFINITY, |us| *us as f64 / 1e6);
+                (bound, n)
+            })
+            .collect();
+        (self.sum_us.load(Relaxed) as f64 / 1e6, count, buckets)
+    }
+}
+
+/// Everything counted per backend endpoint of a destination.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    pub responses: StatusCounts,
+    /// Requests that got no response: connect errors, resets, protocol errors.
+    pub failures: AtomicU64,
+    /// Time to response headers.
+    pub latency: LatencyHistogram,
+}
+
+/// Why the proxy answered a request itself instead of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum ProxyErrorKind {
+    UnknownDestination,
+    NoEndpoints,
+    NoHealthyEndpoints,
+    DiscoveryUnavailable,
+    UpstreamFailed,
+    BadRequest,
+}
+
+impl ProxyErrorKind {
+    pub const ALL: [ProxyErrorKind; 6] = [
+        ProxyErrorKind::UnknownDestination,
+        ProxyErrorKind::NoEndpoints,
+        ProxyErrorKind::NoHealthyEndpoints,
+        ProxyErrorKind::DiscoveryUnavailable,
+        ProxyErrorKind::UpstreamFailed,
+        ProxyErrorKind::BadRequest,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyErrorKind::UnknownDestination => "unknown_destination",
+            ProxyErrorKind::NoEndpoints => "no_endpoints",
+            ProxyErrorKind::NoHealthyEndpoints => "no_healthy_endpoints",
+            ProxyErrorKind::DiscoveryUnavailable => "discovery_unavailable",
+            ProxyErrorKind::UpstreamFailed => "upstream_failed",
+            ProxyErrorKind::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// Per-destination counters.
+#[derive(Debug, Default)]
+pub struct DestinationStats {
+    pub errors: [AtomicU64; ProxyErrorKind::ALL.len()],
+    pub discovery_updates: AtomicU64,
+}
+
+impl DestinationStats {
+    pub fn error(&self, kind: ProxyErrorKind) {
+        self.errors[kind as usize].fetch_add(1, Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// Process-wide counters that are not per destination.
+#[derive(Debug, Default)]
+pub struct ProxyMetrics {
+    pub open_connections: Gauge,
+    pub connections: Counter,
+    pub tls_handshakes: Family<ResultLabel, Counter>,
+    /// 1 while at least one discovery stream is up, or in static mode.
+    pub discovery_connected: Gauge,
+    pub discovery_stream_errors: Counter,
+    pub discovery_updates_rejected: Counter,
+}
+
+impl ProxyMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("tandem_proxy");
+        r.register(
+            "open_connections",
+            "Client connections open now",
+            self.open_connections.clone(),
+        );
+        r.register(
+            "connections",
+            "Client connections accepted",
+            self.connections.clone(),
+        );
+        r.register(
+            "tls_handshakes",
+            "TLS handshakes by result",
+            self.tls_handshakes.clone(),
+        );
+        r.register(
+            "discovery_connected",
+            "1 when the proxy holds an answer from the control plane (or runs with static backends)",
+            self.discovery_connected.clone(),
+        );
+        r.register(
+            "discovery_stream_errors",
+            "Discovery streams that broke (the last-known backends keep serving)",
+            self.discovery_stream_errors.clone(),
+        );
+        r.register(
+            "discovery_updates_rejected",
+            "Malformed discovery updates that were rejected (the last good state was kept)",
+            self.discovery_updates_rejected.clone(),
+        );
+    }
+}
+
+/// Encodes a histogram snapshot with `encode_histogram`.
+pub(crate) fn encode_latency(
+    encoder: &mut prometheus_client::encoding::MetricEncoder<'_>,
+    histogram: &LatencyHistogram,
+) -> Result<(), std::fmt::Error> {
+    let (sum, count, buckets) = histogram.snapshot();
+    encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_counts_keep_exact_codes_then_classes() {
+        let s = StatusCounts::default();
+        for code in [200, 200, 503, 201, 202, 203, 204, 205, 206, 207, 404, 500] {
+            s.record(code);
+        }
+        let snap = s.snapshot();
+        assert!(snap.contains(&("200".to_string(), 2)));
+        assert!(snap.contains(&("503".to_string(), 1)));
+        assert!(snap.contains(&("4xx".to_string(), 1)));
+        assert!(snap.contains(&("5xx".to_string(), 1)));
+        assert_eq!(s.total(), 12);
+    }
+
+    #[test]
+    fn histogram_counts_per_bucket() {
+        let h = LatencyHistogram::default();
+        h.observe(Duration::from_micros(100));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(60));
+        let (sum, count, buckets) = h.snapshot();
+        assert_eq!(count, 3);
+        assert!((sum - 60.0031).abs() < 1e-6);
+        assert_eq!(buckets[0], (0.0005, 1));
+        assert_eq!(buckets[3], (0.005, 1));
+        assert_eq!(buckets.last().unwrap(), &(f64::INFINITY, 1));
+        assert_eq!(buckets.iter().map(|b| b.1).sum::<u64>(), 3);
+    }
+}

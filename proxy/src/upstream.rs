@@ -1,0 +1,282 @@
+//! Connections to one backend endpoint, reused across requests.
+//!
+//! HTTP/1: a lock-free queue of idle connections. A request takes one (or dials a
+//! new one), and the connection goes back when the response body has been read to
+//! its end; a connection whose body was abandoned is closed instead.
+//! HTTP/2: one shared connection, multiplexing every request; re-dialled when it
+//! closes. Neither path takes a lock per request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use crossbeam_queue::ArrayQueue;
+use http::{Request, Response};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::body::ProxyBody;
+
+/// How long a pooled HTTP/1 connection may take to become ready before it is given up.
+const READY_WAIT: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpVersion {
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub connect_timeout: Duration,
+    /// Idle HTTP/1 connections older than this are not reused (servers close idle
+    /// keep-alive connections; reusing one at that moment fails the request).
+    pub idle_timeout: Duration,
+    pub max_idle_per_endpoint: usize,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+            max_idle_per_endpoint: 512,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("connect: timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("{0} handshake: {1}")]
+    Handshake(&'static str, hyper::Error),
+    #[error("{0}")]
+    Request(hyper::Error),
+}
+
+impl UpstreamError {
+    /// True when nothing reached the endpoint, so the request can go elsewhere.
+    pub fn before_request(&self) -> bool {
+        !matches!(self, UpstreamError::Request(_))
+    }
+}
+
+struct Idle {
+    sender: http1::SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+/// The connections to one endpoint.
+pub struct Upstream {
+    addr: SocketAddr,
+    settings: Arc<UpstreamSettings>,
+    idle: ArrayQueue<Idle>,
+    h2: ArcSwapOption<http2::SendRequest<ProxyBody>>,
+    /// Serialises HTTP/2 dials so a burst of requests opens one connection, not many.
+    h2_dial: tokio::sync::Mutex<()>,
+}
+
+/// A borrowed HTTP/1 connection; see [`Lease::release`].
+pub struct Lease {
+    upstream: Arc<Upstream>,
+    sender: http1::SendRequest<ProxyBody>,
+}
+
+impl Lease {
+    /// Returns the connection to its pool (the response was read to the end).
+    pub fn release(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        let idle = Idle {
+            sender: self.sender,
+            since: Instant::now(),
+        };
+        // A full pool drops (closes) the surplus connection.
+        let _ = self.upstream.idle.push(idle);
+    }
+}
+
+impl Upstream {
+    pub fn new(addr: SocketAddr, settings: Arc<UpstreamSettings>) -> Arc<Self> {
+        Arc::new(Self {
+            addr,
+            idle: ArrayQueue::new(settings.max_idle_per_endpoint.max(1)),
+            settings,
+            h2: ArcSwapOption::empty(),
+            h2_dial: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Idle HTTP/1 connections right now.
+    pub fn idle_connections(&self) -> usize {
+        self.idle.len()
+    }
+
+    /// Sends `req` over HTTP/1 or HTTP/2. On an error before the request was written,
+    /// the request is handed back so it can be sent elsewhere.
+    pub async fn send(
+        self: &Arc<Self>,
+        version: HttpVersion,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, (UpstreamError, Option<Request<ProxyBody>>)> {
+        match version {
+            HttpVersion::Http1 => self.send_http1(req).await,
+            HttpVersion::Http2 => self.send_http2(req).await,
+        }
+    }
+
+    async fn send_http1(
+        self: &Arc<Self>,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, (UpstreamError, Option<Request<ProxyBody>>)> {
+        // A pooled connection may have been closed by the server a moment ago; such a
+        // failure happens before the request is written, so try the next connection.
+        while let Some(mut sender) = self.checkout_idle().await {
+            match sender.try_send_request(req).await {
+                Ok(response) => return Ok(self.pooled_response(response, sender)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err((UpstreamError::Request(e.into_error()), None)),
+                },
+            }
+        }
+        let mut sender = match self.dial_http1().await {
+            Ok(sender) => sender,
+            Err(e) => return Err((e, Some(req))),
+        };
+        match sender.try_send_request(req).await {
+            Ok(response) => Ok(self.pooled_response(response, sender)),
+            Err(mut e) => {
+                let unsent = e.take_message();
+                Err((UpstreamError::Request(e.into_error()), unsent))
+            }
+        }
+    }
+
+    fn pooled_response(
+        self: &Arc<Self>,
+        response: Response<hyper::body::Incoming>,
+        sender: http1::SendRequest<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        let lease = Lease {
+            upstream: self.clone(),
+            sender,
+        };
+        response.map(|body| {
+            if http_body::Body::is_end_stream(&body) {
+                // Nothing left to read (e.g. 204, Content-Length: 0): reusable now.
+                lease.release();
+                ProxyBody::Incoming(body)
+            } else {
+                ProxyBody::Pooled {
+                    body,
+                    lease: Some(lease),
+                }
+            }
+        })
+    }
+
+    async fn checkout_idle(&self) -> Option<http1::SendRequest<ProxyBody>> {
+        while let Some(idle) = self.idle.pop() {
+            if idle.sender.is_closed() || idle.since.elapsed() > self.settings.idle_timeout {
+                continue;
+            }
+            let mut sender = idle.sender;
+            if sender.is_ready() {
+                return Some(sender);
+            }
+            // It may still be finishing the previous exchange (a request body the server
+            // did not read). Wait briefly, never for a request body that may never end.
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    async fn dial(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
+        let stream =
+            tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(self.addr))
+                .await
+                .map_err(|_| UpstreamError::ConnectTimeout(self.settings.connect_timeout))?
+                .map_err(UpstreamError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        Ok(TokioIo::new(stream))
+    }
+
+    async fn dial_http1(&self) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
+        let io = self.dial().await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Handshake("HTTP/1", e))?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%addr, %error, "upstream HTTP/1 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn send_http2(
+        self: &Arc<Self>,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, (UpstreamError, Option<Request<ProxyBody>>)> {
+        let mut sender = match self.http2_sender().await {
+            Ok(sender) => sender,
+            Err(e) => return Err((e, Some(req))),
+        };
+        match sender.try_send_request(req).await {
+            Ok(response) => Ok(response.map(ProxyBody::Incoming)),
+            Err(mut e) => {
+                let unsent = e.take_message();
+                Err((UpstreamError::Request(e.into_error()), unsent))
+            }
+        }
+    }
+
+    async fn http2_sender(&self) -> Result<http2::SendRequest<ProxyBody>, UpstreamError> {
+        if let Some(sender) = self.live_http2() {
+            return Ok(sender);
+        }
+        let _dialing = self.h2_dial.lock().await;
+        // Someone else may have connected while we waited.
+        if let Some(sender) = self.live_http2() {
+            return Ok(sender);
+        }
+        let io = self.dial().await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Handshake("HTTP/2", e))?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%addr, %error, "upstream HTTP/2 connection ended");
+            }
+        });
+        self.h2.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
+    }
+
+    fn live_http2(&self) -> Option<http2::SendRequest<ProxyBody>> {
+        let guard = self.h2.load();
+        let sender = guard.as_ref()?;
+        (!sender.is_closed()).then(|| (**sender).clone())
+    }
+}

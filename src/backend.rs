@@ -1,0 +1,171 @@
+//! `tandem backend`: a tiny HTTP/1.1, HTTP/2 (h2c) and gRPC server that answers with
+//! its name, like one instance of an app. The demo starts two of them; the tests and
+//! the benchmark use it as the upstream.
+//!
+//! - `GET /anything` → 200, body `NAME\n`, header `x-tandem-instance: NAME`
+//! - `POST /echo` → the request body streamed back as it arrives
+//! - `/status/NNN` → an empty response with status NNN
+//! - gRPC `tandem.demo.v1.Greeter` → replies carry `instance: NAME`
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tandem_proto::demo::v1 as demo;
+use tokio::net::TcpListener;
+use tonic::codegen::Service;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackendArgs {
+    /// The name this instance answers with.
+    #[arg(long, default_value = "backend")]
+    pub name: String,
+    /// Where to listen (port 0: any free port; the address is printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Answer every plain HTTP request with this status (e.g. 503 to play a failing instance).
+    #[arg(long, default_value_t = 200)]
+    pub status: u16,
+    /// Do not log each request (for load tests).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+struct Greeter {
+    name: String,
+}
+
+type ReplyStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<demo::HelloReply, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl demo::greeter_server::Greeter for Greeter {
+    async fn say_hello(
+        &self,
+        request: tonic::Request<demo::HelloRequest>,
+    ) -> Result<tonic::Response<demo::HelloReply>, tonic::Status> {
+        let who = request.into_inner().name;
+        Ok(tonic::Response::new(demo::HelloReply {
+            message: format!("hello {who}"),
+            instance: self.name.clone(),
+        }))
+    }
+
+    type SayHelloStreamStream = ReplyStream;
+
+    async fn say_hello_stream(
+        &self,
+        request: tonic::Request<demo::HelloRequest>,
+    ) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
+        let request = request.into_inner();
+        let replies: Vec<Result<demo::HelloReply, tonic::Status>> = (0..request.count)
+            .map(|i| {
+                Ok(demo::HelloReply {
+                    message: format!("hello {} #{i}", request.name),
+                    instance: self.name.clone(),
+                })
+            })
+            .collect();
+        Ok(tonic::Response::new(Box::pin(tokio_stream::iter(replies))))
+    }
+}
+
+type Body = Either<Either<Full<Bytes>, Incoming>, tonic::body::Body>;
+
+struct Backend {
+    args: BackendArgs,
+    grpc: demo::greeter_server::GreeterServer<Greeter>,
+}
+
+impl Backend {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        if !self.args.quiet {
+            eprintln!(
+                "[{}] served {} {} ({:?})",
+                self.args.name,
+                req.method(),
+                req.uri().path(),
+                req.version()
+            );
+        }
+        let grpc = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"));
+        if grpc {
+            let mut grpc = self.grpc.clone();
+            return match grpc.call(req).await {
+                Ok(response) => response.map(Either::Right),
+                Err(never) => match never {},
+            };
+        }
+        let path = req.uri().path();
+        let mut response = if let Some(code) = path.strip_prefix("/status/") {
+            let status = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
+            let mut r = Response::new(Either::Left(Either::Left(Full::new(Bytes::new()))));
+            *r.status_mut() = status.unwrap_or(StatusCode::BAD_REQUEST);
+            r
+        } else if path == "/echo" {
+            Response::new(Either::Left(Either::Right(req.into_body())))
+        } else {
+            let mut r = Response::new(Either::Left(Either::Left(Full::new(Bytes::from(format!(
+                "{}\n",
+                self.args.name
+            ))))));
+            *r.status_mut() =
+                StatusCode::from_u16(self.args.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            r
+        };
+        if let Ok(name) = header::HeaderValue::from_str(&self.args.name) {
+            response.headers_mut().insert("x-tandem-instance", name);
+        }
+        response
+    }
+}
+
+/// Serves until the process is stopped.
+pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    tandem_common::announce::listening(&[("http", addr)]);
+    if !args.quiet {
+        eprintln!("[{}] listening on {addr}", args.name);
+    }
+    let backend = Arc::new(Backend {
+        grpc: demo::greeter_server::GreeterServer::new(Greeter {
+            name: args.name.clone(),
+        }),
+        args,
+    });
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(_) => continue,
+        };
+        let _ = stream.set_nodelay(true);
+        let backend = backend.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let backend = backend.clone();
+                async move { Ok::<_, Infallible>(backend.handle(req).await) }
+            });
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

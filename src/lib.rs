@@ -1,0 +1,8 @@
+//! The `tandem` command: the demo, a small test backend, and the proxy and control
+//! plane as subcommands. The modules are a library so the end-to-end tests in
+//! `tests/` start and talk to processes exactly as the demo does.
+
+pub mod backend;
+pub mod client;
+pub mod demo;
+pub mod process;
