@@ -65,12 +65,11 @@ fn services_yaml(backends: &[Spawned]) -> String {
 async fn wait_ready(admin: std::net::SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if let Ok(mut conn) = Connection::http1(admin).await {
-            if let Ok(reply) = conn.get("localhost", "/ready").await {
-                if reply.status.is_success() {
-                    return Ok(());
-                }
-            }
+        if let Ok(mut conn) = Connection::http1(admin).await
+            && let Ok(reply) = conn.get("localhost", "/ready").await
+            && reply.status.is_success()
+        {
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!("the proxy did not become ready within {START_TIMEOUT:?}");

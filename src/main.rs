@@ -15,9 +15,9 @@ enum Command {
     /// A tiny HTTP/1.1, HTTP/2 and gRPC server that answers with its name.
     Backend(tandem::backend::BackendArgs),
     /// Run the proxy (the same as the tandem-proxy binary).
-    Proxy(tandem_proxy::Args),
+    Proxy(Box<tandem_proxy::Args>),
     /// Run the control plane (the same as the tandem-control-plane binary).
-    ControlPlane(tandem_control_plane::Args),
+    ControlPlane(Box<tandem_control_plane::Args>),
 }
 
 fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
@@ -33,12 +33,12 @@ fn main() -> anyhow::Result<()> {
             current_thread()?.block_on(tandem::demo::run(args, &exe))
         }
         Command::Backend(args) => current_thread()?.block_on(tandem::backend::run(args)),
-        Command::Proxy(args) => Ok(tandem_proxy::run_blocking(args)?),
+        Command::Proxy(args) => Ok(tandem_proxy::run_blocking(*args)?),
         Command::ControlPlane(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            Ok(runtime.block_on(tandem_control_plane::run(args))?)
+            Ok(runtime.block_on(tandem_control_plane::run(*args))?)
         }
     }
 }

@@ -9,6 +9,7 @@ use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -19,6 +20,16 @@ pub struct Spawned {
     pub name: String,
     pub child: Child,
     pub addrs: BTreeMap<String, SocketAddr>,
+    /// Everything the process wrote to stderr so far, when it was started with
+    /// [`Options::capture_stderr`] (it is still echoed to our stderr).
+    pub log: Option<Arc<Mutex<String>>>,
+}
+
+/// How to start a process.
+#[derive(Debug, Clone, Default)]
+pub struct Options<'a> {
+    pub envs: Vec<(&'a str, &'a str)>,
+    pub capture_stderr: bool,
 }
 
 impl Spawned {
@@ -42,6 +53,14 @@ impl Spawned {
         let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
     }
 
+    /// What the process logged so far (empty unless stderr was captured).
+    pub fn log_text(&self) -> String {
+        self.log
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .unwrap_or_default()
+    }
+
     /// True while the process has not exited.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -61,19 +80,56 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    let options = Options {
+        envs: envs.to_vec(),
+        capture_stderr: false,
+    };
+    spawn_with(name, exe, args, &options, timeout).await
+}
+
+/// [`spawn`] with more [`Options`].
+pub async fn spawn_with<I, S>(
+    name: &str,
+    exe: &Path,
+    args: I,
+    options: &Options<'_>,
+    timeout: Duration,
+) -> anyhow::Result<Spawned>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
     let mut command = Command::new(exe);
     command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(if options.capture_stderr {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        })
         .kill_on_drop(true);
-    for (k, v) in envs {
+    for (k, v) in &options.envs {
         command.env(k, v);
     }
     let mut child = command
         .spawn()
         .with_context(|| format!("cannot start {name} ({})", exe.display()))?;
+    let log = child.stderr.take().map(|stderr| {
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("{line}");
+                let mut log = sink.lock().unwrap_or_else(|e| e.into_inner());
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        log
+    });
     let stdout = child.stdout.take().context("no stdout pipe")?;
     let mut lines = BufReader::new(stdout).lines();
     let announced = tokio::time::timeout(timeout, async {
@@ -102,5 +158,6 @@ where
         name: name.to_string(),
         child,
         addrs,
+        log,
     })
 }

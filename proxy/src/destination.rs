@@ -181,12 +181,15 @@ impl Destination {
     }
 }
 
+/// Starts resolving a destination that was just created.
+type OnNew = Box<dyn Fn(&Arc<Destination>) + Send + Sync>;
+
 /// The destinations the proxy has been asked for, created on first use.
 pub struct Destinations {
     map: ArcSwap<HashMap<Box<str>, Arc<Destination>>>,
     create: Mutex<()>,
     max: usize,
-    on_new: Box<dyn Fn(&Arc<Destination>) + Send + Sync>,
+    on_new: OnNew,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -147,13 +147,12 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, not the
 /// message, and HTTP/2 forbids them. `te: trailers` stays: gRPC needs it end to end.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(connection) = headers.remove(header::CONNECTION) {
-        if let Ok(listed) = connection.to_str() {
-            for name in listed.split(',') {
-                let name = name.trim();
-                if !name.eq_ignore_ascii_case("te") && !name.is_empty() {
-                    headers.remove(name);
-                }
+    if let Some(connection) = headers.remove(header::CONNECTION)
+        && let Ok(listed) = connection.to_str()
+    {
+        for name in listed.split(',').map(str::trim) {
+            if !name.eq_ignore_ascii_case("te") && !name.is_empty() {
+                headers.remove(name);
             }
         }
     }
@@ -178,10 +177,10 @@ fn adapt(req: &mut Request<ProxyBody>, to: HttpVersion) {
             *req.version_mut() = Version::HTTP_11;
             if let Some(authority) = req.uri().authority() {
                 // HTTP/1 servers expect origin-form (`/path?query`) and a Host header.
-                if !req.headers().contains_key(header::HOST) {
-                    if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                        req.headers_mut().insert(header::HOST, host);
-                    }
+                if !req.headers().contains_key(header::HOST)
+                    && let Ok(host) = HeaderValue::from_str(authority.as_str())
+                {
+                    req.headers_mut().insert(header::HOST, host);
                 }
                 let origin = req
                     .uri()
@@ -290,14 +289,13 @@ impl Forwarder {
             let error = match &*resolution {
                 Resolution::Ready(set) => return Ok((destination, set.clone())),
                 Resolution::Unknown(message) => {
-                    if !followed_default {
-                        if let Some(default) = self.default_destination() {
-                            if default.name() != destination.name() {
-                                followed_default = true;
-                                destination = default;
-                                continue;
-                            }
-                        }
+                    if !followed_default
+                        && let Some(default) = self.default_destination()
+                        && default.name() != destination.name()
+                    {
+                        followed_default = true;
+                        destination = default;
+                        continue;
                     }
                     ProxyError::new(
                         ProxyErrorKind::UnknownDestination,

@@ -1,0 +1,197 @@
+//! Editing the services file while traffic flows: additions reach the proxy within a
+//! second, removals stop traffic, no client request fails, bad edits change nothing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tandem::client::Connection;
+use tokio::sync::Mutex;
+
+use crate::support::*;
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// Who answered each request of a steady load, and every failure.
+#[derive(Default)]
+struct Observed {
+    answers: Vec<(Instant, String)>,
+    failures: Vec<String>,
+}
+
+/// Starts `clients` connections sending GETs back to back until `stop` is set.
+fn steady_load(
+    proxy: SocketAddr,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+    observed: Arc<Mutex<Observed>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..clients)
+        .map(|_| {
+            let stop = stop.clone();
+            let observed = observed.clone();
+            tokio::spawn(async move {
+                let mut conn = Connection::http1(proxy).await.expect("connect");
+                // Bounded in count as well as by the stop flag.
+                for _ in 0..200_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let result = conn.get("web", "/").await;
+                    let mut o = observed.lock().await;
+                    match result {
+                        Ok(r) if r.status.is_success() => o
+                            .answers
+                            .push((Instant::now(), r.instance().unwrap_or("?").to_string())),
+                        Ok(r) => o.failures.push(format!("{} {}", r.status, r.text())),
+                        Err(e) => o.failures.push(format!("{e:#}")),
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn edits_reach_the_proxy_within_a_second_without_failing_requests() {
+    bounded(LIMIT, async {
+        let mesh = Mesh::start("edits", &[1, 1]).await;
+        let third = backend("instance-3").await;
+        let addr = |i: usize| mesh.backends[i].addr("http");
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let observed = Arc::new(Mutex::new(Observed::default()));
+        let load = steady_load(mesh.proxy_addr(), 4, stop.clone(), observed.clone());
+        eventually(Duration::from_secs(10), "load to flow", || {
+            let observed = observed.clone();
+            async move { (observed.lock().await.answers.len() > 50).then_some(()) }
+        })
+        .await;
+
+        // Add instance-3.
+        let added_at = Instant::now();
+        replace_file(
+            &mesh.file,
+            &services_yaml(
+                "web",
+                80,
+                &[(addr(0), 1), (addr(1), 1), (third.addr("http"), 1)],
+            ),
+        );
+        let first_hit = eventually(Duration::from_secs(5), "instance-3 to get traffic", || {
+            let observed = observed.clone();
+            async move {
+                let o = observed.lock().await;
+                o.answers
+                    .iter()
+                    .find(|(at, who)| *at >= added_at && who == "instance-3")
+                    .map(|(at, _)| *at)
+            }
+        })
+        .await;
+        let delay = first_hit - added_at;
+        assert!(
+            delay < Duration::from_secs(1),
+            "the new endpoint got its first request after {delay:?}"
+        );
+
+        // Remove instance-1.
+        replace_file(
+            &mesh.file,
+            &services_yaml("web", 80, &[(addr(1), 1), (third.addr("http"), 1)]),
+        );
+        let admin = mesh.proxy.addr("admin");
+        let gone = addr(0).to_string();
+        eventually(
+            Duration::from_secs(5),
+            "the proxy to drop instance-1",
+            || {
+                let gone = gone.clone();
+                async move { (!admin_get(admin, "/config").await.contains(&gone)).then_some(()) }
+            },
+        )
+        .await;
+        let removed_at = Instant::now();
+        let mut conn = mesh.connect().await;
+        let after = instances(&mut conn, "web", 100).await;
+        assert!(
+            !after.contains(&"instance-1".to_string()),
+            "{:?}",
+            counts(&after)
+        );
+        assert_eq!(counts(&after).len(), 2);
+
+        stop.store(true, Ordering::Relaxed);
+        for task in load {
+            task.await.unwrap();
+        }
+        let o = observed.lock().await;
+        assert!(
+            o.failures.is_empty(),
+            "requests failed during the edits: {:?}",
+            o.failures
+        );
+        let late = o
+            .answers
+            .iter()
+            .filter(|(at, who)| *at > removed_at + Duration::from_millis(50) && who == "instance-1")
+            .count();
+        assert_eq!(
+            late, 0,
+            "instance-1 kept getting requests after its removal"
+        );
+        assert!(o.answers.len() > 100);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_malformed_edit_is_reported_with_its_line_and_changes_nothing() {
+    bounded(LIMIT, async {
+        let mesh = Mesh::start("malformed", &[1, 1]).await;
+        let a = mesh.backends[0].addr("http");
+        let b = mesh.backends[1].addr("http");
+        // Line 7 has a broken address.
+        replace_file(
+            &mesh.file,
+            &format!(
+                "services:\n  - name: web\n    namespace: default\n    port: 80\n    endpoints:\n      - {{address: \"{a}\"}}\n      - {{address: \"127.0.0.1:not-a-port\"}}\n"
+            ),
+        );
+        eventually(Duration::from_secs(5), "the control plane to log the rejected edit", || async {
+            let log = mesh.control_plane.log_text();
+            log.lines()
+                .find(|l| l.contains("rejected an edit") && l.contains("line 7") && l.contains("invalid socket address"))
+                .map(|_| ())
+        })
+        .await;
+        let cp_metrics = admin_get(mesh.control_plane.addr("admin"), "/metrics").await;
+        assert!(cp_metrics.contains("tandem_control_plane_source_up 0"), "{cp_metrics}");
+
+        // The proxy still balances over the last good set.
+        let mut conn = mesh.connect().await;
+        let seen = instances(&mut conn, "web", 10).await;
+        assert_eq!(counts(&seen).len(), 2, "{seen:?}");
+
+        // Fixing the file resumes updates.
+        replace_file(&mesh.file, &services_yaml("web", 80, &[(b, 1)]));
+        eventually(Duration::from_secs(5), "the fixed file to apply", || {
+            let proxy = mesh.proxy_addr();
+            async move {
+                let mut c = Connection::http1(proxy).await.ok()?;
+                let seen = instances(&mut c, "web", 4).await;
+                seen.iter().all(|i| i == "instance-2").then_some(())
+            }
+        })
+        .await;
+        let rejected_once = mesh
+            .control_plane
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("rejected an edit"))
+            .count();
+        assert_eq!(rejected_once, 1, "one bad edit is logged once");
+    })
+    .await
+}

@@ -1,0 +1,166 @@
+//! What a client sees when there is nothing to send its request to, and the admin
+//! endpoints an operator uses.
+
+use std::time::{Duration, Instant};
+
+use tandem::client::Connection;
+use tandem_proto::demo::v1 as demo;
+
+use crate::support::*;
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+#[tokio::test]
+async fn unknown_destination_and_empty_service_are_told_apart() {
+    bounded(LIMIT, async {
+        let dir = TestDir::new("errors");
+        let live = backend("instance-1").await;
+        let file = dir.path("services.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "services:\n  - name: empty\n    port: 80\n    endpoints: []\n  - name: draining\n    port: 80\n    endpoints:\n      - {{address: \"{}\", health: draining}}\n",
+                live.addr("http")
+            ),
+        )
+        .unwrap();
+        let cp = control_plane(&file).await;
+        let proxy = proxy(cp.addr("discovery"), &[]).await;
+        let mut conn = Connection::http1(proxy.addr("proxy")).await.unwrap();
+
+        let reply = conn.get("nope.default", "/").await.unwrap();
+        assert_eq!(reply.status, 404);
+        assert!(reply.text().contains("nope.default:80"), "{}", reply.text());
+        assert_eq!(reply.headers["x-tandem-error"], "unknown_destination");
+
+        let start = Instant::now();
+        let reply = conn.get("empty", "/").await.unwrap();
+        assert_eq!(reply.status, 503);
+        assert!(reply.text().contains("has no endpoints"), "{}", reply.text());
+        assert!(start.elapsed() < Duration::from_secs(1), "503 must come at once");
+        let start = Instant::now();
+        let reply = conn.get("empty", "/").await.unwrap();
+        assert_eq!(reply.status, 503);
+        assert!(start.elapsed() < Duration::from_millis(200), "and stay immediate");
+
+        let reply = conn.get("draining", "/").await.unwrap();
+        assert_eq!(reply.status, 503);
+        assert!(reply.text().contains("no healthy endpoints"), "{}", reply.text());
+
+        // gRPC callers get a gRPC status, not an HTML-ish page.
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.addr("proxy")))
+            .unwrap()
+            .origin("http://nope:80".parse().unwrap())
+            .connect()
+            .await
+            .unwrap();
+        let status = demo::greeter_client::GreeterClient::new(channel)
+            .say_hello(demo::HelloRequest::default())
+            .await
+            .expect_err("unknown destination");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("nope:80"), "{}", status.message());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn unreachable_endpoint_is_skipped_before_the_request_is_sent() {
+    bounded(LIMIT, async {
+        let dir = TestDir::new("dead-endpoint");
+        let live = backend("instance-1").await;
+        // A port nothing listens on: bind, note it, close.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let file = dir.path("services.yaml");
+        std::fs::write(
+            &file,
+            services_yaml("web", 80, &[(live.addr("http"), 1), (dead, 1)]),
+        )
+        .unwrap();
+        let cp = control_plane(&file).await;
+        let proxy = proxy(cp.addr("discovery"), &[]).await;
+        let mut conn = Connection::http1(proxy.addr("proxy")).await.unwrap();
+        let seen = instances(&mut conn, "web", 20).await;
+        assert!(seen.iter().all(|i| i == "instance-1"), "{seen:?}");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn admin_endpoints_report_liveness_readiness_and_metrics() {
+    bounded(LIMIT, async {
+        let mesh = Mesh::start("admin", &[1, 1]).await;
+        let admin = mesh.proxy.addr("admin");
+        let mut conn = mesh.connect().await;
+        instances(&mut conn, "web", 10).await;
+        assert_eq!(admin_get(admin, "/live").await, "live\n");
+        assert_eq!(admin_get(admin, "/ready").await, "ready\n");
+        let metrics = admin_get(admin, "/metrics").await;
+        for backend in &mesh.backends {
+            let line = format!(
+                "tandem_proxy_requests_total{{direction=\"outbound\",destination=\"web:80\",backend=\"{}\",status_code=\"200\"}} 5",
+                backend.addr("http")
+            );
+            assert!(metrics.contains(&line), "missing {line} in\n{metrics}");
+        }
+        assert!(metrics.contains("tandem_proxy_response_latency_seconds_bucket{"), "{metrics}");
+        assert!(metrics.contains("tandem_proxy_response_latency_seconds_count{direction=\"outbound\",destination=\"web:80\""));
+        assert!(metrics.contains("process_resident_memory_bytes"));
+        let config: serde_json::Value = serde_json::from_str(&admin_get(admin, "/config").await).unwrap();
+        let web = &config["destinations"][0];
+        assert_eq!(web["name"], "web:80");
+        assert_eq!(web["service"], "web.default.svc.cluster.local:80");
+        assert_eq!(web["endpoints"].as_array().unwrap().len(), 2);
+
+        let cp_metrics = admin_get(mesh.control_plane.addr("admin"), "/metrics").await;
+        assert!(cp_metrics.contains("tandem_control_plane_connected_proxies 1"), "{cp_metrics}");
+        assert!(cp_metrics.contains("tandem_control_plane_services 1"));
+        assert!(cp_metrics.contains("tandem_control_plane_endpoints 2"));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn proxy_is_not_ready_until_the_control_plane_answers() {
+    bounded(LIMIT, async {
+        // A control plane address where nothing listens yet.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let proxy = tandem::process::spawn_with(
+            "proxy",
+            exe(),
+            [
+                "proxy",
+                "--control-plane",
+                &port.to_string(),
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ],
+            &tandem::process::Options::default(),
+            START,
+        )
+        .await
+        .unwrap();
+        let admin = proxy.addr("admin");
+        let mut conn = Connection::http1(admin).await.unwrap();
+        let reply = conn.get("localhost", "/ready").await.unwrap();
+        assert_eq!(reply.status, 503);
+        assert!(reply.text().starts_with("not ready"), "{}", reply.text());
+        assert_eq!(conn.get("localhost", "/live").await.unwrap().status, 200);
+
+        // Now start the control plane on that port: the proxy becomes ready by itself.
+        let dir = TestDir::new("ready");
+        let file = dir.path("services.yaml");
+        std::fs::write(&file, "services: []\n").unwrap();
+        let _cp = control_plane_on(&file, &port.to_string()).await;
+        wait_ready(admin).await;
+    })
+    .await
+}

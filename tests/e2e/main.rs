@@ -1,0 +1,12 @@
+//! End-to-end tests: real `tandem` processes (control plane, proxies, backends) on
+//! loopback, driven the way a user would drive them. One test binary, so the
+//! workspace links once.
+
+mod balancing;
+mod control_plane_restart;
+mod demo;
+mod discovery_updates;
+mod errors;
+mod streaming;
+mod support;
+mod tls;

@@ -1,0 +1,280 @@
+//! Shared helpers for the end-to-end tests: real `tandem` processes on loopback,
+//! ports from the OS, polling with deadlines (never sleeping to synchronise).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tandem::client::Connection;
+use tandem::process::{Options, Spawned, spawn_with};
+
+pub const START: Duration = Duration::from_secs(30);
+
+pub fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_tandem"))
+}
+
+/// Runs a test body with an overall deadline, so no test can hang CI.
+pub async fn bounded<F: Future<Output = ()>>(limit: Duration, body: F) {
+    tokio::time::timeout(limit, body)
+        .await
+        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"));
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A scratch directory removed when dropped.
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    pub fn new(name: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tandem-test-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create test dir");
+        Self(dir)
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Replaces a file the way editors and ConfigMap updates do: write aside, rename over.
+pub fn replace_file(path: &Path, content: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).expect("write temp file");
+    std::fs::rename(&tmp, path).expect("rename over file");
+}
+
+async fn start(name: &str, args: &[&str], capture: bool) -> Spawned {
+    let options = Options {
+        envs: vec![("RUST_LOG", "info")],
+        capture_stderr: capture,
+    };
+    spawn_with(name, exe(), args, &options, START)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+pub async fn backend(name: &str) -> Spawned {
+    backend_with(name, &[]).await
+}
+
+pub async fn backend_with(name: &str, extra: &[&str]) -> Spawned {
+    let mut args = vec![
+        "backend",
+        "--name",
+        name,
+        "--listen",
+        "127.0.0.1:0",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    start(name, &args, false).await
+}
+
+pub async fn control_plane(file: &Path) -> Spawned {
+    control_plane_on(file, "127.0.0.1:0").await
+}
+
+pub async fn control_plane_on(file: &Path, listen: &str) -> Spawned {
+    let source = format!("file:{}", file.display());
+    start(
+        "control-plane",
+        &[
+            "control-plane",
+            "--source",
+            &source,
+            "--listen",
+            listen,
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        true,
+    )
+    .await
+}
+
+/// A proxy on the control plane at `discovery`, ready (it has heard from the control plane).
+pub async fn proxy(discovery: SocketAddr, extra: &[&str]) -> Spawned {
+    let discovery = discovery.to_string();
+    let mut args = vec![
+        "proxy",
+        "--control-plane",
+        &discovery,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    let proxy = start("proxy", &args, true).await;
+    wait_ready(proxy.addr("admin")).await;
+    proxy
+}
+
+/// A proxy with static backends (no control plane).
+pub async fn static_proxy(backends: &[SocketAddr], extra: &[&str]) -> Spawned {
+    let list = backends
+        .iter()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut args = vec![
+        "proxy",
+        "--backends",
+        &list,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    let proxy = start("proxy", &args, true).await;
+    wait_ready(proxy.addr("admin")).await;
+    proxy
+}
+
+pub async fn wait_ready(admin: SocketAddr) {
+    eventually(START, "the proxy to be ready", || async move {
+        let mut conn = Connection::http1(admin).await.ok()?;
+        let reply = conn.get("localhost", "/ready").await.ok()?;
+        reply.status.is_success().then_some(())
+    })
+    .await
+}
+
+/// GET `path` from an admin port.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> String {
+    let mut conn = Connection::http1(admin).await.expect("connect admin");
+    conn.get("localhost", path)
+        .await
+        .expect("admin request")
+        .text()
+}
+
+/// A services file with one service `name` (namespace default) on `port` and these
+/// `(address, weight)` endpoints.
+pub fn services_yaml(name: &str, port: u16, endpoints: &[(SocketAddr, u32)]) -> String {
+    let mut yaml = format!(
+        "services:\n  - name: {name}\n    namespace: default\n    port: {port}\n    endpoints:\n"
+    );
+    if endpoints.is_empty() {
+        yaml = format!(
+            "services:\n  - name: {name}\n    namespace: default\n    port: {port}\n    endpoints: []\n"
+        );
+    }
+    for (addr, weight) in endpoints {
+        yaml.push_str(&format!(
+            "      - {{address: \"{addr}\", weight: {weight}}}\n"
+        ));
+    }
+    yaml
+}
+
+/// Sends `n` sequential GETs over `conn` and returns who answered each (panics on failure).
+pub async fn instances(conn: &mut Connection, authority: &str, n: usize) -> Vec<String> {
+    let mut seen = Vec::with_capacity(n);
+    for i in 0..n {
+        let reply = conn
+            .get(authority, "/")
+            .await
+            .expect("request through the proxy");
+        assert!(
+            reply.status.is_success(),
+            "request {i}: {} {}",
+            reply.status,
+            reply.text()
+        );
+        seen.push(reply.instance().expect("x-tandem-instance").to_string());
+    }
+    seen
+}
+
+pub fn counts(seen: &[String]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for s in seen {
+        *counts.entry(s.clone()).or_default() += 1;
+    }
+    counts
+}
+
+/// A mesh for one test: backends, a services file, a control plane and a proxy.
+pub struct Mesh {
+    pub _dir: TestDir,
+    pub file: PathBuf,
+    pub backends: Vec<Spawned>,
+    pub control_plane: Spawned,
+    pub proxy: Spawned,
+}
+
+impl Mesh {
+    /// `weights[i]` is the weight of backend `instance-{i+1}` in service `web` port 80.
+    pub async fn start(test: &str, weights: &[u32]) -> Self {
+        let dir = TestDir::new(test);
+        let mut backends = Vec::new();
+        for i in 0..weights.len() {
+            backends.push(backend(&format!("instance-{}", i + 1)).await);
+        }
+        let endpoints: Vec<(SocketAddr, u32)> = backends
+            .iter()
+            .zip(weights)
+            .map(|(b, w)| (b.addr("http"), *w))
+            .collect();
+        let file = dir.path("services.yaml");
+        std::fs::write(&file, services_yaml("web", 80, &endpoints)).expect("write services");
+        let control_plane = control_plane(&file).await;
+        let proxy = proxy(control_plane.addr("discovery"), &[]).await;
+        Self {
+            _dir: dir,
+            file,
+            backends,
+            control_plane,
+            proxy,
+        }
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy.addr("proxy")
+    }
+
+    pub async fn connect(&self) -> Connection {
+        Connection::http1(self.proxy_addr())
+            .await
+            .expect("connect to the proxy")
+    }
+}
