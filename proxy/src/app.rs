@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 
 use crate::destination::{Backend, BackendConn, BackendSet, Destination, Destinations, Resolution};
 use crate::discovery::{DiscoveryClient, ProxyLocality, control_plane_endpoint};
-use crate::endpoint::{EndpointMeta, Locality};
+use crate::endpoint::{EndpointMeta, Locality, Protocol};
 use crate::forward::{Forwarder, Router};
 use crate::inspect::Inspector;
 use crate::metrics::ProxyMetrics;
@@ -29,6 +29,17 @@ const DESTINATION_IDLE: Duration = Duration::from_secs(600);
 
 fn duration(s: &str) -> Result<Duration, String> {
     tandem_common::duration::parse(s)
+}
+
+fn parse_protocol(s: &str) -> Result<Protocol, String> {
+    match s {
+        "auto" => Ok(Protocol::Unspecified),
+        "http1" => Ok(Protocol::Http1),
+        "http2" => Ok(Protocol::Http2),
+        other => Err(format!(
+            "unknown protocol {other:?}: use auto, http1 or http2"
+        )),
+    }
 }
 
 fn default_threads() -> usize {
@@ -52,6 +63,9 @@ pub struct Args {
     /// Static backends, no control plane: HOST:PORT,HOST:PORT (every request goes to them).
     #[arg(long, value_delimiter = ',', conflicts_with = "control_plane")]
     pub backends: Vec<String>,
+    /// With --backends: the protocol spoken to them (auto: HTTP/1.1, and HTTP/2 for gRPC).
+    #[arg(long, default_value = "auto", value_parser = parse_protocol, requires = "backends")]
+    pub backend_protocol: Protocol,
     /// Where requests for destinations the control plane does not know go (e.g. web.default:80).
     #[arg(long, requires = "control_plane")]
     pub default_destination: Option<String>,
@@ -82,6 +96,9 @@ pub struct Args {
     /// How long a request waits for a new destination's first discovery answer.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub discovery_timeout: Duration,
+    /// A client connection that moves no byte for this long is closed.
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    pub idle_timeout: Duration,
     /// How long open connections may finish after a shutdown signal.
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
@@ -154,6 +171,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
     tandem_common::logging::init(args.log_format);
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();
+    tokio::spawn(crate::clock::run());
 
     let metrics = Arc::new(ProxyMetrics::default());
     let upstream = Arc::new(UpstreamSettings {
@@ -171,7 +189,10 @@ pub async fn run(args: Args) -> Result<(), Error> {
                 .map(|addr| {
                     let conn = BackendConn::new(*addr, &upstream);
                     Backend {
-                        meta: EndpointMeta::static_backend(*addr),
+                        meta: EndpointMeta {
+                            protocol: args.backend_protocol,
+                            ..EndpointMeta::static_backend(*addr)
+                        },
                         upstream: conn.upstream,
                         stats: conn.stats,
                     }
@@ -266,6 +287,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         metrics,
         shutdown: shutdown.clone(),
         grace: args.shutdown_grace,
+        idle_timeout: args.idle_timeout,
     });
     tracing::info!(
         proxy = %proxy_addr,

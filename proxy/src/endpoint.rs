@@ -45,7 +45,7 @@ impl Locality {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
-    /// Speak to the endpoint as the client spoke to us.
+    /// Unknown: HTTP/1.1, which every HTTP server speaks, or HTTP/2 for gRPC.
     #[default]
     Unspecified,
     Http1,
@@ -54,14 +54,15 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    /// The HTTP version for a request that arrived as `client` (gRPC needs HTTP/2).
+    /// The HTTP version to speak to the endpoint. Without a hint, HTTP/1.1: a browser
+    /// that negotiated h2 with us must still reach an app that only speaks HTTP/1.1.
+    /// gRPC always needs HTTP/2.
     #[inline]
-    pub fn version_for(self, client: HttpVersion, grpc: bool) -> HttpVersion {
+    pub fn version_for(self, grpc: bool) -> HttpVersion {
         match self {
-            Protocol::Http1 if !grpc => HttpVersion::Http1,
             Protocol::Http2 => HttpVersion::Http2,
             _ if grpc => HttpVersion::Http2,
-            _ => client,
+            _ => HttpVersion::Http1,
         }
     }
 }
@@ -147,13 +148,20 @@ mod tests {
     }
 
     #[test]
-    fn grpc_always_gets_http2() {
+    fn upstream_versions() {
         use HttpVersion::*;
-        assert_eq!(Protocol::Unspecified.version_for(Http1, false), Http1);
-        assert_eq!(Protocol::Unspecified.version_for(Http2, false), Http2);
-        assert_eq!(Protocol::Http1.version_for(Http2, false), Http1);
-        assert_eq!(Protocol::Http1.version_for(Http2, true), Http2);
-        assert_eq!(Protocol::Http2.version_for(Http1, false), Http2);
+        assert_eq!(Protocol::Unspecified.version_for(false), Http1);
+        assert_eq!(
+            Protocol::Unspecified.version_for(true),
+            Http2,
+            "gRPC needs HTTP/2"
+        );
+        assert_eq!(
+            Protocol::Http1.version_for(true),
+            Http2,
+            "even against the hint"
+        );
+        assert_eq!(Protocol::Http2.version_for(false), Http2);
     }
 
     #[test]

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 
 use crate::balancer::PickError;
 use crate::body::ProxyBody;
@@ -144,9 +143,24 @@ pub fn normalize_name<'b>(authority: &str, buf: &'b mut [u8; 256]) -> Option<&'b
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Whether `name` only describes one connection and must not be forwarded.
+#[inline]
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, not the
 /// message, and HTTP/2 forbids them. `te: trailers` stays: gRPC needs it end to end.
+/// Most messages carry none, so one pass over the names decides whether to look closer.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(connection) = headers.remove(header::CONNECTION)
         && let Ok(listed) = connection.to_str()
     {
@@ -282,6 +296,17 @@ impl Forwarder {
         &self,
         destination: &Arc<Destination>,
     ) -> Result<(Arc<Destination>, Arc<crate::destination::BackendSet>), ProxyError> {
+        // The common case, without touching the (larger) waiting future.
+        if let Resolution::Ready(set) = &**destination.resolution() {
+            return Ok((destination.clone(), set.clone()));
+        }
+        Box::pin(self.resolve_slowly(destination)).await
+    }
+
+    async fn resolve_slowly(
+        &self,
+        destination: &Arc<Destination>,
+    ) -> Result<(Arc<Destination>, Arc<crate::destination::BackendSet>), ProxyError> {
         let mut destination = destination.clone();
         let mut followed_default = false;
         loop {
@@ -327,7 +352,11 @@ impl Forwarder {
     }
 
     /// Handles one request (one HTTP/2 stream); never fails: errors become responses.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    /// Generic over the body so tests can drive it without a socket.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody>
+    where
+        ProxyBody: From<B>,
+    {
         let start = Instant::now();
         let grpc = is_grpc(&req);
         let client_version = if req.version() == Version::HTTP_2 {
@@ -338,8 +367,7 @@ impl Forwarder {
         let result = match self.route(&req) {
             Ok(destination) => {
                 destination.touch(start);
-                self.forward(&destination, req, start, grpc, client_version)
-                    .await
+                self.forward(&destination, req, start, grpc).await
             }
             Err(error) => Err(error),
         };
@@ -352,16 +380,18 @@ impl Forwarder {
         response
     }
 
-    async fn forward(
+    async fn forward<B>(
         &self,
         destination: &Arc<Destination>,
-        req: Request<Incoming>,
+        req: Request<B>,
         start: Instant,
         grpc: bool,
-        client_version: HttpVersion,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        ProxyBody: From<B>,
+    {
         let (destination, set) = self.backends(destination).await?;
-        let mut req = req.map(ProxyBody::Incoming);
+        let mut req = req.map(ProxyBody::from);
         strip_hop_by_hop(req.headers_mut());
         let mut attempt = 0;
         loop {
@@ -383,7 +413,7 @@ impl Forwarder {
                 destination.stats.error(kind);
                 ProxyError::new(kind, StatusCode::SERVICE_UNAVAILABLE, message)
             })?;
-            let version = backend.meta.protocol.version_for(client_version, grpc);
+            let version = backend.meta.protocol.version_for(grpc);
             adapt(&mut req, version);
             match backend.upstream.send(version, req).await {
                 Ok(mut response) => {
@@ -392,7 +422,8 @@ impl Forwarder {
                     strip_hop_by_hop(response.headers_mut());
                     return Ok(response);
                 }
-                Err((error, unsent)) => {
+                Err(failure) => {
+                    let crate::upstream::SendError { error, unsent } = *failure;
                     backend.stats.failures.fetch_add(1, Ordering::Relaxed);
                     let retry = error.before_request()
                         && attempt < self.max_attempts
@@ -459,6 +490,20 @@ mod tests {
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(h.contains_key("x-app") && h.contains_key(header::TE));
+
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        assert!(
+            !h.contains_key(header::TE),
+            "only te: trailers is forwarded"
+        );
+
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "end-to-end headers are untouched");
     }
 
     #[test]

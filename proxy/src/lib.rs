@@ -9,10 +9,12 @@
 pub mod app;
 pub mod balancer;
 pub mod body;
+pub mod clock;
 pub mod destination;
 pub mod discovery;
 pub mod endpoint;
 pub mod forward;
+pub mod idle;
 pub mod inspect;
 pub mod metrics;
 pub mod server;

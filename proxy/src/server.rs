@@ -10,17 +10,16 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tandem_common::Shutdown;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::forward::Forwarder;
+use crate::idle::{Activity, Managed, OpenConnections, Tracked};
 use crate::metrics::{ProxyMetrics, ResultLabel};
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
@@ -41,10 +40,18 @@ pub struct Server {
     pub metrics: Arc<ProxyMetrics>,
     pub shutdown: Shutdown,
     pub grace: Duration,
+    /// A client connection that moves no byte for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 /// Connection settings, built once: plain connections detect the version from the
 /// first bytes (`auto`); TLS connections know it from ALPN.
+///
+/// HTTP/1 has no header-read timer: hyper would re-arm a runtime timer on every
+/// request of a keep-alive connection; the idle watchdog ([`Managed`]) covers quiet
+/// and stalled clients without any per-request cost. Small messages are written with
+/// one `write` rather than a `writev` of head and body (`writev(false)`): cheaper for
+/// the kernel on the sizes a proxy mostly sees.
 struct Builders {
     auto: auto::Builder<TokioExecutor>,
     http1: http1::Builder,
@@ -54,19 +61,13 @@ struct Builders {
 impl Builders {
     fn new() -> Self {
         let mut auto = auto::Builder::new(TokioExecutor::new());
-        auto.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .keep_alive(true);
+        auto.http1().writev(false).keep_alive(true);
         auto.http2()
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEP_ALIVE_INTERVAL)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
         let mut http1 = http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .keep_alive(true);
+        http1.writev(false).keep_alive(true);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
@@ -79,7 +80,7 @@ impl Builders {
 impl Server {
     /// Accepts until shutdown, then lets open connections finish for up to `grace`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let graceful = GracefulShutdown::new();
+        let open = Arc::new(OpenConnections::default());
         let builders = Arc::new(Builders::new());
         loop {
             let (stream, peer) = tokio::select! {
@@ -97,18 +98,19 @@ impl Server {
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let builders = builders.clone();
-            let watcher = graceful.watcher();
+            let guard = open.open();
             tokio::spawn(async move {
                 this.metrics.connections.inc();
                 this.metrics.open_connections.inc();
-                this.connection(stream, &builders, watcher).await;
+                this.connection(stream, &builders).await;
                 this.metrics.open_connections.dec();
+                drop(guard);
                 tracing::trace!(%peer, "connection closed");
             });
         }
         drop(listener);
         tracing::info!(grace = ?self.grace, "draining open connections");
-        if tokio::time::timeout(self.grace, graceful.shutdown())
+        if tokio::time::timeout(self.grace, open.all_closed())
             .await
             .is_err()
         {
@@ -116,17 +118,21 @@ impl Server {
         }
     }
 
-    async fn connection(&self, stream: TcpStream, builders: &Builders, watcher: Watcher) {
+    fn managed<C>(&self, conn: C, activity: Arc<Activity>) -> Managed<C> {
+        Managed::new(conn, activity, self.idle_timeout, self.shutdown.clone())
+    }
+
+    async fn connection(&self, stream: TcpStream, builders: &Builders) {
         let forwarder = self.forwarder.clone();
         let service = service_fn(move |req| {
             let forwarder = forwarder.clone();
             async move { Ok::<_, Infallible>(forwarder.handle(req).await) }
         });
+        let activity = Activity::new();
         let Some(acceptor) = &self.tls else {
-            let conn = builders
-                .auto
-                .serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(error) = watcher.watch(conn.into_owned()).await {
+            let io = TokioIo::new(Tracked::new(stream, activity.clone()));
+            let conn = builders.auto.serve_connection_with_upgrades(io, service);
+            if let Err(error) = self.managed(conn, activity).await {
                 tracing::debug!(%error, "connection error");
             }
             return;
@@ -148,7 +154,9 @@ impl Server {
                 return;
             }
         }
-        let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        let tracked = Tracked::new(stream, activity.clone());
+        let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tracked)).await
+        {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => {
                 self.tls_result("error");
@@ -165,10 +173,14 @@ impl Server {
         let io = TokioIo::new(tls);
         let result = if h2 {
             let conn = builders.http2.serve_connection(io, service);
-            watcher.watch(conn).await.map_err(|e| e.to_string())
+            self.managed(conn, activity)
+                .await
+                .map_err(|e| e.to_string())
         } else {
             let conn = builders.http1.serve_connection(io, service);
-            watcher.watch(conn).await.map_err(|e| e.to_string())
+            self.managed(conn, activity)
+                .await
+                .map_err(|e| e.to_string())
         };
         if let Err(error) = result {
             tracing::debug!(%error, "TLS connection error");

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
+use crate::clock;
 
 /// How long a pooled HTTP/1 connection may take to become ready before it is given up.
 const READY_WAIT: Duration = Duration::from_millis(250);
@@ -67,9 +68,23 @@ impl UpstreamError {
     }
 }
 
+/// A failed send, with the request when it was not written (so it can go elsewhere).
+/// Boxed: the success path moves only the response through each await.
+pub struct SendError {
+    pub error: UpstreamError,
+    pub unsent: Option<Request<ProxyBody>>,
+}
+
+type SendResult = Result<Response<ProxyBody>, Box<SendError>>;
+
+fn failed(error: UpstreamError, unsent: Option<Request<ProxyBody>>) -> Box<SendError> {
+    Box::new(SendError { error, unsent })
+}
+
 struct Idle {
     sender: http1::SendRequest<ProxyBody>,
-    since: Instant,
+    /// Coarse seconds ([`clock::now`]): no clock read per request.
+    since: u32,
 }
 
 /// The connections to one endpoint.
@@ -96,10 +111,42 @@ impl Lease {
         }
         let idle = Idle {
             sender: self.sender,
-            since: Instant::now(),
+            since: clock::now(),
         };
         // A full pool drops (closes) the surplus connection.
         let _ = self.upstream.idle.push(idle);
+    }
+}
+
+enum Sender {
+    Http1(http1::SendRequest<ProxyBody>),
+    Http2(http2::SendRequest<ProxyBody>),
+}
+
+struct Connection {
+    sender: Sender,
+    /// Taken from the idle pool (it may have been closed by the server meanwhile).
+    reused: bool,
+}
+
+impl Connection {
+    async fn send(self, upstream: &Arc<Upstream>, req: Request<ProxyBody>) -> SendResult {
+        match self.sender {
+            Sender::Http1(mut sender) => match sender.try_send_request(req).await {
+                Ok(response) => Ok(upstream.pooled_response(response, sender)),
+                Err(mut e) => {
+                    let unsent = e.take_message();
+                    Err(failed(UpstreamError::Request(e.into_error()), unsent))
+                }
+            },
+            Sender::Http2(mut sender) => match sender.try_send_request(req).await {
+                Ok(response) => Ok(response.map(ProxyBody::Incoming)),
+                Err(mut e) => {
+                    let unsent = e.take_message();
+                    Err(failed(UpstreamError::Request(e.into_error()), unsent))
+                }
+            },
+        }
     }
 }
 
@@ -125,41 +172,58 @@ impl Upstream {
 
     /// Sends `req` over HTTP/1 or HTTP/2. On an error before the request was written,
     /// the request is handed back so it can be sent elsewhere.
+    ///
+    /// Getting a connection and sending on it are two sequential steps, so the
+    /// request's future holds one or the other, never both (it is moved per request).
     pub async fn send(
         self: &Arc<Self>,
         version: HttpVersion,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<ProxyBody>, (UpstreamError, Option<Request<ProxyBody>>)> {
-        match version {
-            HttpVersion::Http1 => self.send_http1(req).await,
-            HttpVersion::Http2 => self.send_http2(req).await,
+        mut req: Request<ProxyBody>,
+    ) -> SendResult {
+        loop {
+            let conn = match self.connection(version).await {
+                Ok(conn) => conn,
+                Err(e) => return Err(failed(e, Some(req))),
+            };
+            let reused = conn.reused;
+            match conn.send(self, req).await {
+                Ok(response) => return Ok(response),
+                // A pooled connection the server closed a moment ago fails before the
+                // request is written: try the next one (or a new one).
+                Err(failure) if reused && failure.unsent.is_some() => {
+                    req = failure.unsent.expect("checked above");
+                }
+                Err(failure) => return Err(failure),
+            }
         }
     }
 
-    async fn send_http1(
-        self: &Arc<Self>,
-        mut req: Request<ProxyBody>,
-    ) -> Result<Response<ProxyBody>, (UpstreamError, Option<Request<ProxyBody>>)> {
-        // A pooled connection may have been closed by the server a moment ago; such a
-        // failure happens before the request is written, so try the next connection.
-        while let Some(mut sender) = self.checkout_idle().await {
-            match sender.try_send_request(req).await {
-                Ok(response) => return Ok(self.pooled_response(response, sender)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err((UpstreamError::Request(e.into_error()), None)),
-                },
+    /// A connection ready for one request: pooled when possible.
+    async fn connection(&self, version: HttpVersion) -> Result<Connection, UpstreamError> {
+        match version {
+            HttpVersion::Http1 => {
+                if let Some(sender) = self.checkout_idle().await {
+                    return Ok(Connection {
+                        sender: Sender::Http1(sender),
+                        reused: true,
+                    });
+                }
+                // Dialling is rare and its future large: boxed, it does not bloat every request.
+                let sender = Box::pin(self.dial_http1()).await?;
+                Ok(Connection {
+                    sender: Sender::Http1(sender),
+                    reused: false,
+                })
             }
-        }
-        let mut sender = match self.dial_http1().await {
-            Ok(sender) => sender,
-            Err(e) => return Err((e, Some(req))),
-        };
-        match sender.try_send_request(req).await {
-            Ok(response) => Ok(self.pooled_response(response, sender)),
-            Err(mut e) => {
-                let unsent = e.take_message();
-                Err((UpstreamError::Request(e.into_error()), unsent))
+            HttpVersion::Http2 => {
+                let sender = match self.live_http2() {
+                    Some(sender) => sender,
+                    None => Box::pin(self.dial_http2()).await?,
+                };
+                Ok(Connection {
+                    sender: Sender::Http2(sender),
+                    reused: false,
+                })
             }
         }
     }
@@ -189,7 +253,8 @@ impl Upstream {
 
     async fn checkout_idle(&self) -> Option<http1::SendRequest<ProxyBody>> {
         while let Some(idle) = self.idle.pop() {
-            if idle.sender.is_closed() || idle.since.elapsed() > self.settings.idle_timeout {
+            let idle_for = Duration::from_secs(clock::now().saturating_sub(idle.since) as u64);
+            if idle.sender.is_closed() || idle_for > self.settings.idle_timeout {
                 continue;
             }
             let mut sender = idle.sender;
@@ -218,6 +283,8 @@ impl Upstream {
     async fn dial_http1(&self) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
         let io = self.dial().await?;
         let (sender, connection) = http1::Builder::new()
+            // One `write` per small message instead of a `writev` of head and body.
+            .writev(false)
             .handshake(io)
             .await
             .map_err(|e| UpstreamError::Handshake("HTTP/1", e))?;
@@ -230,27 +297,7 @@ impl Upstream {
         Ok(sender)
     }
 
-    async fn send_http2(
-        self: &Arc<Self>,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<ProxyBody>, (UpstreamError, Option<Request<ProxyBody>>)> {
-        let mut sender = match self.http2_sender().await {
-            Ok(sender) => sender,
-            Err(e) => return Err((e, Some(req))),
-        };
-        match sender.try_send_request(req).await {
-            Ok(response) => Ok(response.map(ProxyBody::Incoming)),
-            Err(mut e) => {
-                let unsent = e.take_message();
-                Err((UpstreamError::Request(e.into_error()), unsent))
-            }
-        }
-    }
-
-    async fn http2_sender(&self) -> Result<http2::SendRequest<ProxyBody>, UpstreamError> {
-        if let Some(sender) = self.live_http2() {
-            return Ok(sender);
-        }
+    async fn dial_http2(&self) -> Result<http2::SendRequest<ProxyBody>, UpstreamError> {
         let _dialing = self.h2_dial.lock().await;
         // Someone else may have connected while we waited.
         if let Some(sender) = self.live_http2() {

@@ -1,0 +1,261 @@
+#!/usr/bin/env bash
+# Compares tandem-proxy with HAProxy and nginx on this machine, on loopback.
+#
+#   bench/compare.sh            # 10 s per run
+#   DURATION=30 bench/compare.sh
+#
+# Two `tandem backend` instances and the load generators run on CPU 1; the proxy
+# under test runs alone on CPU 0 with one thread/worker, so every proxy gets the
+# same single core. Every proxy balances round robin over the same two backends
+# (which speak HTTP/1.1 and h2c), each in its best configuration: for HTTP/1.1 loads
+# all three speak HTTP/1.1 upstream; for HTTP/2 loads Tandem (`--backend-protocol
+# http2`) and HAProxy (`proto h2`) multiplex HTTP/2 upstream; nginx can only speak
+# HTTP/1.1 upstream.
+# Loads: wrk (HTTP/1.1 keep-alive, 64 connections), h2load (h2c, and h2 over TLS;
+# 64 connections, 10 streams each). Reported: requests/s, p50/p99 latency, proxy
+# CPU per request (from /proc/PID/stat), peak RSS (VmHWM) and idle RSS, and each
+# figure's ratio to HAProxy's. Results are printed and written to bench/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+CONNECTIONS=${CONNECTIONS:-64}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+
+need() {
+  local missing=()
+  command -v wrk >/dev/null || missing+=(wrk)
+  command -v h2load >/dev/null || missing+=(nghttp2-client)
+  command -v haproxy >/dev/null || missing+=(haproxy)
+  command -v nginx >/dev/null || missing+=(nginx-light)
+  command -v openssl >/dev/null || missing+=(openssl)
+  command -v taskset >/dev/null || missing+=(util-linux)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]}" >&2
+    apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
+  fi
+}
+need
+[ "$(nproc)" -ge 2 ] || { echo "needs at least 2 CPUs (proxy on one, load on the other)" >&2; exit 1; }
+
+cargo build --release -p tandem-proxy -p tandem >&2
+TARGET=${CARGO_TARGET_DIR:-target}
+PROXY_BIN=$TARGET/release/tandem-proxy
+TANDEM_BIN=$TARGET/release/tandem
+
+WORK=$(mktemp -d /tmp/tandem-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on port $1" >&2; exit 1
+}
+
+# --- backends ------------------------------------------------------------------------
+B1=$(free_port); B2=$(free_port)
+taskset -c "$LOAD_CPU" "$TANDEM_BIN" backend --name instance-1 --listen "127.0.0.1:$B1" --quiet >/dev/null &
+PIDS+=($!)
+taskset -c "$LOAD_CPU" "$TANDEM_BIN" backend --name instance-2 --listen "127.0.0.1:$B2" --quiet >/dev/null &
+PIDS+=($!)
+wait_port "$B1"; wait_port "$B2"
+
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
+  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+cat "$WORK/cert.pem" "$WORK/key.pem" > "$WORK/combined.pem"
+
+# --- the proxies under test ------------------------------------------------------------
+declare -A PLAIN TLS H2C PID_OF TLS_PID_OF
+
+# Tandem: one process per upstream protocol (HTTP/1.1 for the HTTP/1.1 load, HTTP/2
+# for the h2c load), and one terminating TLS.
+declare -A H2C_PID_OF
+PLAIN[tandem]=$(free_port); H2C[tandem]=$(free_port); TLS[tandem]=$(free_port)
+taskset -c "$PROXY_CPU" "$PROXY_BIN" --backends "127.0.0.1:$B1,127.0.0.1:$B2" \
+  --threads 1 --listen "127.0.0.1:${PLAIN[tandem]}" --admin 127.0.0.1:0 >/dev/null 2>"$WORK/tandem.log" &
+PID_OF[tandem]=$!; PIDS+=($!)
+taskset -c "$PROXY_CPU" "$PROXY_BIN" --backends "127.0.0.1:$B1,127.0.0.1:$B2" --backend-protocol http2 \
+  --threads 1 --listen "127.0.0.1:${H2C[tandem]}" --admin 127.0.0.1:0 >/dev/null 2>"$WORK/tandem-h2c.log" &
+H2C_PID_OF[tandem]=$!; PIDS+=($!)
+taskset -c "$PROXY_CPU" "$PROXY_BIN" --backends "127.0.0.1:$B1,127.0.0.1:$B2" --backend-protocol http2 \
+  --threads 1 --listen "127.0.0.1:${TLS[tandem]}" --admin 127.0.0.1:0 \
+  --tls-cert "$WORK/cert.pem" --tls-key "$WORK/key.pem" >/dev/null 2>"$WORK/tandem-tls.log" &
+TLS_PID_OF[tandem]=$!; PIDS+=($!)
+
+PLAIN[haproxy]=$(free_port); H2C[haproxy]=$(free_port); TLS[haproxy]=$(free_port)
+cat > "$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  http-reuse always
+frontend fe_h1
+  bind 127.0.0.1:${PLAIN[haproxy]}
+  default_backend be_h1
+frontend fe_h2
+  bind 127.0.0.1:${H2C[haproxy]} proto h2
+  bind 127.0.0.1:${TLS[haproxy]} ssl crt $WORK/combined.pem alpn h2,http/1.1
+  default_backend be_h2
+backend be_h1
+  balance roundrobin
+  server s1 127.0.0.1:$B1
+  server s2 127.0.0.1:$B2
+backend be_h2
+  balance roundrobin
+  server s1 127.0.0.1:$B1 proto h2
+  server s2 127.0.0.1:$B2 proto h2
+EOF
+taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg" >/dev/null 2>"$WORK/haproxy.log" &
+PID_OF[haproxy]=$!; H2C_PID_OF[haproxy]=$!; TLS_PID_OF[haproxy]=$!; PIDS+=($!)
+
+PLAIN[nginx]=$(free_port); H2C[nginx]=$(free_port); TLS[nginx]=$(free_port)
+mkdir -p "$WORK/nginx"
+cat > "$WORK/nginx.conf" <<EOF
+worker_processes 1;
+master_process off;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx/error.log;
+events { worker_connections 8000; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx/body;
+  proxy_temp_path $WORK/nginx/proxy;
+  fastcgi_temp_path $WORK/nginx/fastcgi;
+  uwsgi_temp_path $WORK/nginx/uwsgi;
+  scgi_temp_path $WORK/nginx/scgi;
+  keepalive_requests 1000000;
+  upstream be { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 256; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:${PLAIN[nginx]};
+    listen 127.0.0.1:${H2C[nginx]} http2;
+    listen 127.0.0.1:${TLS[nginx]} ssl http2;
+    ssl_certificate $WORK/cert.pem;
+    ssl_certificate_key $WORK/key.pem;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+EOF
+taskset -c "$PROXY_CPU" nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" >/dev/null 2>"$WORK/nginx.log" &
+PID_OF[nginx]=$!; H2C_PID_OF[nginx]=$!; TLS_PID_OF[nginx]=$!; PIDS+=($!)
+
+for p in tandem haproxy nginx; do wait_port "${PLAIN[$p]}"; wait_port "${H2C[$p]}"; wait_port "${TLS[$p]}"; done
+
+# --- measuring ---------------------------------------------------------------------------
+cpu_ticks() { awk '{ s = $0; sub(/.*\) /, "", s); split(s, f, " "); print f[12] + f[13] }' "/proc/$1/stat"; }
+rss_kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
+CLK_TCK=$(getconf CLK_TCK)
+
+# Idle RSS: after start-up and a handful of requests, before any load.
+declare -A IDLE
+for p in tandem haproxy nginx; do
+  for _ in 1 2 3 4 5; do curl -s -o /dev/null "http://127.0.0.1:${PLAIN[$p]}/" || true; done
+  IDLE[$p]=$(rss_kib "${PID_OF[$p]}" VmRSS)
+done
+
+to_ms() { # wrk prints 512.00us / 1.23ms / 1.01s
+  awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'
+}
+
+url_of() { if [ "$1" = h2tls ]; then echo "https://127.0.0.1:$2/"; else echo "http://127.0.0.1:$2/"; fi; }
+
+# warm_up MODE PORT: a short run whose figures are not kept (pools, caches, allocator).
+warm_up() {
+  case $1 in
+    h1) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" "$(url_of "$1" "$2")" >/dev/null ;;
+    *) taskset -c "$LOAD_CPU" h2load -t1 -c"$CONNECTIONS" -m10 -D"$WARMUP" "$(url_of "$1" "$2")" >/dev/null ;;
+  esac
+}
+
+# run_load MODE PORT → prints "requests rps p50_ms p99_ms"
+run_load() {
+  local mode=$1 port=$2 out="$WORK/load.out"
+  case $mode in
+    h1)
+      taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/" >"$out"
+      local reqs rps p50 p99
+      reqs=$(awk '/requests in/ { print $1 }' "$out")
+      rps=$(awk '/Requests\/sec/ { print $2 }' "$out")
+      p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")
+      p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")
+      echo "$reqs $rps $p50 $p99"
+      ;;
+    h2c|h2tls)
+      local url
+      url=$(url_of "$mode" "$port")
+      taskset -c "$LOAD_CPU" h2load -t1 -c"$CONNECTIONS" -m10 -D"$DURATION" --log-file="$WORK/h2.log" "$url" >"$out"
+      local reqs rps
+      reqs=$(awk '/^requests:/ { print $8 }' "$out")   # succeeded
+      rps=$(awk '/^finished in/ { gsub(",", "", $4); print $4 }' "$out")
+      # The log has one line per request: start, status, duration in microseconds.
+      sort -n -k3 "$WORK/h2.log" | awk -v n="$(wc -l < "$WORK/h2.log")" '
+        { d[NR] = $3 }
+        END { p50 = d[int(n * 0.50) > 0 ? int(n * 0.50) : 1]; p99 = d[int(n * 0.99) > 0 ? int(n * 0.99) : 1];
+              printf "%.3f %.3f\n", p50 / 1000, p99 / 1000 }' > "$WORK/pct"
+      echo "$reqs $rps $(cat "$WORK/pct")"
+      ;;
+  esac
+}
+
+RESULTS="$WORK/results.tsv"
+: > "$RESULTS"
+for mode in h1 h2c h2tls; do
+  for p in tandem haproxy nginx; do
+    case $mode in h1) port=${PLAIN[$p]}; pid=${PID_OF[$p]};; h2c) port=${H2C[$p]}; pid=${H2C_PID_OF[$p]};; h2tls) port=${TLS[$p]}; pid=${TLS_PID_OF[$p]};; esac
+    warm_up "$mode" "$port"
+    before=$(cpu_ticks "$pid")
+    read -r reqs rps p50 p99 < <(run_load "$mode" "$port")
+    after=$(cpu_ticks "$pid")
+    cpu_us=$(awk -v a="$after" -v b="$before" -v r="$reqs" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (a - b) / hz * 1e6 / (r > 0 ? r : 1) }')
+    peak=$(rss_kib "$pid" VmHWM)
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$p" "$rps" "$p50" "$p99" "$cpu_us" "$peak" "$reqs" >> "$RESULTS"
+    echo "done: $mode $p ($rps req/s)" >&2
+  done
+done
+
+# --- report ------------------------------------------------------------------------------
+report() {
+  echo "# tandem-proxy vs HAProxy and nginx"
+  echo
+  echo "$(date -u +%Y-%m-%d), $(nproc) CPUs ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)),"
+  echo "proxy pinned to CPU $PROXY_CPU with 1 thread; backends and load on CPU $LOAD_CPU; ${DURATION}s per run, $CONNECTIONS connections."
+  echo "$(haproxy -v | head -1 | cut -d' ' -f1-3), $(nginx -v 2>&1 | cut -d' ' -f3), $("$PROXY_BIN" --version)"
+  echo
+  echo "| load | proxy | req/s | ×HAProxy | p50 ms | p99 ms | CPU µs/req | ×HAProxy | peak RSS MiB | idle RSS MiB |"
+  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  awk -F'\t' -v idle_t="${IDLE[tandem]}" -v idle_h="${IDLE[haproxy]}" -v idle_n="${IDLE[nginx]}" '
+    { key = $1; rps[key, $2] = $3; cpu[key, $2] = $6; line[NR] = $0 }
+    END {
+      idle["tandem"] = idle_t; idle["haproxy"] = idle_h; idle["nginx"] = idle_n
+      names["h1"] = "HTTP/1.1 (wrk)"; names["h2c"] = "h2c (h2load)"; names["h2tls"] = "h2 + TLS (h2load)"
+      for (i = 1; i <= NR; i++) {
+        split(line[i], f, "\t")
+        hr = rps[f[1], "haproxy"]; hc = cpu[f[1], "haproxy"]
+        printf "| %s | %s | %.0f | %.2f | %.3f | %.3f | %.2f | %.2f | %.1f | %.1f |\n",
+          names[f[1]], f[2], f[3], (hr > 0 ? f[3] / hr : 0), f[4], f[5], f[6], (hc > 0 ? f[6] / hc : 0),
+          f[7] / 1024, idle[f[2]] / 1024
+      }
+    }' "$RESULTS"
+}
+mkdir -p bench/results
+OUT="bench/results/$(date -u +%Y%m%d-%H%M%S).md"
+report | tee "$OUT"
+echo >&2
+echo "written to $OUT" >&2

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs every Tandem test, after installing what the tests need on a Debian machine.
+#
+#   scripts/test.sh
+#
+# Needs: Debian (apt), root or sudo for the packages, and a Rust toolchain >= 1.88
+# (rustup). Checks formatting and clippy, runs unit, property and end-to-end tests
+# (real processes on loopback), and checks that the proxy binary does not link kube.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n== %s\n' "$*"; }
+
+# --- what the tests need -------------------------------------------------------------
+if ! command -v cargo >/dev/null; then
+  echo "error: cargo not found. Install Rust >= 1.88 with rustup (https://rustup.rs); Debian's cargo is too old for edition 2024." >&2
+  exit 1
+fi
+rust_minor=$(rustc --version | awk '{ split($2, v, "."); print v[2] }')
+if [ "$rust_minor" -lt 88 ]; then
+  echo "error: $(rustc --version) is too old: Tandem needs Rust >= 1.88 (edition 2024, let-chains)." >&2
+  exit 1
+fi
+
+# Debian packages the tests use (procps: kill, for signalling processes by PID).
+packages=(procps ca-certificates)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
+fi
+
+# --- checks ---------------------------------------------------------------------------
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+say "the proxy binary does not link kube"
+if cargo tree -p tandem-proxy -e normal --prefix none | grep -E '^(kube|k8s-openapi)' ; then
+  echo "error: tandem-proxy depends on kube/k8s-openapi; the sidecar must stay small" >&2
+  exit 1
+fi
+
+say "cargo test"
+cargo test --workspace
+
+say "all tests passed"
