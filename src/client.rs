@@ -4,7 +4,9 @@
 
 use std::net::SocketAddr;
 
-use anyhow::Context;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -118,5 +120,22 @@ impl Connection {
             headers: parts.headers,
             body,
         })
+    }
+}
+
+/// Polls a Tandem admin port's `/ready` until it answers 200, for up to `timeout`.
+pub async fn wait_ready(admin: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(mut conn) = Connection::http1(admin).await
+            && let Ok(reply) = conn.get("localhost", "/ready").await
+            && reply.status.is_success()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{admin} did not become ready within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -62,22 +62,6 @@ fn services_yaml(backends: &[Spawned]) -> String {
     yaml
 }
 
-async fn wait_ready(admin: std::net::SocketAddr) -> anyhow::Result<()> {
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if let Ok(mut conn) = Connection::http1(admin).await
-            && let Ok(reply) = conn.get("localhost", "/ready").await
-            && reply.status.is_success()
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the proxy did not become ready within {START_TIMEOUT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -167,7 +151,7 @@ pub async fn run(args: DemoArgs, exe: &Path) -> anyhow::Result<()> {
     let proxy_addr = proxy.addr("proxy");
     let admin_addr = proxy.addr("admin");
     demo.proxy = Some(proxy);
-    wait_ready(admin_addr).await?;
+    crate::client::wait_ready(admin_addr, START_TIMEOUT).await?;
 
     println!(
         "Tandem demo: {} backends behind one Tandem proxy, fed by a Tandem control plane.\n",

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod announce;
 pub mod backoff;
 pub mod duration;
+pub mod listen;
 pub mod logging;
 pub mod process_metrics;
 pub mod shutdown;

@@ -9,7 +9,6 @@ use prometheus_client::registry::Registry;
 use tandem_common::logging::LogFormat;
 use tandem_common::process_metrics::ProcessCollector;
 use tandem_common::{Admin, Readiness, Shutdown, announce};
-use tokio::net::TcpListener;
 
 use crate::index::ServiceIndex;
 use crate::metrics::Metrics;
@@ -55,22 +54,12 @@ pub struct Args {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on {addr} for {what}: {source}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] tandem_common::listen::BindError),
     #[error("the source file is not usable: {0}")]
     File(#[from] FileError),
     #[error("the discovery server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
-}
-
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { what, addr, source })
 }
 
 /// Runs the control plane until SIGTERM/SIGINT or `POST /shutdown`.
@@ -97,8 +86,8 @@ pub async fn run(args: Args) -> Result<(), Error> {
     }
     readiness.set_ready();
 
-    let grpc_listener = bind("discovery (--listen)", args.listen).await?;
-    let admin_listener = bind("admin (--admin)", args.admin).await?;
+    let grpc_listener = tandem_common::listen::bind("discovery (--listen)", args.listen).await?;
+    let admin_listener = tandem_common::listen::bind("admin (--admin)", args.admin).await?;
     let grpc_addr = grpc_listener.local_addr().unwrap_or(args.listen);
     let admin_addr = admin_listener.local_addr().unwrap_or(args.admin);
 

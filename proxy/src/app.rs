@@ -11,7 +11,6 @@ use tandem_common::logging::LogFormat;
 use tandem_common::process_metrics::ProcessCollector;
 use tandem_common::{Admin, Readiness, Shutdown, announce};
 use tandem_proto::discovery::v1 as pb;
-use tokio::net::TcpListener;
 
 use crate::destination::{Backend, BackendConn, BackendSet, Destination, Destinations, Resolution};
 use crate::discovery::{DiscoveryClient, ProxyLocality, control_plane_endpoint};
@@ -112,12 +111,8 @@ pub struct Args {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on {addr} for {what}: {source}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] tandem_common::listen::BindError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("{0}")]
@@ -141,12 +136,6 @@ pub fn run_blocking(args: Args) -> Result<(), Error> {
     }
     .map_err(Error::Runtime)?;
     runtime.block_on(run(args))
-}
-
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { what, addr, source })
 }
 
 async fn resolve_backends(specs: &[String]) -> Result<Vec<SocketAddr>, Error> {
@@ -263,8 +252,8 @@ pub async fn run(args: Args) -> Result<(), Error> {
     registry.register_collector(Box::new(inspector.clone()));
     registry.register_collector(Box::new(ProcessCollector));
 
-    let listener = bind("the proxy (--listen)", args.listen).await?;
-    let admin_listener = bind("admin (--admin)", args.admin).await?;
+    let listener = tandem_common::listen::bind("the proxy (--listen)", args.listen).await?;
+    let admin_listener = tandem_common::listen::bind("admin (--admin)", args.admin).await?;
     let proxy_addr = listener.local_addr().unwrap_or(args.listen);
     let admin_addr = admin_listener.local_addr().unwrap_or(args.admin);
 

@@ -18,7 +18,7 @@ use crate::balancer::Health;
 use crate::destination::{Destination, Resolution};
 use crate::discovery::ProxyLocality;
 use crate::forward::Router;
-use crate::metrics::{ProxyErrorKind, encode_latency};
+use crate::metrics::{BackendStats, ProxyErrorKind, encode_latency};
 
 /// The live destinations, wherever the router keeps them.
 pub struct Inspector {
@@ -109,6 +109,22 @@ impl AdminRoutes for Inspector {
     }
 }
 
+struct BackendRow<'a> {
+    destination: &'a str,
+    backend: String,
+    stats: &'a BackendStats,
+}
+
+impl BackendRow<'_> {
+    fn labels(&self) -> [(&'static str, &str); 3] {
+        [
+            ("direction", "outbound"),
+            ("destination", self.destination),
+            ("backend", self.backend.as_str()),
+        ]
+    }
+}
+
 impl Collector for Inspector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let destinations = self.router.destinations();
@@ -126,24 +142,36 @@ impl Collector for Inspector {
             })
             .collect();
 
+        // One row per (destination, backend), with its labels computed once.
+        let rows: Vec<BackendRow<'_>> = sets
+            .iter()
+            .flat_map(|(d, set)| {
+                set.iter()
+                    .flat_map(|s| &s.backends)
+                    .map(move |b| BackendRow {
+                        destination: d.name(),
+                        backend: b.meta.address.to_string(),
+                        stats: &b.stats,
+                    })
+            })
+            .collect();
+
         let mut requests = encoder.encode_descriptor(
             "tandem_proxy_requests",
             "Responses from backends by destination, backend and status code",
             None,
             MetricType::Counter,
         )?;
-        for (d, set) in &sets {
-            for b in set.iter().flat_map(|s| &s.backends) {
-                let backend = b.meta.address.to_string();
-                for (status, count) in b.stats.responses.snapshot() {
-                    let labels = [
-                        ("direction", "outbound"),
-                        ("destination", d.name()),
-                        ("backend", backend.as_str()),
-                        ("status_code", status.as_str()),
-                    ];
-                    ConstCounter::new(count).encode(requests.encode_family(&labels)?)?;
-                }
+        for row in &rows {
+            for (status, count) in row.stats.responses.snapshot() {
+                let [direction, destination, backend] = row.labels();
+                let labels = [
+                    direction,
+                    destination,
+                    backend,
+                    ("status_code", status.as_str()),
+                ];
+                ConstCounter::new(count).encode(requests.encode_family(&labels)?)?;
             }
         }
 
@@ -153,17 +181,9 @@ impl Collector for Inspector {
             None,
             MetricType::Counter,
         )?;
-        for (d, set) in &sets {
-            for b in set.iter().flat_map(|s| &s.backends) {
-                let backend = b.meta.address.to_string();
-                let labels = [
-                    ("direction", "outbound"),
-                    ("destination", d.name()),
-                    ("backend", backend.as_str()),
-                ];
-                ConstCounter::new(b.stats.failures.load(Relaxed))
-                    .encode(failures.encode_family(&labels)?)?;
-            }
+        for row in &rows {
+            ConstCounter::new(row.stats.failures.load(Relaxed))
+                .encode(failures.encode_family(&row.labels())?)?;
         }
 
         let mut latency = encoder.encode_descriptor(
@@ -172,16 +192,11 @@ impl Collector for Inspector {
             None,
             MetricType::Histogram,
         )?;
-        for (d, set) in &sets {
-            for b in set.iter().flat_map(|s| &s.backends) {
-                let backend = b.meta.address.to_string();
-                let labels = [
-                    ("direction", "outbound"),
-                    ("destination", d.name()),
-                    ("backend", backend.as_str()),
-                ];
-                encode_latency(&mut latency.encode_family(&labels)?, &b.stats.latency)?;
-            }
+        for row in &rows {
+            encode_latency(
+                &mut latency.encode_family(&row.labels())?,
+                &row.stats.latency,
+            )?;
         }
 
         let mut endpoints = encoder.encode_descriptor(

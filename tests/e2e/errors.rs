@@ -164,3 +164,62 @@ async fn proxy_is_not_ready_until_the_control_plane_answers() {
     })
     .await
 }
+
+#[tokio::test]
+async fn idle_client_connections_are_closed() {
+    bounded(LIMIT, async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let a = backend("instance-1").await;
+        let proxy = static_proxy(&[a.addr("http")], &["--idle-timeout", "1s"]).await;
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr("proxy"))
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = stream.read(&mut answer).await.unwrap();
+        assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"));
+        // Then silence: the proxy closes the connection (read returns 0) within a few seconds.
+        let closed = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+            .await
+            .expect("the proxy closes an idle connection");
+        assert_eq!(closed.unwrap(), 0, "expected end of stream");
+        let metrics = admin_get(proxy.addr("admin"), "/metrics").await;
+        assert!(
+            metrics.contains("tandem_proxy_open_connections 0"),
+            "{metrics}"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn locality_comes_from_the_control_plane_and_the_flag_overrides_it() {
+    bounded(LIMIT, async {
+        let dir = TestDir::new("locality");
+        let file = dir.path("services.yaml");
+        std::fs::write(
+            &file,
+            "services: []\nnodes:\n  - {name: node-a, region: region-1, zone: zone-a}\n",
+        )
+        .unwrap();
+        let cp = control_plane(&file).await;
+        let told = proxy(cp.addr("discovery"), &["--node", "node-a"]).await;
+        let config: serde_json::Value =
+            serde_json::from_str(&admin_get(told.addr("admin"), "/config").await).unwrap();
+        assert_eq!(config["locality"]["region"], "region-1", "{config}");
+        assert_eq!(config["locality"]["zone"], "zone-a", "{config}");
+
+        let overridden = proxy(
+            cp.addr("discovery"),
+            &["--node", "node-a", "--locality", "region-2/zone-x"],
+        )
+        .await;
+        let config: serde_json::Value =
+            serde_json::from_str(&admin_get(overridden.addr("admin"), "/config").await).unwrap();
+        assert_eq!(config["locality"]["zone"], "zone-x", "{config}");
+    })
+    .await
+}

@@ -128,21 +128,7 @@ pub async fn control_plane_on(file: &Path, listen: &str) -> Spawned {
 /// A proxy on the control plane at `discovery`, ready (it has heard from the control plane).
 pub async fn proxy(discovery: SocketAddr, extra: &[&str]) -> Spawned {
     let discovery = discovery.to_string();
-    let mut args = vec![
-        "proxy",
-        "--control-plane",
-        &discovery,
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--threads",
-        "1",
-    ];
-    args.extend_from_slice(extra);
-    let proxy = start("proxy", &args, true).await;
-    wait_ready(proxy.addr("admin")).await;
-    proxy
+    start_proxy(&["--control-plane", &discovery], extra).await
 }
 
 /// A proxy with static backends (no control plane).
@@ -152,10 +138,12 @@ pub async fn static_proxy(backends: &[SocketAddr], extra: &[&str]) -> Spawned {
         .map(|b| b.to_string())
         .collect::<Vec<_>>()
         .join(",");
+    start_proxy(&["--backends", &list], extra).await
+}
+
+async fn start_proxy(source: &[&str], extra: &[&str]) -> Spawned {
     let mut args = vec![
         "proxy",
-        "--backends",
-        &list,
         "--listen",
         "127.0.0.1:0",
         "--admin",
@@ -163,6 +151,7 @@ pub async fn static_proxy(backends: &[SocketAddr], extra: &[&str]) -> Spawned {
         "--threads",
         "1",
     ];
+    args.extend_from_slice(source);
     args.extend_from_slice(extra);
     let proxy = start("proxy", &args, true).await;
     wait_ready(proxy.addr("admin")).await;
@@ -170,12 +159,9 @@ pub async fn static_proxy(backends: &[SocketAddr], extra: &[&str]) -> Spawned {
 }
 
 pub async fn wait_ready(admin: SocketAddr) {
-    eventually(START, "the proxy to be ready", || async move {
-        let mut conn = Connection::http1(admin).await.ok()?;
-        let reply = conn.get("localhost", "/ready").await.ok()?;
-        reply.status.is_success().then_some(())
-    })
-    .await
+    tandem::client::wait_ready(admin, START)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// GET `path` from an admin port.
