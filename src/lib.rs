@@ -5,4 +5,5 @@
 pub mod backend;
 pub mod client;
 pub mod demo;
+pub mod endpoints;
 pub mod process;

@@ -12,6 +12,8 @@ struct Cli {
 enum Command {
     /// See round-robin balancing work: backends, a control plane and a proxy on this machine.
     Demo(tandem::demo::DemoArgs),
+    /// Print a destination's endpoints as the control plane serves them to proxies.
+    Endpoints(tandem::endpoints::EndpointsArgs),
     /// A tiny HTTP/1.1, HTTP/2 and gRPC server that answers with its name.
     Backend(tandem::backend::BackendArgs),
     /// Run the proxy (the same as the tandem-proxy binary).
@@ -26,12 +28,21 @@ fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() {
+    if let Err(error) = run(Cli::parse()) {
+        // One line a user can act on; not a Debug dump with a backtrace.
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Demo(args) => {
             let exe = std::env::current_exe()?;
             current_thread()?.block_on(tandem::demo::run(args, &exe))
         }
+        Command::Endpoints(args) => current_thread()?.block_on(tandem::endpoints::run(args)),
         Command::Backend(args) => current_thread()?.block_on(tandem::backend::run(args)),
         Command::Proxy(args) => Ok(tandem_proxy::run_blocking(*args)?),
         Command::ControlPlane(args) => {

@@ -14,11 +14,14 @@ use crate::index::ServiceIndex;
 use crate::metrics::Metrics;
 use crate::server::DiscoveryService;
 use crate::source::file::{FileError, FileSource};
+use crate::source::kubernetes::KubernetesSource;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceArg {
     /// `file:PATH`: a watched YAML file.
     File(PathBuf),
+    /// `kubernetes`: watch the cluster's API server.
+    Kubernetes,
 }
 
 impl FromStr for SourceArg {
@@ -26,7 +29,8 @@ impl FromStr for SourceArg {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once(':') {
             Some(("file", path)) if !path.is_empty() => Ok(Self::File(PathBuf::from(path))),
-            _ => Err(format!("unknown source {s:?}: use file:PATH")),
+            None if s == "kubernetes" => Ok(Self::Kubernetes),
+            _ => Err(format!("unknown source {s:?}: use file:PATH or kubernetes")),
         }
     }
 }
@@ -35,9 +39,13 @@ impl FromStr for SourceArg {
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "tandem-control-plane", version)]
 pub struct Args {
-    /// Where backend sets come from: `file:PATH` (a YAML file, watched for edits).
+    /// Where backend sets come from: `file:PATH` (a YAML file, watched for edits) or
+    /// `kubernetes` (the API server: --kubeconfig, else KUBECONFIG, else in-cluster).
     #[arg(long, env = "TANDEM_SOURCE")]
     pub source: SourceArg,
+    /// With --source kubernetes: the kubeconfig to use.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
     /// Address of the gRPC discovery server.
     #[arg(long, default_value = "0.0.0.0:8086", env = "TANDEM_LISTEN")]
     pub listen: SocketAddr,
@@ -58,6 +66,8 @@ pub enum Error {
     Bind(#[from] tandem_common::listen::BindError),
     #[error("the source file is not usable: {0}")]
     File(#[from] FileError),
+    #[error(transparent)]
+    Kubernetes(#[from] crate::source::kubernetes::KubernetesError),
     #[error("the discovery server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -82,9 +92,22 @@ pub async fn run(args: Args) -> Result<(), Error> {
         SourceArg::File(path) => {
             let source = FileSource::start(path.clone(), index.clone(), metrics.clone())?;
             tokio::spawn(source.watch());
+            readiness.set_ready();
+        }
+        SourceArg::Kubernetes => {
+            let client = crate::source::kubernetes::client(args.kubeconfig.as_deref()).await?;
+            tokio::spawn(KubernetesSource::new(client, index.clone(), metrics.clone()).run());
+            readiness.set_not_ready("waiting for the first sync with the API server");
+            let (index, readiness) = (index.clone(), readiness.clone());
+            tokio::spawn(async move {
+                while !index
+                    .wait_synced(std::time::Duration::from_secs(3600))
+                    .await
+                {}
+                readiness.set_ready();
+            });
         }
     }
-    readiness.set_ready();
 
     let grpc_listener = tandem_common::listen::bind("discovery (--listen)", args.listen).await?;
     let admin_listener = tandem_common::listen::bind("admin (--admin)", args.admin).await?;

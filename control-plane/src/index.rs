@@ -18,7 +18,10 @@ use tandem_proto::discovery::v1 as pb;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
-use crate::model::{CallerShares, EndpointMap, Locality, ServiceKey, ServiceSpec, diff};
+use crate::model::{
+    CallerShares, EndpointChanges, EndpointMap, Locality, ServiceKey, ServiceSpec, delta_is_empty,
+    diff,
+};
 
 /// Node name → locality, as the sources know it.
 pub type NodeMap = BTreeMap<String, Locality>;
@@ -29,8 +32,10 @@ pub struct Published {
     pub version: u64,
     /// The version `delta` applies to (0 for the first version).
     pub prev_version: u64,
-    pub endpoints: Arc<EndpointMap>,
+    /// Shares structure with neighbouring versions: cloning it is O(1).
+    pub endpoints: EndpointMap,
     pub callers: Arc<CallerShares>,
+    pub traffic_distribution: Arc<str>,
     /// From `prev_version` to `version`.
     pub delta: pb::Delta,
     /// When the change was seen by the source, to measure push latency.
@@ -146,6 +151,87 @@ impl ServiceIndex {
         removed
     }
 
+    /// Creates a service port with no endpoints, or updates what is known about it
+    /// besides its endpoints (ClusterIPs, callers' shares, traffic distribution).
+    pub fn upsert_meta(
+        &self,
+        key: ServiceKey,
+        cluster_ips: Vec<IpAddr>,
+        callers: CallerShares,
+        traffic_distribution: String,
+        changed_at: Instant,
+    ) -> bool {
+        let mut state = self.write();
+        let endpoints = state
+            .services
+            .get(&key)
+            .map(|e| e.spec.endpoints.clone())
+            .unwrap_or_default();
+        let spec = ServiceSpec {
+            endpoints,
+            callers,
+            cluster_ips,
+            traffic_distribution,
+        };
+        let changed = self.upsert_locked(&mut state, key, spec, changed_at);
+        self.update_gauges(&state);
+        changed
+    }
+
+    /// Applies endpoint changes to an existing service port in O(changes · log n): the
+    /// work is proportional to what changed, not to the size of the service.
+    pub fn apply_changes(
+        &self,
+        key: &ServiceKey,
+        changes: EndpointChanges,
+        changed_at: Instant,
+    ) -> bool {
+        let mut state = self.write();
+        let Some(entry) = state.services.get_mut(key) else {
+            return false;
+        };
+        let current = entry.tx.borrow().clone();
+        let mut endpoints = current.endpoints.clone();
+        let mut delta = pb::Delta::default();
+        for removed in changes.removed {
+            if endpoints.remove(&removed).is_some() {
+                delta.removed.push(removed.to_string());
+            }
+        }
+        for endpoint in changes.upserted {
+            match endpoints.get(&endpoint.address) {
+                Some(old) if **old == endpoint => continue,
+                Some(_) => delta.changed.push(endpoint.to_proto()),
+                None => delta.added.push(endpoint.to_proto()),
+            }
+            endpoints.insert(endpoint.address, Arc::new(endpoint));
+        }
+        if delta_is_empty(&delta) {
+            return false;
+        }
+        tracing::debug!(
+            service = %key,
+            added = delta.added.len(),
+            changed = delta.changed.len(),
+            removed = delta.removed.len(),
+            "service endpoints changed"
+        );
+        entry.spec.endpoints = endpoints.clone();
+        entry.tx.send_replace(Arc::new(Published {
+            version: self.version(),
+            prev_version: current.version,
+            endpoints,
+            callers: current.callers.clone(),
+            traffic_distribution: current.traffic_distribution.clone(),
+            delta,
+            changed_at,
+            deleted: false,
+        }));
+        self.metrics.publishes.inc();
+        self.update_gauges(&state);
+        true
+    }
+
     /// Replaces the whole index (the file source's reload). Unchanged services are untouched.
     pub fn replace_all(
         &self,
@@ -217,11 +303,15 @@ impl ServiceIndex {
                         by_zone: spec.callers.clone().into_iter().collect(),
                     });
                 }
+                if entry.spec.traffic_distribution != spec.traffic_distribution {
+                    delta.traffic_distribution = Some(spec.traffic_distribution.clone());
+                }
                 let published = Published {
                     version: self.version(),
                     prev_version: current.version,
-                    endpoints: Arc::new(spec.endpoints.clone()),
+                    endpoints: spec.endpoints.clone(),
                     callers: Arc::new(spec.callers.clone()),
+                    traffic_distribution: spec.traffic_distribution.as_str().into(),
                     delta,
                     changed_at,
                     deleted: false,
@@ -246,8 +336,9 @@ impl ServiceIndex {
                 let published = Published {
                     version: self.version(),
                     prev_version: 0,
-                    endpoints: Arc::new(spec.endpoints.clone()),
+                    endpoints: spec.endpoints.clone(),
                     callers: Arc::new(spec.callers.clone()),
+                    traffic_distribution: spec.traffic_distribution.as_str().into(),
                     delta: pb::Delta::default(),
                     changed_at,
                     deleted: false,
@@ -275,8 +366,9 @@ impl ServiceIndex {
         entry.tx.send_replace(Arc::new(Published {
             version: self.version(),
             prev_version: current.version,
-            endpoints: Arc::new(EndpointMap::new()),
+            endpoints: EndpointMap::new(),
             callers: current.callers.clone(),
+            traffic_distribution: current.traffic_distribution.clone(),
             delta: pb::Delta::default(),
             changed_at,
             deleted: true,
@@ -430,7 +522,7 @@ mod tests {
                 .iter()
                 .map(|a| {
                     let addr: SocketAddr = a.parse().unwrap();
-                    (addr, Endpoint::new(addr))
+                    (addr, Arc::new(Endpoint::new(addr)))
                 })
                 .collect(),
             ..Default::default()
@@ -461,6 +553,29 @@ mod tests {
         assert_eq!(p.prev_version, v1);
         assert!(p.version > v1);
         assert_eq!(p.delta.added.len(), 1);
+
+        // Incremental changes: only real differences are published.
+        let mut changes = EndpointChanges::default();
+        let mut changed = Endpoint::new("10.0.0.2:80".parse().unwrap());
+        changed.weight = 3;
+        changes.upserted.push(changed);
+        changes
+            .upserted
+            .push(Endpoint::new("10.0.0.1:80".parse().unwrap()));
+        changes.removed.push("10.0.0.9:80".parse().unwrap());
+        assert!(index.apply_changes(&k, changes, now));
+        sub.service.changed().await.unwrap();
+        let p = sub.service.borrow_and_update().clone();
+        assert_eq!(p.delta.changed.len(), 1, "{:?}", p.delta);
+        assert!(p.delta.added.is_empty() && p.delta.removed.is_empty());
+        let unchanged = EndpointChanges {
+            upserted: vec![Endpoint::new("10.0.0.1:80".parse().unwrap())],
+            removed: vec![],
+        };
+        assert!(
+            !index.apply_changes(&k, unchanged, now),
+            "nothing to publish"
+        );
 
         index.remove(&k, now);
         sub.service.changed().await.unwrap();

@@ -137,8 +137,10 @@ impl Endpoint {
     }
 }
 
-/// The endpoints of one service port, ordered by address so that diffs are a merge.
-pub type EndpointMap = BTreeMap<SocketAddr, Endpoint>;
+/// The endpoints of one service port, ordered by address. A persistent map: a new
+/// version shares all unchanged entries with the previous one, so changing k endpoints
+/// of a service costs O(k log n), not a copy of the set.
+pub type EndpointMap = imbl::OrdMap<SocketAddr, Arc<Endpoint>>;
 
 /// Share of a service's callers per zone (relative weights; not necessarily summing to 1).
 pub type CallerShares = BTreeMap<String, f64>;
@@ -150,41 +152,34 @@ pub struct ServiceSpec {
     pub callers: CallerShares,
     /// ClusterIPs under which proxies may also name this service (`10.96.0.10:80`).
     pub cluster_ips: Vec<IpAddr>,
+    /// The Service's `spec.trafficDistribution` (e.g. `PreferClose`), empty if unset.
+    pub traffic_distribution: String,
 }
 
-/// What changed between two endpoint maps, as the wire's `Delta`.
+/// Endpoints of one service port that changed (added or different) or left.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EndpointChanges {
+    pub upserted: Vec<Endpoint>,
+    pub removed: Vec<SocketAddr>,
+}
+
+impl EndpointChanges {
+    pub fn is_empty(&self) -> bool {
+        self.upserted.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// What changed between two endpoint maps, as the wire's `Delta`. Shared subtrees of
+/// the two persistent maps are skipped.
 pub fn diff(old: &EndpointMap, new: &EndpointMap) -> pb::Delta {
     let mut delta = pb::Delta::default();
-    let mut old_iter = old.iter().peekable();
-    let mut new_iter = new.iter().peekable();
-    loop {
-        match (old_iter.peek(), new_iter.peek()) {
-            (None, None) => break,
-            (Some((addr, _)), None) => {
-                delta.removed.push(addr.to_string());
-                old_iter.next();
+    for item in old.diff(new) {
+        match item {
+            imbl::ordmap::DiffItem::Add(_, ep) => delta.added.push(ep.to_proto()),
+            imbl::ordmap::DiffItem::Update { new: (_, ep), .. } => {
+                delta.changed.push(ep.to_proto())
             }
-            (None, Some((_, ep))) => {
-                delta.added.push(ep.to_proto());
-                new_iter.next();
-            }
-            (Some((old_addr, old_ep)), Some((new_addr, new_ep))) => match old_addr.cmp(new_addr) {
-                std::cmp::Ordering::Less => {
-                    delta.removed.push(old_addr.to_string());
-                    old_iter.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    delta.added.push(new_ep.to_proto());
-                    new_iter.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if old_ep != new_ep {
-                        delta.changed.push(new_ep.to_proto());
-                    }
-                    old_iter.next();
-                    new_iter.next();
-                }
-            },
+            imbl::ordmap::DiffItem::Remove(addr, _) => delta.removed.push(addr.to_string()),
         }
     }
     delta
@@ -197,17 +192,18 @@ pub fn delta_is_empty(delta: &pb::Delta) -> bool {
         && delta.removed.is_empty()
         && delta.caller_shares.is_none()
         && delta.proxy_locality.is_none()
+        && delta.traffic_distribution.is_none()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn ep(addr: &str, weight: u32) -> (SocketAddr, Endpoint) {
+    fn ep(addr: &str, weight: u32) -> (SocketAddr, Arc<Endpoint>) {
         let address: SocketAddr = addr.parse().unwrap();
         let mut e = Endpoint::new(address);
         e.weight = weight;
-        (address, e)
+        (address, Arc::new(e))
     }
 
     #[test]

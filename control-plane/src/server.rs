@@ -216,6 +216,9 @@ impl StreamState {
                                 by_zone: current.callers.iter().map(|(k, v)| (k.clone(), *v)).collect(),
                             });
                         }
+                        if sent.traffic_distribution != current.traffic_distribution {
+                            delta.traffic_distribution = Some(current.traffic_distribution.to_string());
+                        }
                         delta
                     };
                     let changed_at = current.changed_at;
@@ -275,6 +278,7 @@ impl StreamState {
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
             endpoints: current.endpoints.values().map(|e| e.to_proto()).collect(),
+            traffic_distribution: current.traffic_distribution.to_string(),
         };
         self.sent_locality = locality;
         let version = self.wire_version(current.version);

@@ -23,6 +23,9 @@ use crate::metrics::ProxyMetrics;
 use crate::upstream::UpstreamSettings;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Snapshots of very large services exceed tonic's 4 MiB default (10,000 endpoints
+/// take about 1.5 MiB; this leaves room for ten times that).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 
 /// The proxy's own locality: the `--locality` flag if given, else what the control plane says.
@@ -98,7 +101,8 @@ impl DiscoveryClient {
         metrics: Arc<ProxyMetrics>,
     ) -> Self {
         Self {
-            client: pb::discovery_client::DiscoveryClient::new(endpoint.connect_lazy()),
+            client: pb::discovery_client::DiscoveryClient::new(endpoint.connect_lazy())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
             identity,
             locality,
             upstream,
@@ -290,6 +294,8 @@ pub struct ServiceView {
     pub endpoints: BTreeMap<SocketAddr, EndpointMeta>,
     pub caller_shares: BTreeMap<String, f64>,
     pub proxy_locality: Option<Locality>,
+    /// The Service's trafficDistribution (e.g. `PreferClose`), empty when unset.
+    pub traffic_distribution: String,
 }
 
 /// Applies one update to `view`, validating all of it first: on error nothing changes.
@@ -309,6 +315,7 @@ pub fn apply(view: Option<&ServiceView>, update: &pb::Update) -> Result<ServiceV
                 endpoints,
                 caller_shares: snapshot.caller_shares.clone().into_iter().collect(),
                 proxy_locality: snapshot.proxy_locality.as_ref().map(Locality::from_proto),
+                traffic_distribution: snapshot.traffic_distribution.clone(),
             })
         }
         Some(pb::update::Change::Delta(delta)) => {
@@ -335,6 +342,9 @@ pub fn apply(view: Option<&ServiceView>, update: &pb::Update) -> Result<ServiceV
             }
             if let Some(shares) = &delta.caller_shares {
                 next.caller_shares = shares.by_zone.clone().into_iter().collect();
+            }
+            if let Some(distribution) = &delta.traffic_distribution {
+                next.traffic_distribution = distribution.clone();
             }
             if let Some(locality) = &delta.proxy_locality {
                 let locality = Locality::from_proto(locality);

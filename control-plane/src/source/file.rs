@@ -273,7 +273,11 @@ pub fn parse(text: &str) -> Result<FileContent, FileError> {
                     .unwrap_or_default(),
                 name: e.name,
             };
-            if spec.endpoints.insert(e.address, endpoint).is_some() {
+            if spec
+                .endpoints
+                .insert(e.address, Arc::new(endpoint))
+                .is_some()
+            {
                 return Err(FileError::at(
                     line,
                     format!("endpoint {} is listed twice in {key}", e.address),
@@ -529,7 +533,7 @@ nodes:
         let content = parse(GOOD).unwrap();
         let web = &content.services[&ServiceKey::new("default", "web", 80)];
         assert_eq!(web.endpoints.len(), 2);
-        let second = &web.endpoints[&"127.0.0.1:9002".parse().unwrap()];
+        let second = &web.endpoints[&"127.0.0.1:9002".parse::<SocketAddr>().unwrap()];
         assert_eq!(second.weight, 3);
         assert_eq!(second.health, Health::Draining);
         assert_eq!(second.locality.zone, "zone-b");

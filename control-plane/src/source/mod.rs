@@ -3,3 +3,4 @@
 //! proxies itself.
 
 pub mod file;
+pub mod kubernetes;
