@@ -187,11 +187,17 @@ pub async fn run(args: Args) -> Result<(), Error> {
                     }
                 })
                 .collect();
+            let local = vec![Default::default(); addrs.len()];
+            let placement = crate::destination::Placement {
+                proxy_locality: args.locality.clone(),
+                ..Default::default()
+            };
             let set = BackendSet::new(
                 0,
                 "static".into(),
                 backends,
-                args.locality.clone(),
+                local,
+                placement,
                 fastrand::u64(..),
             );
             metrics.discovery_connected.set(1);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 
-use crate::balancer::{Balancer, EndpointView, PickError};
+use crate::balancer::{Balancer, BalancerConfig, EndpointView, Origin, PickError};
 use crate::endpoint::{EndpointMeta, Locality};
 use crate::metrics::{BackendStats, DestinationStats};
 use crate::upstream::{Upstream, UpstreamSettings};
@@ -41,13 +41,30 @@ pub struct Backend {
     pub stats: Arc<BackendStats>,
 }
 
+/// Per-endpoint health the proxy learned itself (outlier detection, active checks).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LocalHealth {
+    pub ejected: bool,
+    /// How long the endpoint has been healthy, for slow start (None: long enough).
+    pub healthy_for: Option<std::time::Duration>,
+}
+
+/// Everything a backend set is balanced by, besides its endpoints.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    pub proxy_locality: Option<Locality>,
+    pub caller_shares: std::collections::BTreeMap<String, f64>,
+    pub config: BalancerConfig,
+}
+
 /// One version of a destination's endpoints, with the balancer built for them.
 pub struct BackendSet {
     pub version: u64,
     pub service: String,
     pub backends: Vec<Backend>,
+    pub local: Vec<LocalHealth>,
     pub balancer: Balancer,
-    pub proxy_locality: Option<Locality>,
+    pub placement: Placement,
 }
 
 impl BackendSet {
@@ -55,22 +72,25 @@ impl BackendSet {
         version: u64,
         service: String,
         backends: Vec<Backend>,
-        proxy_locality: Option<Locality>,
+        local: Vec<LocalHealth>,
+        placement: Placement,
         seed: u64,
     ) -> Self {
-        let views: Vec<EndpointView> = backends
-            .iter()
-            .map(|b| EndpointView {
-                weight: b.meta.weight,
-                health: b.meta.health,
-            })
-            .collect();
+        let views = views(&backends, &local);
+        let locality = placement.proxy_locality.clone().unwrap_or_default();
+        let origin = Origin {
+            region: &locality.region,
+            zone: &locality.zone,
+            callers: Some(&placement.caller_shares).filter(|c| !c.is_empty()),
+        };
+        let balancer = Balancer::build(&views, &origin, &placement.config, seed);
         Self {
             version,
             service,
-            balancer: Balancer::new(&views, seed),
             backends,
-            proxy_locality,
+            local,
+            balancer,
+            placement,
         }
     }
 
@@ -78,16 +98,24 @@ impl BackendSet {
     pub fn pick(&self) -> Result<&Backend, PickError> {
         self.balancer.pick().map(|i| &self.backends[i])
     }
+}
 
-    pub fn views(&self) -> Vec<EndpointView> {
-        self.backends
-            .iter()
-            .map(|b| EndpointView {
+fn views<'a>(backends: &'a [Backend], local: &[LocalHealth]) -> Vec<EndpointView<'a>> {
+    backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let l = local.get(i).copied().unwrap_or_default();
+            EndpointView {
                 weight: b.meta.weight,
                 health: b.meta.health,
-            })
-            .collect()
-    }
+                ejected: l.ejected,
+                region: &b.meta.locality.region,
+                zone: &b.meta.locality.zone,
+                healthy_for: l.healthy_for,
+            }
+        })
+        .collect()
 }
 
 pub enum Resolution {

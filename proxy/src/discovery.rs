@@ -17,7 +17,9 @@ use tandem_proto::discovery::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use crate::destination::{Backend, BackendConn, BackendSet, Destination, Resolution};
+use crate::destination::{
+    Backend, BackendConn, BackendSet, Destination, LocalHealth, Placement, Resolution,
+};
 use crate::endpoint::{EndpointMeta, Locality};
 use crate::metrics::ProxyMetrics;
 use crate::upstream::UpstreamSettings;
@@ -240,7 +242,7 @@ impl DiscoveryClient {
         conns: &mut HashMap<SocketAddr, BackendConn>,
     ) {
         conns.retain(|addr, _| view.endpoints.contains_key(addr));
-        let backends = view
+        let backends: Vec<Backend> = view
             .endpoints
             .values()
             .map(|meta| {
@@ -254,11 +256,18 @@ impl DiscoveryClient {
                 }
             })
             .collect();
+        let local = vec![LocalHealth::default(); backends.len()];
+        let placement = Placement {
+            proxy_locality: self.locality.current(),
+            caller_shares: view.caller_shares.clone(),
+            config: Default::default(),
+        };
         let set = BackendSet::new(
             view.version,
             view.service.clone(),
             backends,
-            self.locality.current(),
+            local,
+            placement,
             fastrand::u64(..),
         );
         tracing::debug!(

@@ -69,8 +69,12 @@ impl Inspector {
                         out["reason"] = m.clone().into();
                     }
                     Resolution::Ready(set) => {
-                        let views = set.views();
+                        let shares = set.balancer.expected_shares();
+                        let weights = set.balancer.effective_weights();
                         out["state"] = "ready".into();
+                        out["mode"] = serde_json::to_value(set.balancer.mode()).unwrap_or_default();
+                        out["loads"] =
+                            serde_json::to_value(set.balancer.loads()).unwrap_or_default();
                         out["service"] = set.service.clone().into();
                         out["version"] = set.version.into();
                         out["pickable"] = set.balancer.pickable().into();
@@ -80,7 +84,10 @@ impl Inspector {
                             .enumerate()
                             .map(|(i, b)| {
                                 let mut e = serde_json::to_value(&b.meta).unwrap_or_default();
-                                e["expected_share"] = set.balancer.expected_share(&views, i).into();
+                                e["expected_share"] = shares[i].into();
+                                // Effective weights are kept in hundredths (slow start).
+                                e["effective_weight"] = (weights[i] as f64 / 100.0).into();
+                                e["ejected"] = set.local.get(i).is_some_and(|l| l.ejected).into();
                                 e["responses"] = b.stats.responses.total().into();
                                 e["failures"] = b.stats.failures.load(Relaxed).into();
                                 e["idle_connections"] = b.upstream.idle_connections().into();
