@@ -19,8 +19,8 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::model::{
-    CallerShares, EndpointChanges, EndpointMap, Locality, ServiceKey, ServiceSpec, delta_is_empty,
-    diff,
+    CallerShares, EndpointChanges, EndpointMap, Locality, Policy, ServiceKey, ServiceSpec,
+    delta_is_empty, diff,
 };
 
 /// Node name → locality, as the sources know it.
@@ -36,6 +36,7 @@ pub struct Published {
     pub endpoints: EndpointMap,
     pub callers: Arc<CallerShares>,
     pub traffic_distribution: Arc<str>,
+    pub policy: Arc<Policy>,
     /// From `prev_version` to `version`.
     pub delta: pb::Delta,
     /// When the change was seen by the source, to measure push latency.
@@ -159,6 +160,7 @@ impl ServiceIndex {
         cluster_ips: Vec<IpAddr>,
         callers: CallerShares,
         traffic_distribution: String,
+        policy: Policy,
         changed_at: Instant,
     ) -> bool {
         let mut state = self.write();
@@ -172,6 +174,7 @@ impl ServiceIndex {
             callers,
             cluster_ips,
             traffic_distribution,
+            policy,
         };
         let changed = self.upsert_locked(&mut state, key, spec, changed_at);
         self.update_gauges(&state);
@@ -223,6 +226,7 @@ impl ServiceIndex {
             endpoints,
             callers: current.callers.clone(),
             traffic_distribution: current.traffic_distribution.clone(),
+            policy: current.policy.clone(),
             delta,
             changed_at,
             deleted: false,
@@ -306,12 +310,16 @@ impl ServiceIndex {
                 if entry.spec.traffic_distribution != spec.traffic_distribution {
                     delta.traffic_distribution = Some(spec.traffic_distribution.clone());
                 }
+                if entry.spec.policy != spec.policy {
+                    delta.policy = Some(spec.policy.to_proto());
+                }
                 let published = Published {
                     version: self.version(),
                     prev_version: current.version,
                     endpoints: spec.endpoints.clone(),
                     callers: Arc::new(spec.callers.clone()),
                     traffic_distribution: spec.traffic_distribution.as_str().into(),
+                    policy: Arc::new(spec.policy.clone()),
                     delta,
                     changed_at,
                     deleted: false,
@@ -339,6 +347,7 @@ impl ServiceIndex {
                     endpoints: spec.endpoints.clone(),
                     callers: Arc::new(spec.callers.clone()),
                     traffic_distribution: spec.traffic_distribution.as_str().into(),
+                    policy: Arc::new(spec.policy.clone()),
                     delta: pb::Delta::default(),
                     changed_at,
                     deleted: false,
@@ -369,6 +378,7 @@ impl ServiceIndex {
             endpoints: EndpointMap::new(),
             callers: current.callers.clone(),
             traffic_distribution: current.traffic_distribution.clone(),
+            policy: current.policy.clone(),
             delta: pb::Delta::default(),
             changed_at,
             deleted: true,

@@ -145,6 +145,38 @@ pub type EndpointMap = imbl::OrdMap<SocketAddr, Arc<Endpoint>>;
 /// Share of a service's callers per zone (relative weights; not necessarily summing to 1).
 pub type CallerShares = BTreeMap<String, f64>;
 
+/// Active HTTP health checks of a service's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+}
+
+/// How proxies treat a service beyond balancing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub health_check: Option<HealthCheck>,
+    pub request_timeout: Option<std::time::Duration>,
+}
+
+impl Policy {
+    pub fn to_proto(&self) -> pb::Policy {
+        pb::Policy {
+            health_check: self.health_check.as_ref().map(|h| pb::HealthCheck {
+                path: h.path.clone(),
+                interval_ms: h.interval.as_millis() as u32,
+                timeout_ms: h.timeout.as_millis() as u32,
+                unhealthy_threshold: h.unhealthy_threshold,
+                healthy_threshold: h.healthy_threshold,
+            }),
+            request_timeout_ms: self.request_timeout.map_or(0, |t| t.as_millis() as u32),
+        }
+    }
+}
+
 /// Everything a source knows about one service port.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServiceSpec {
@@ -154,6 +186,7 @@ pub struct ServiceSpec {
     pub cluster_ips: Vec<IpAddr>,
     /// The Service's `spec.trafficDistribution` (e.g. `PreferClose`), empty if unset.
     pub traffic_distribution: String,
+    pub policy: Policy,
 }
 
 /// Endpoints of one service port that changed (added or different) or left.
@@ -193,6 +226,7 @@ pub fn delta_is_empty(delta: &pb::Delta) -> bool {
         && delta.caller_shares.is_none()
         && delta.proxy_locality.is_none()
         && delta.traffic_distribution.is_none()
+        && delta.policy.is_none()
 }
 
 #[cfg(test)]

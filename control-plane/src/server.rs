@@ -219,6 +219,9 @@ impl StreamState {
                         if sent.traffic_distribution != current.traffic_distribution {
                             delta.traffic_distribution = Some(current.traffic_distribution.to_string());
                         }
+                        if sent.policy != current.policy {
+                            delta.policy = Some(current.policy.to_proto());
+                        }
                         delta
                     };
                     let changed_at = current.changed_at;
@@ -279,6 +282,7 @@ impl StreamState {
                 .collect(),
             endpoints: current.endpoints.values().map(|e| e.to_proto()).collect(),
             traffic_distribution: current.traffic_distribution.to_string(),
+            policy: Some(current.policy.to_proto()),
         };
         self.sent_locality = locality;
         let version = self.wire_version(current.version);

@@ -12,11 +12,13 @@ use tandem_common::process_metrics::ProcessCollector;
 use tandem_common::{Admin, Readiness, Shutdown, announce};
 use tandem_proto::discovery::v1 as pb;
 
-use crate::destination::{Backend, BackendConn, BackendSet, Destination, Destinations, Resolution};
-use crate::discovery::{DiscoveryClient, ProxyLocality, control_plane_endpoint};
+use crate::balancer::{BalancerConfig, SlowStart};
+use crate::destination::{Destination, Destinations, Resolution};
+use crate::discovery::{DiscoveryClient, ProxyLocality, ServiceView, control_plane_endpoint};
 use crate::endpoint::{EndpointMeta, Locality, Protocol};
-use crate::forward::{Forwarder, Router};
+use crate::forward::{Forwarder, Resilience, Router};
 use crate::inspect::Inspector;
+use crate::manager::{Manager, ManagerSettings, OutlierConfig};
 use crate::metrics::ProxyMetrics;
 use crate::server::Server;
 use crate::tls::{TlsError, server_config};
@@ -104,6 +106,46 @@ pub struct Args {
     /// At most this many destinations are tracked at once.
     #[arg(long, default_value_t = 10_000)]
     pub max_destinations: usize,
+
+    /// Balancer: a tier keeps all its traffic while overprovisioning × healthy% >= 100.
+    #[arg(long, default_value_t = 1.4, help_heading = "Balancing")]
+    pub overprovisioning_factor: f64,
+    /// Balancer: below this percentage of healthy endpoints, balance over all of them.
+    #[arg(long, default_value_t = 50.0, help_heading = "Balancing")]
+    pub panic_threshold: f64,
+    /// Balancer: zone-aware routing needs at least this many healthy endpoints.
+    #[arg(long, default_value_t = 6, help_heading = "Balancing")]
+    pub zone_aware_min_endpoints: usize,
+    /// Ramp up endpoints that just became healthy over this window, from 10% (off by default).
+    #[arg(long, value_parser = duration, help_heading = "Balancing")]
+    pub slow_start_window: Option<Duration>,
+    /// Outlier detection: consecutive failures (connect error, reset, 5xx, timeout) that eject.
+    #[arg(long, default_value_t = 5, help_heading = "Resilience")]
+    pub outlier_consecutive_failures: u32,
+    /// Outlier detection: an ejection lasts this long times the number of ejections.
+    #[arg(long, default_value = "30s", value_parser = duration, help_heading = "Resilience")]
+    pub outlier_base_ejection_time: Duration,
+    /// Outlier detection: the longest ejection.
+    #[arg(long, default_value = "300s", value_parser = duration, help_heading = "Resilience")]
+    pub outlier_max_ejection_time: Duration,
+    /// Outlier detection: at most this percentage of a set is ejected (at least one endpoint).
+    #[arg(long, default_value_t = 10.0, help_heading = "Resilience")]
+    pub outlier_max_ejection_percent: f64,
+    /// Retries may add at most this percentage of the requests in flight (at least --retry-min).
+    #[arg(long, default_value_t = 20.0, help_heading = "Resilience")]
+    pub retry_budget_percent: f64,
+    /// Retries always allowed in flight per destination, whatever the budget.
+    #[arg(long, default_value_t = 3, help_heading = "Resilience")]
+    pub retry_min: usize,
+    /// Endpoints tried for one request.
+    #[arg(long, default_value_t = 3, help_heading = "Resilience")]
+    pub max_attempts: usize,
+    /// Time allowed from request to response headers, unless the service sets its own (default: none).
+    #[arg(long, value_parser = duration, help_heading = "Resilience")]
+    pub request_timeout: Option<Duration>,
+    /// Requests in flight per destination beyond which the proxy answers 503 at once.
+    #[arg(long, default_value_t = 10_000, help_heading = "Resilience")]
+    pub max_pending_requests: usize,
     /// Log format on stderr: plain or json.
     #[arg(long, default_value = "plain", env = "TANDEM_LOG_FORMAT")]
     pub log_format: LogFormat,
@@ -169,40 +211,52 @@ pub async fn run(args: Args) -> Result<(), Error> {
     });
     let locality = Arc::new(ProxyLocality::new(args.locality.clone()));
     let readiness = Arc::new(Readiness::not_ready("waiting for the control plane"));
+    let settings = Arc::new(ManagerSettings {
+        upstream: upstream.clone(),
+        balancer: BalancerConfig {
+            overprovisioning: args.overprovisioning_factor,
+            panic_threshold: args.panic_threshold / 100.0,
+            min_zone_aware_endpoints: args.zone_aware_min_endpoints,
+            slow_start: args.slow_start_window.map(SlowStart::new),
+        },
+        outlier: OutlierConfig {
+            consecutive_failures: args.outlier_consecutive_failures,
+            base_ejection_time: args.outlier_base_ejection_time,
+            max_ejection_time: args.outlier_max_ejection_time,
+            max_ejection_percent: args.outlier_max_ejection_percent,
+        },
+        locality: locality.clone(),
+    });
 
     let router = match &args.control_plane {
         None => {
             let addrs = resolve_backends(&args.backends).await?;
-            let backends = addrs
+            let endpoints = addrs
                 .iter()
                 .map(|addr| {
-                    let conn = BackendConn::new(*addr, &upstream);
-                    Backend {
-                        meta: EndpointMeta {
-                            protocol: args.backend_protocol,
-                            ..EndpointMeta::static_backend(*addr)
-                        },
-                        upstream: conn.upstream,
-                        stats: conn.stats,
-                    }
+                    let meta = EndpointMeta {
+                        protocol: args.backend_protocol,
+                        ..EndpointMeta::static_backend(*addr)
+                    };
+                    (*addr, meta)
                 })
                 .collect();
-            let local = vec![Default::default(); addrs.len()];
-            let placement = crate::destination::Placement {
-                proxy_locality: args.locality.clone(),
+            let view = ServiceView {
+                service: "static".into(),
+                endpoints,
                 ..Default::default()
             };
-            let set = BackendSet::new(
-                0,
-                "static".into(),
-                backends,
-                local,
-                placement,
-                fastrand::u64(..),
-            );
+            let destination = Destination::new("static", Resolution::Pending);
+            let (views, views_rx) = tokio::sync::watch::channel(Some(view));
+            let manager = Manager::new(destination.clone(), settings.clone());
+            tokio::spawn(async move {
+                // Holding the sender keeps the manager running for the process's life.
+                let _views = views;
+                manager.run(views_rx).await;
+            });
             metrics.discovery_connected.set(1);
             readiness.set_ready();
-            Router::Static(Destination::new("static", Resolution::Ready(Arc::new(set))))
+            Router::Static(destination)
         }
         Some(addr) => {
             let endpoint = control_plane_endpoint(addr).map_err(Error::Config)?;
@@ -214,8 +268,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
             let client = Arc::new(DiscoveryClient::new(
                 endpoint,
                 identity,
-                locality.clone(),
-                upstream.clone(),
+                settings.clone(),
                 metrics.clone(),
             ));
             tokio::spawn(client.clone().hello(readiness.clone()));
@@ -274,7 +327,13 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let forwarder = Arc::new(Forwarder {
         router: router.clone(),
         discovery_timeout: args.discovery_timeout,
-        max_attempts: 3,
+        resilience: Resilience {
+            max_attempts: args.max_attempts.max(1),
+            retry_budget: args.retry_budget_percent / 100.0,
+            retry_min: args.retry_min,
+            request_timeout: args.request_timeout,
+            max_pending: args.max_pending_requests.max(1),
+        },
     });
     let server = Arc::new(Server {
         forwarder,

@@ -7,38 +7,73 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 use crate::balancer::{Balancer, BalancerConfig, EndpointView, Origin, PickError};
 use crate::endpoint::{EndpointMeta, Locality};
 use crate::metrics::{BackendStats, DestinationStats};
+use crate::policy::Policy;
 use crate::upstream::{Upstream, UpstreamSettings};
 
-/// The connections and counters of one endpoint; they outlive backend-set versions so
-/// that a discovery update does not drop pooled connections or reset counters.
-pub struct BackendConn {
+/// The connections, counters and passive health of one endpoint. They outlive
+/// backend-set versions, so a discovery update does not drop pooled connections,
+/// reset counters or forget failures.
+pub struct EndpointState {
     pub upstream: Arc<Upstream>,
     pub stats: Arc<BackendStats>,
+    /// Consecutive failures (connect error, reset, 5xx, timeout): the request path only
+    /// counts; the destination's manager decides about ejection.
+    failures: AtomicU32,
+    threshold: u32,
+    report: mpsc::UnboundedSender<SocketAddr>,
 }
 
-impl BackendConn {
-    pub fn new(address: SocketAddr, settings: &Arc<UpstreamSettings>) -> Self {
+impl EndpointState {
+    pub fn new(
+        address: SocketAddr,
+        settings: &Arc<UpstreamSettings>,
+        threshold: u32,
+        report: mpsc::UnboundedSender<SocketAddr>,
+    ) -> Self {
         Self {
             upstream: Upstream::new(address, settings.clone()),
             stats: Arc::new(BackendStats::default()),
+            failures: AtomicU32::new(0),
+            threshold: threshold.max(1),
+            report,
         }
+    }
+
+    #[inline]
+    pub fn succeeded(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a failure for outlier detection; the one that reaches the threshold is
+    /// reported (once).
+    #[inline]
+    pub fn failed(&self) {
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 == self.threshold {
+            let _ = self.report.send(self.upstream.addr());
+        }
+    }
+
+    /// Starts counting afresh (after an ejection ended).
+    pub fn reset_failures(&self) {
+        self.failures.store(0, Ordering::Relaxed);
     }
 }
 
 pub struct Backend {
     pub meta: EndpointMeta,
-    pub upstream: Arc<Upstream>,
-    pub stats: Arc<BackendStats>,
+    pub state: Arc<EndpointState>,
 }
 
 /// Per-endpoint health the proxy learned itself (outlier detection, active checks).
@@ -65,6 +100,7 @@ pub struct BackendSet {
     pub local: Vec<LocalHealth>,
     pub balancer: Balancer,
     pub placement: Placement,
+    pub policy: Policy,
 }
 
 impl BackendSet {
@@ -74,6 +110,7 @@ impl BackendSet {
         backends: Vec<Backend>,
         local: Vec<LocalHealth>,
         placement: Placement,
+        policy: Policy,
         seed: u64,
     ) -> Self {
         let views = views(&backends, &local);
@@ -91,6 +128,7 @@ impl BackendSet {
             local,
             balancer,
             placement,
+            policy,
         }
     }
 

@@ -6,7 +6,7 @@
 //! set. An update that does not make sense (a delta before any snapshot, a malformed
 //! address) is rejected whole, the last good set is kept, and the stream is re-opened.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,15 +14,15 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use tandem_common::{Backoff, Readiness};
 use tandem_proto::discovery::v1 as pb;
+use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use crate::destination::{
-    Backend, BackendConn, BackendSet, Destination, LocalHealth, Placement, Resolution,
-};
+use crate::destination::{Destination, Resolution};
 use crate::endpoint::{EndpointMeta, Locality};
+use crate::manager::{Manager, ManagerSettings};
 use crate::metrics::ProxyMetrics;
-use crate::upstream::UpstreamSettings;
+use crate::policy::Policy;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Snapshots of very large services exceed tonic's 4 MiB default (10,000 endpoints
@@ -59,8 +59,7 @@ impl ProxyLocality {
 pub struct DiscoveryClient {
     client: pb::discovery_client::DiscoveryClient<Channel>,
     identity: pb::ProxyIdentity,
-    pub locality: Arc<ProxyLocality>,
-    upstream: Arc<UpstreamSettings>,
+    settings: Arc<ManagerSettings>,
     metrics: Arc<ProxyMetrics>,
 }
 
@@ -98,16 +97,14 @@ impl DiscoveryClient {
     pub fn new(
         endpoint: Endpoint,
         identity: pb::ProxyIdentity,
-        locality: Arc<ProxyLocality>,
-        upstream: Arc<UpstreamSettings>,
+        settings: Arc<ManagerSettings>,
         metrics: Arc<ProxyMetrics>,
     ) -> Self {
         Self {
             client: pb::discovery_client::DiscoveryClient::new(endpoint.connect_lazy())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
             identity,
-            locality,
-            upstream,
+            settings,
             metrics,
         }
     }
@@ -126,10 +123,10 @@ impl DiscoveryClient {
                     let locality = response.locality.as_ref().map(Locality::from_proto);
                     tracing::info!(
                         control_plane_version = %response.control_plane_version,
-                        locality = ?self.locality.configured.clone().or(locality.clone()),
+                        locality = ?self.settings.locality.configured.clone().or(locality.clone()),
                         "connected to the control plane"
                     );
-                    self.locality.discovered(locality);
+                    self.settings.locality.discovered(locality);
                     self.metrics.discovery_connected.set(1);
                     readiness.set_ready();
                     return;
@@ -149,24 +146,37 @@ impl DiscoveryClient {
         }
     }
 
-    /// Starts the watch task of a new destination.
+    /// Starts the tasks of a new destination: its discovery watch, which turns the
+    /// stream into validated views, and its manager, which turns views (and what the
+    /// proxy learns itself about endpoint health) into backend sets.
     pub fn spawn_watch(self: &Arc<Self>, destination: &Arc<Destination>) {
-        let this = self.clone();
-        let destination = destination.clone();
+        let (views, views_rx) = watch::channel(None);
+        let manager = Manager::new(destination.clone(), self.settings.clone());
+        let evicted = destination.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = this.watch(&destination) => {}
-                _ = destination.evicted() => {}
+                _ = manager.run(views_rx) => {}
+                _ = evicted.evicted() => {}
             }
         });
+        let this = self.clone();
+        let destination = destination.clone();
+        tokio::spawn(async move { this.watch(&destination, views).await });
     }
 
-    async fn watch(&self, destination: &Arc<Destination>) {
+    /// Ends when the manager is gone (the destination was evicted).
+    async fn watch(
+        &self,
+        destination: &Arc<Destination>,
+        views: watch::Sender<Option<ServiceView>>,
+    ) {
         let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
-        // Pools and counters per endpoint survive updates and re-subscriptions.
-        let mut conns: HashMap<SocketAddr, BackendConn> = HashMap::new();
         loop {
-            match self.watch_once(destination, &mut conns, &mut backoff).await {
+            let end = tokio::select! {
+                end = self.watch_once(destination, &views, &mut backoff) => end,
+                _ = views.closed() => return,
+            };
+            match end {
                 StreamEnd::Unknown(message) => {
                     tracing::debug!(destination = destination.name(), %message, "unknown destination");
                     destination.set(Resolution::Unknown(message));
@@ -193,14 +203,17 @@ impl DiscoveryClient {
                     );
                 }
             }
-            tokio::time::sleep(backoff.next_delay()).await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = views.closed() => return,
+            }
         }
     }
 
     async fn watch_once(
         &self,
         destination: &Arc<Destination>,
-        conns: &mut HashMap<SocketAddr, BackendConn>,
+        views: &watch::Sender<Option<ServiceView>>,
         backoff: &mut Backoff,
     ) -> StreamEnd {
         let request = pb::WatchRequest {
@@ -228,56 +241,13 @@ impl DiscoveryClient {
                 .discovery_updates
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if next.proxy_locality.is_some() {
-                self.locality.discovered(next.proxy_locality.clone());
+                self.settings
+                    .locality
+                    .discovered(next.proxy_locality.clone());
             }
-            self.install(destination, &next, conns);
+            views.send_replace(Some(next.clone()));
             view = Some(next);
         }
-    }
-
-    fn install(
-        &self,
-        destination: &Destination,
-        view: &ServiceView,
-        conns: &mut HashMap<SocketAddr, BackendConn>,
-    ) {
-        conns.retain(|addr, _| view.endpoints.contains_key(addr));
-        let backends: Vec<Backend> = view
-            .endpoints
-            .values()
-            .map(|meta| {
-                let conn = conns
-                    .entry(meta.address)
-                    .or_insert_with(|| BackendConn::new(meta.address, &self.upstream));
-                Backend {
-                    meta: meta.clone(),
-                    upstream: conn.upstream.clone(),
-                    stats: conn.stats.clone(),
-                }
-            })
-            .collect();
-        let local = vec![LocalHealth::default(); backends.len()];
-        let placement = Placement {
-            proxy_locality: self.locality.current(),
-            caller_shares: view.caller_shares.clone(),
-            config: Default::default(),
-        };
-        let set = BackendSet::new(
-            view.version,
-            view.service.clone(),
-            backends,
-            local,
-            placement,
-            fastrand::u64(..),
-        );
-        tracing::debug!(
-            destination = destination.name(),
-            version = view.version,
-            endpoints = set.backends.len(),
-            pickable = set.balancer.pickable(),
-            "backend set updated"
-        );
-        destination.set(Resolution::Ready(Arc::new(set)));
     }
 }
 
@@ -305,6 +275,7 @@ pub struct ServiceView {
     pub proxy_locality: Option<Locality>,
     /// The Service's trafficDistribution (e.g. `PreferClose`), empty when unset.
     pub traffic_distribution: String,
+    pub policy: Policy,
 }
 
 /// Applies one update to `view`, validating all of it first: on error nothing changes.
@@ -325,6 +296,12 @@ pub fn apply(view: Option<&ServiceView>, update: &pb::Update) -> Result<ServiceV
                 caller_shares: snapshot.caller_shares.clone().into_iter().collect(),
                 proxy_locality: snapshot.proxy_locality.as_ref().map(Locality::from_proto),
                 traffic_distribution: snapshot.traffic_distribution.clone(),
+                policy: snapshot
+                    .policy
+                    .as_ref()
+                    .map(Policy::from_proto)
+                    .transpose()?
+                    .unwrap_or_default(),
             })
         }
         Some(pb::update::Change::Delta(delta)) => {
@@ -351,6 +328,9 @@ pub fn apply(view: Option<&ServiceView>, update: &pb::Update) -> Result<ServiceV
             }
             if let Some(shares) = &delta.caller_shares {
                 next.caller_shares = shares.by_zone.clone().into_iter().collect();
+            }
+            if let Some(policy) = &delta.policy {
+                next.policy = Policy::from_proto(policy)?;
             }
             if let Some(distribution) = &delta.traffic_distribution {
                 next.traffic_distribution = distribution.clone();

@@ -33,8 +33,7 @@ pub struct Forwarder {
     pub router: Arc<Router>,
     /// How long a request waits for a new destination's first discovery answer.
     pub discovery_timeout: Duration,
-    /// Endpoints tried for one request when connecting fails (nothing was sent).
-    pub max_attempts: usize,
+    pub resilience: Resilience,
 }
 
 /// A response the proxy makes itself.
@@ -391,8 +390,36 @@ impl Forwarder {
         ProxyBody: From<B>,
     {
         let (destination, set) = self.backends(destination).await?;
+        let stats = &destination.stats;
+        // Circuit breaking: a bounded number in flight, answered at once beyond it; no queue.
+        let _active = Counted::enter(&stats.active);
+        let in_flight = stats.active.load(Ordering::Relaxed);
+        if in_flight > self.resilience.max_pending {
+            stats.error(ProxyErrorKind::Overflow);
+            return Err(ProxyError::new(
+                ProxyErrorKind::Overflow,
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "destination {} already has {} requests in flight (limit {}); try again",
+                    destination.name(),
+                    in_flight - 1,
+                    self.resilience.max_pending
+                ),
+            ));
+        }
         let mut req = req.map(ProxyBody::from);
         strip_hop_by_hop(req.headers_mut());
+        // A request with no body and a safe-to-repeat method can be sent again when its
+        // backend fails before answering; keep its head for that.
+        let replay = (self.resilience.max_attempts > 1
+            && http_body::Body::is_end_stream(req.body())
+            && is_idempotent(req.method()))
+        .then(|| Replay::of(&req));
+        let timeout = set
+            .policy
+            .request_timeout
+            .or(self.resilience.request_timeout);
+        let mut retry_slot: Option<Counted<'_>> = None;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -410,46 +437,177 @@ impl Forwarder {
                         ),
                     ),
                 };
-                destination.stats.error(kind);
+                stats.error(kind);
                 ProxyError::new(kind, StatusCode::SERVICE_UNAVAILABLE, message)
             })?;
             let version = backend.meta.protocol.version_for(grpc);
             adapt(&mut req, version);
-            match backend.upstream.send(version, req).await {
+            let upstream = &backend.state.upstream;
+            let sent = match timeout {
+                None => upstream.send(version, req).await,
+                Some(limit) => match tokio::time::timeout(limit, upstream.send(version, req)).await
+                {
+                    Ok(sent) => sent,
+                    Err(_) => {
+                        backend.state.failed();
+                        stats.error(ProxyErrorKind::Timeout);
+                        return Err(ProxyError::new(
+                            ProxyErrorKind::Timeout,
+                            StatusCode::GATEWAY_TIMEOUT,
+                            format!(
+                                "backend {} of {} did not answer within {limit:?}",
+                                backend.meta.address,
+                                destination.name()
+                            ),
+                        ));
+                    }
+                },
+            };
+            let failure = match sent {
                 Ok(mut response) => {
-                    backend.stats.latency.observe(start.elapsed());
-                    backend.stats.responses.record(response.status().as_u16());
+                    let status = response.status();
+                    if status.is_server_error() {
+                        backend.state.failed();
+                    } else {
+                        backend.state.succeeded();
+                    }
+                    backend.state.stats.latency.observe(start.elapsed());
+                    backend.state.stats.responses.record(status.as_u16());
                     strip_hop_by_hop(response.headers_mut());
                     return Ok(response);
                 }
-                Err(failure) => {
-                    let crate::upstream::SendError { error, unsent } = *failure;
-                    backend.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    let retry = error.before_request()
-                        && attempt < self.max_attempts
-                        && set.balancer.pickable() > 1;
-                    match unsent {
-                        Some(unsent) if retry => {
-                            tracing::debug!(destination = destination.name(), backend = %backend.meta.address, %error, "endpoint failed before the request was sent; trying another");
-                            req = unsent;
-                        }
-                        _ => {
-                            tracing::debug!(destination = destination.name(), backend = %backend.meta.address, %error, "upstream request failed");
-                            destination.stats.error(ProxyErrorKind::UpstreamFailed);
-                            return Err(ProxyError::new(
-                                ProxyErrorKind::UpstreamFailed,
-                                StatusCode::BAD_GATEWAY,
-                                format!(
-                                    "backend {} of {} failed: {error}",
-                                    backend.meta.address,
-                                    destination.name()
-                                ),
-                            ));
-                        }
-                    }
-                }
+                Err(failure) => failure,
+            };
+            backend.state.failed();
+            backend.state.stats.failures.fetch_add(1, Ordering::Relaxed);
+            let crate::upstream::SendError { error, unsent } = *failure;
+            let written = unsent.is_none();
+            let another = attempt < self.resilience.max_attempts
+                && set.balancer.pickable() > 1
+                && (retry_slot.is_some() || {
+                    retry_slot = self.resilience.retry_slot(stats);
+                    retry_slot.is_some()
+                });
+            let next = match unsent {
+                // Nothing reached the backend: safe to send anywhere.
+                Some(unsent) if another => Some(unsent),
+                _ if another => replay.as_ref().map(Replay::request),
+                _ => None,
+            };
+            let Some(next) = next else {
+                tracing::debug!(destination = destination.name(), backend = %backend.meta.address, %error, "upstream request failed");
+                stats.error(ProxyErrorKind::UpstreamFailed);
+                return Err(ProxyError::new(
+                    ProxyErrorKind::UpstreamFailed,
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "backend {} of {} failed: {error}",
+                        backend.meta.address,
+                        destination.name()
+                    ),
+                ));
+            };
+            tracing::debug!(destination = destination.name(), backend = %backend.meta.address, %error, attempt, "retrying on another endpoint");
+            stats.retries.fetch_add(1, Ordering::Relaxed);
+            if written {
+                // The backend may have seen it: back off a little, with jitter.
+                tokio::time::sleep(RETRY_BACKOFF.mul_f64(fastrand::f64())).await;
             }
+            req = next;
         }
+    }
+}
+
+/// Up to this long (with full jitter) before resending a request a backend may have seen.
+const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+
+/// Envoy's idempotent methods: sending them twice has the effect of sending them once.
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// The head of a bodiless request, to send it again.
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn of(req: &Request<ProxyBody>) -> Self {
+        Self {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    fn request(&self) -> Request<ProxyBody> {
+        let mut req = Request::new(ProxyBody::Empty);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// Retries, timeouts and circuit breaking, with Envoy's defaults.
+#[derive(Debug, Clone)]
+pub struct Resilience {
+    /// Endpoints tried for one request.
+    pub max_attempts: usize,
+    /// Retries in flight may be this share of the requests in flight…
+    pub retry_budget: f64,
+    /// …or at least this many.
+    pub retry_min: usize,
+    /// Default time allowed until response headers (a service's policy overrides it).
+    pub request_timeout: Option<Duration>,
+    /// Requests in flight per destination beyond which the proxy answers 503 at once.
+    pub max_pending: usize,
+}
+
+impl Default for Resilience {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            retry_budget: 0.2,
+            retry_min: 3,
+            request_timeout: None,
+            max_pending: 10_000,
+        }
+    }
+}
+
+impl Resilience {
+    /// Takes a retry slot if the budget allows one.
+    fn retry_slot<'a>(&self, stats: &'a crate::metrics::DestinationStats) -> Option<Counted<'a>> {
+        let active = stats.active.load(Ordering::Relaxed) as f64;
+        let allowed = (active * self.retry_budget).max(self.retry_min as f64);
+        let slot = Counted::enter(&stats.active_retries);
+        ((stats.active_retries.load(Ordering::Relaxed) as f64) <= allowed).then_some(slot)
+    }
+}
+
+/// Counts itself in while alive.
+struct Counted<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn enter(counter: &'a std::sync::atomic::AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

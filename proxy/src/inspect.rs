@@ -88,9 +88,9 @@ impl Inspector {
                                 // Effective weights are kept in hundredths (slow start).
                                 e["effective_weight"] = (weights[i] as f64 / 100.0).into();
                                 e["ejected"] = set.local.get(i).is_some_and(|l| l.ejected).into();
-                                e["responses"] = b.stats.responses.total().into();
-                                e["failures"] = b.stats.failures.load(Relaxed).into();
-                                e["idle_connections"] = b.upstream.idle_connections().into();
+                                e["responses"] = b.state.stats.responses.total().into();
+                                e["failures"] = b.state.stats.failures.load(Relaxed).into();
+                                e["idle_connections"] = b.state.upstream.idle_connections().into();
                                 e
                             })
                             .collect();
@@ -158,7 +158,7 @@ impl Collector for Inspector {
                     .map(move |b| BackendRow {
                         destination: d.name(),
                         backend: b.meta.address.to_string(),
-                        stats: &b.stats,
+                        stats: &b.state.stats,
                     })
             })
             .collect();

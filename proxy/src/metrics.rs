@@ -142,16 +142,22 @@ pub enum ProxyErrorKind {
     DiscoveryUnavailable,
     UpstreamFailed,
     BadRequest,
+    /// Too many requests in flight to the destination (circuit breaking).
+    Overflow,
+    /// The backend did not answer within the request timeout.
+    Timeout,
 }
 
 impl ProxyErrorKind {
-    pub const ALL: [ProxyErrorKind; 6] = [
+    pub const ALL: [ProxyErrorKind; 8] = [
         ProxyErrorKind::UnknownDestination,
         ProxyErrorKind::NoEndpoints,
         ProxyErrorKind::NoHealthyEndpoints,
         ProxyErrorKind::DiscoveryUnavailable,
         ProxyErrorKind::UpstreamFailed,
         ProxyErrorKind::BadRequest,
+        ProxyErrorKind::Overflow,
+        ProxyErrorKind::Timeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -162,6 +168,8 @@ impl ProxyErrorKind {
             ProxyErrorKind::DiscoveryUnavailable => "discovery_unavailable",
             ProxyErrorKind::UpstreamFailed => "upstream_failed",
             ProxyErrorKind::BadRequest => "bad_request",
+            ProxyErrorKind::Overflow => "overflow",
+            ProxyErrorKind::Timeout => "timeout",
         }
     }
 }
@@ -171,6 +179,12 @@ impl ProxyErrorKind {
 pub struct DestinationStats {
     pub errors: [AtomicU64; ProxyErrorKind::ALL.len()],
     pub discovery_updates: AtomicU64,
+    pub ejections: AtomicU64,
+    pub retries: AtomicU64,
+    /// Requests in flight now (circuit breaking and the retry budget read it).
+    pub active: std::sync::atomic::AtomicUsize,
+    /// Retries in flight now.
+    pub active_retries: std::sync::atomic::AtomicUsize,
 }
 
 impl DestinationStats {

@@ -5,7 +5,7 @@ A thin harness around ``kmock.KubernetesEmulator`` (kmock 0.8, pinned):
 kmock serves API discovery, parses Kubernetes URLs, stores objects with their
 history and runs create/patch/delete (incl. finalizers).  This file adds what
 list/watch clients (kubectl, kube-rs ``kube_runtime::watcher``) rely on and
-kmock 0.8 lacks; every addition is listed in README.md ("What the harness adds").
+kmock 0.8 lacks; every addition is listed in README.md ("What was added around kmock 0.8").
 
 Usage::
 

@@ -52,13 +52,14 @@ class Emulator:
 
     def __init__(self, *args: str) -> None:
         self.args = list(args)
+        self._log = open(os.path.join(HERE, '.tmp', 'selftest-emulator.log'), 'ab')
         self.proc: asyncio.subprocess.Process | None = None
         self.api = ''
 
     async def start(self, deadline: float = 20.0) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, os.path.join(HERE, 'emulator.py'), *self.args,
-            stdout=asyncio.subprocess.PIPE, stderr=open(os.path.join(HERE, '.tmp', 'selftest-emulator.log'), 'ab'))
+            stdout=asyncio.subprocess.PIPE, stderr=self._log)
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(self.proc.stdout.readline(), deadline)
         self.api = json.loads(line)['listening']['api']
@@ -69,6 +70,7 @@ class Emulator:
 
     async def stop(self, deadline: float = 10.0) -> int:
         assert self.proc is not None
+        self._log.close()
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -263,6 +265,23 @@ async def http_checks(session: aiohttp.ClientSession, base: str) -> int:
     check('fieldSelector watch: only the named object', first is not None and all(e['object']['metadata']['name'] == 'web-3' for e in w.events), w.events)
     await w.close()
 
+    # Finalizers: DELETE marks (MODIFIED with deletionTimestamp), removing the last one deletes.
+    fin = slice_obj('fin-1', 'fin', '10.244.0.9')
+    fin['metadata']['finalizers'] = ['example.com/hold']
+    await req('POST', SLICES, fin)
+    w = Watch(session, f'{base}{SLICES}?watch=true&timeoutSeconds=3&labelSelector=kubernetes.io/service-name%3Dfin')
+    await w.wait_for(lambda e: e['type'] == 'ADDED')
+    status, body = await req('DELETE', SLICES + '/fin-1')
+    ev = await w.wait_for(lambda e: e['type'] == 'MODIFIED')
+    check('finalizers: DELETE sets deletionTimestamp (MODIFIED), object stays',
+          status == 200 and ev is not None and ev['object']['metadata'].get('deletionTimestamp')
+          and (await req('GET', SLICES + '/fin-1'))[0] == 200, (status, w.events))
+    await req('PATCH', SLICES + '/fin-1', {'metadata': {'finalizers': None}}, 'application/merge-patch+json')
+    ev = await w.wait_for(lambda e: e['type'] == 'DELETED')
+    check('finalizers: removing the last one deletes (DELETED, then 404)',
+          ev is not None and (await req('GET', SLICES + '/fin-1'))[0] == 404, w.events)
+    await w.close()
+
     # 410 Gone: from a compacted history, and from a version this process never issued.
     status, state = await req('GET', '/_emulator/state')
     current = int(state['resourceVersion'])
@@ -289,6 +308,7 @@ async def http_checks(session: aiohttp.ClientSession, base: str) -> int:
 
 async def main() -> int:
     os.makedirs(os.path.join(HERE, '.tmp'), exist_ok=True)
+    open(os.path.join(HERE, '.tmp', 'selftest-emulator.log'), 'w').close()  # the emulators' stderr, this run
     pure_checks()
     timeout = aiohttp.ClientTimeout(total=30)
     first = Emulator('--bookmark-interval', '1')

@@ -27,7 +27,9 @@ use tokio::sync::mpsc;
 
 use crate::index::{NodeMap, ServiceIndex};
 use crate::metrics::{KindLabel, Metrics, ResultLabel};
-use crate::model::{Endpoint, Health, Locality, Protocol, ServiceKey, ServiceSpec};
+use crate::model::{
+    Endpoint, Health, HealthCheck, Locality, Policy, Protocol, ServiceKey, ServiceSpec,
+};
 
 /// A rejected file: where and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -86,8 +88,48 @@ struct ServiceEntry {
     protocol: Option<ProtocolName>,
     #[serde(default)]
     callers: BTreeMap<String, f64>,
+    /// Time allowed from request to response headers, e.g. `2s`.
+    #[serde(default, deserialize_with = "optional_duration")]
+    timeout: Option<Duration>,
+    #[serde(default)]
+    health_check: Option<HealthCheckEntry>,
     #[serde(default)]
     endpoints: Vec<Spanned<EndpointEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthCheckEntry {
+    path: String,
+    #[serde(default = "default_check_interval", deserialize_with = "duration")]
+    interval: Duration,
+    #[serde(default = "default_check_timeout", deserialize_with = "duration")]
+    timeout: Duration,
+    #[serde(default = "default_threshold")]
+    unhealthy_threshold: u32,
+    #[serde(default = "default_threshold")]
+    healthy_threshold: u32,
+}
+
+fn default_check_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_threshold() -> u32 {
+    2
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    tandem_common::duration::parse(&text).map_err(serde::de::Error::custom)
+}
+
+fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 #[derive(Debug, Deserialize)]
@@ -233,9 +275,31 @@ pub fn parse(text: &str) -> Result<FileContent, FileError> {
             }
         }
 
+        if let Some(check) = &service.health_check
+            && (!check.path.starts_with('/')
+                || check.unhealthy_threshold == 0
+                || check.healthy_threshold == 0)
+        {
+            return Err(FileError::at(
+                line,
+                format!(
+                    "service {key}: health_check needs a path starting with / and thresholds of at least 1"
+                ),
+            ));
+        }
         let mut spec = ServiceSpec {
             callers: service.callers,
             cluster_ips: service.cluster_ip.into_iter().collect(),
+            policy: Policy {
+                request_timeout: service.timeout,
+                health_check: service.health_check.map(|h| HealthCheck {
+                    path: h.path,
+                    interval: h.interval,
+                    timeout: h.timeout,
+                    unhealthy_threshold: h.unhealthy_threshold,
+                    healthy_threshold: h.healthy_threshold,
+                }),
+            },
             ..Default::default()
         };
         for spanned in service.endpoints {
@@ -522,6 +586,8 @@ services:
     port: 8080
     cluster_ip: 10.96.0.7
     protocol: http2
+    timeout: 2s
+    health_check: {path: /healthz, interval: 3s}
     endpoints:
       - address: "[::1]:9003"
 nodes:
@@ -599,6 +665,10 @@ nodes:
 
         let e = error_of("services:\n  - name: web\n    port: 80\n  - name: web\n    port: 80\n");
         assert_eq!(e.line, Some(4));
+
+        let e = error_of("services:\n  - name: web\n    port: 80\n    timeout: soon\n");
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(e.message.contains("soon"), "{e}");
 
         let e = error_of("services: [\n");
         assert!(e.line.is_some(), "{e}");

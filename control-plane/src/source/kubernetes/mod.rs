@@ -254,12 +254,13 @@ impl Runner {
         for key in &pending.removed {
             self.index.remove(key, changed_at);
         }
-        for (key, (cluster_ips, traffic_distribution)) in pending.meta {
+        for (key, meta) in pending.meta {
             self.index.upsert_meta(
                 key,
-                cluster_ips,
+                meta.cluster_ips,
                 Default::default(),
-                traffic_distribution,
+                meta.traffic_distribution,
+                meta.policy,
                 changed_at,
             );
         }

@@ -11,10 +11,13 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::core::PartialObjectMeta;
 
 use super::state::{NodeObj, PodObj, ServiceObj, ServicePort, SliceEndpoint, SliceObj};
-use crate::model::Protocol;
+use crate::model::{HealthCheck, Policy, Protocol};
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const WEIGHT_ANNOTATION: &str = "tandem.io/weight";
+pub const TIMEOUT_ANNOTATION: &str = "tandem.io/request-timeout";
+pub const HEALTH_PATH_ANNOTATION: &str = "tandem.io/health-check-path";
+pub const HEALTH_INTERVAL_ANNOTATION: &str = "tandem.io/health-check-interval";
 const ZONE_LABELS: [&str; 2] = [
     "topology.kubernetes.io/zone",
     "failure-domain.beta.kubernetes.io/zone",
@@ -109,13 +112,48 @@ pub fn service(svc: &Service, ignored: &mut Vec<Ignored>) -> Option<ServiceObj> 
             }
             ips
         });
+    let policy = policy(svc, &namespace, &name, ignored);
     Some(ServiceObj {
         namespace,
         name,
         ports,
         cluster_ips,
         traffic_distribution: spec.traffic_distribution.clone().unwrap_or_default(),
+        policy,
     })
+}
+
+/// The `tandem.io/*` annotations of a Service.
+fn policy(svc: &Service, namespace: &str, name: &str, ignored: &mut Vec<Ignored>) -> Policy {
+    let annotations = svc.metadata.annotations.clone().unwrap_or_default();
+    let mut duration = |key: &str| {
+        let value = annotations.get(key)?;
+        match tandem_common::duration::parse(value) {
+            Ok(d) => Some(d),
+            Err(reason) => {
+                ignored.push(Ignored::new(
+                    format!("annotation:{namespace}/{name}:{key}:{value}"),
+                    format!("Service {namespace}/{name}: {key}: {reason}; ignored"),
+                ));
+                None
+            }
+        }
+    };
+    let request_timeout = duration(TIMEOUT_ANNOTATION);
+    let interval = duration(HEALTH_INTERVAL_ANNOTATION);
+    let health_check = annotations
+        .get(HEALTH_PATH_ANNOTATION)
+        .map(|path| HealthCheck {
+            path: path.clone(),
+            interval: interval.unwrap_or(std::time::Duration::from_secs(5)),
+            timeout: std::time::Duration::from_secs(1),
+            unhealthy_threshold: 2,
+            healthy_threshold: 2,
+        });
+    Policy {
+        health_check,
+        request_timeout,
+    }
 }
 
 /// The service a slice belongs to (its label), for deletes that carry only metadata.

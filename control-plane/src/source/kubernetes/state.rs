@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use crate::model::{Endpoint, EndpointChanges, Health, Locality, Protocol, ServiceKey};
+use crate::model::{Endpoint, EndpointChanges, Health, Locality, Policy, Protocol, ServiceKey};
 
 /// `namespace/name`.
 pub type ObjectId = (Arc<str>, Arc<str>);
@@ -30,6 +30,26 @@ pub struct ServiceObj {
     pub ports: Vec<ServicePort>,
     pub cluster_ips: Vec<IpAddr>,
     pub traffic_distribution: String,
+    /// From the Service's `tandem.io/*` annotations.
+    pub policy: Policy,
+}
+
+impl ServiceObj {
+    fn meta(&self) -> ServiceMeta {
+        ServiceMeta {
+            cluster_ips: self.cluster_ips.clone(),
+            traffic_distribution: self.traffic_distribution.clone(),
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+/// What the index knows of a service port besides its endpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceMeta {
+    pub cluster_ips: Vec<IpAddr>,
+    pub traffic_distribution: String,
+    pub policy: Policy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -122,8 +142,8 @@ struct PortState {
 /// Changes to hand to the index at the next flush.
 #[derive(Debug, Default)]
 pub struct Pending {
-    /// Service ports created or whose ClusterIPs / traffic distribution changed.
-    pub meta: BTreeMap<ServiceKey, (Vec<IpAddr>, String)>,
+    /// Service ports created or whose ClusterIPs, traffic distribution or policy changed.
+    pub meta: BTreeMap<ServiceKey, ServiceMeta>,
     pub endpoints: BTreeMap<ServiceKey, EndpointChanges>,
     pub removed: Vec<ServiceKey>,
     /// The node → locality map changed.
@@ -233,13 +253,7 @@ impl ClusterState {
             for port in &service.ports {
                 let key = ServiceKey::new(&service.namespace, &service.name, port.port);
                 self.remove_port_state(&key);
-                self.pending.meta.insert(
-                    key.clone(),
-                    (
-                        service.cluster_ips.clone(),
-                        service.traffic_distribution.clone(),
-                    ),
-                );
+                self.pending.meta.insert(key.clone(), service.meta());
                 let mut state = PortState {
                     protocol: port.protocol,
                     ..Default::default()
@@ -267,13 +281,7 @@ impl ClusterState {
         } else if meta_changed {
             for port in &service.ports {
                 let key = ServiceKey::new(&service.namespace, &service.name, port.port);
-                self.pending.meta.insert(
-                    key,
-                    (
-                        service.cluster_ips.clone(),
-                        service.traffic_distribution.clone(),
-                    ),
-                );
+                self.pending.meta.insert(key, service.meta());
             }
         }
     }
@@ -626,6 +634,7 @@ mod tests {
                 .collect(),
             cluster_ips: vec!["10.96.0.10".parse().unwrap()],
             traffic_distribution: String::new(),
+            policy: Policy::default(),
         }
     }
 

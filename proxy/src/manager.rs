@@ -1,0 +1,405 @@
+//! One manager task per destination: it owns everything about the destination's
+//! endpoints that changes over time and rebuilds the immutable [`BackendSet`] the
+//! request path reads whenever any of it changes.
+//!
+//! - the endpoints themselves, from discovery (or the static list);
+//! - passive outlier detection: the request path counts consecutive failures per
+//!   endpoint and reports the one that reaches the threshold; the manager ejects the
+//!   endpoint for `base × times ejected` (capped), never more than the configured
+//!   share of the set but always at least one endpoint (Envoy's rules and defaults);
+//! - optional active HTTP health checks, from the service's policy;
+//! - slow start: while an endpoint that just became healthy ramps up, the set is
+//!   rebuilt every second with its growing weight.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::balancer::{BalancerConfig, Health};
+use crate::destination::{
+    Backend, BackendSet, Destination, EndpointState, LocalHealth, Placement, Resolution,
+};
+use crate::discovery::{ProxyLocality, ServiceView};
+use crate::policy::HealthCheck;
+use crate::upstream::UpstreamSettings;
+
+/// Passive outlier detection, with Envoy's defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierConfig {
+    pub consecutive_failures: u32,
+    pub base_ejection_time: Duration,
+    pub max_ejection_time: Duration,
+    pub max_ejection_percent: f64,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10.0,
+        }
+    }
+}
+
+/// What every manager of this proxy shares.
+pub struct ManagerSettings {
+    pub upstream: Arc<UpstreamSettings>,
+    pub balancer: BalancerConfig,
+    pub outlier: OutlierConfig,
+    pub locality: Arc<ProxyLocality>,
+}
+
+/// How often the set is rebuilt while an endpoint ramps up (slow start).
+const RAMP_STEP: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Checks {
+    failures: u32,
+    successes: u32,
+    /// Out of rotation because active checks failed.
+    failed: bool,
+    next: Option<Instant>,
+    running: bool,
+}
+
+struct Tracked {
+    state: Arc<EndpointState>,
+    ejected_until: Option<Instant>,
+    times_ejected: u32,
+    last_ejection_end: Option<Instant>,
+    /// When it last became healthy (None: healthy since before we knew it, no ramp).
+    healthy_since: Option<Instant>,
+    was_healthy: bool,
+    checks: Checks,
+}
+
+pub struct Manager {
+    destination: Arc<Destination>,
+    settings: Arc<ManagerSettings>,
+    endpoints: HashMap<SocketAddr, Tracked>,
+    view: Option<ServiceView>,
+    reports_tx: mpsc::UnboundedSender<SocketAddr>,
+    reports_rx: mpsc::UnboundedReceiver<SocketAddr>,
+    checks: JoinSet<(SocketAddr, bool)>,
+    seed: u64,
+}
+
+impl Manager {
+    pub fn new(destination: Arc<Destination>, settings: Arc<ManagerSettings>) -> Self {
+        let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+        Self {
+            destination,
+            settings,
+            endpoints: HashMap::new(),
+            view: None,
+            reports_tx,
+            reports_rx,
+            checks: JoinSet::new(),
+            seed: fastrand::u64(..),
+        }
+    }
+
+    /// Runs until the views' sender is gone.
+    pub async fn run(mut self, mut views: watch::Receiver<Option<ServiceView>>) {
+        if let Some(view) = views.borrow_and_update().clone() {
+            self.apply_view(view, true);
+            self.rebuild(Instant::now());
+        }
+        loop {
+            let timer = self.next_timer();
+            let rebuild = tokio::select! {
+                changed = views.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    match views.borrow_and_update().clone() {
+                        Some(view) => {
+                            let first = self.view.is_none();
+                            self.apply_view(view, first);
+                            true
+                        }
+                        None => false,
+                    }
+                }
+                Some(addr) = self.reports_rx.recv() => self.eject(addr, Instant::now()),
+                Some(Ok((addr, ok))) = self.checks.join_next(), if !self.checks.is_empty() => {
+                    self.check_done(addr, ok, Instant::now())
+                }
+                _ = sleep_until(timer), if timer.is_some() => self.on_timer(Instant::now()),
+            };
+            if rebuild {
+                self.rebuild(Instant::now());
+            }
+        }
+    }
+
+    fn apply_view(&mut self, view: ServiceView, first: bool) {
+        let now = Instant::now();
+        self.endpoints
+            .retain(|addr, _| view.endpoints.contains_key(addr));
+        for meta in view.endpoints.values() {
+            let healthy = meta.health == Health::Healthy;
+            let tracked = self
+                .endpoints
+                .entry(meta.address)
+                .or_insert_with(|| Tracked {
+                    state: Arc::new(EndpointState::new(
+                        meta.address,
+                        &self.settings.upstream,
+                        self.settings.outlier.consecutive_failures,
+                        self.reports_tx.clone(),
+                    )),
+                    ejected_until: None,
+                    times_ejected: 0,
+                    last_ejection_end: None,
+                    // Endpoints of the first answer are not new: no ramp for them.
+                    healthy_since: None,
+                    was_healthy: first && healthy,
+                    checks: Checks::default(),
+                });
+            if healthy && !tracked.was_healthy {
+                tracked.healthy_since = Some(now);
+            }
+            tracked.was_healthy = healthy;
+        }
+        let checks_on = view.policy.health_check.is_some();
+        for tracked in self.endpoints.values_mut() {
+            if !checks_on {
+                tracked.checks = Checks::default();
+            } else if tracked.checks.next.is_none() && !tracked.checks.running {
+                // Spread the first checks over one interval.
+                let interval = view
+                    .policy
+                    .health_check
+                    .as_ref()
+                    .map_or(Duration::ZERO, |h| h.interval);
+                tracked.checks.next = Some(now + interval.mul_f64(fastrand::f64()));
+            }
+        }
+        self.view = Some(view);
+    }
+
+    fn rebuild(&mut self, now: Instant) {
+        let Some(view) = &self.view else { return };
+        let window = self.settings.balancer.slow_start.map(|s| s.window);
+        let mut backends = Vec::with_capacity(view.endpoints.len());
+        let mut local = Vec::with_capacity(view.endpoints.len());
+        for meta in view.endpoints.values() {
+            let Some(tracked) = self.endpoints.get(&meta.address) else {
+                continue;
+            };
+            let healthy_for = tracked
+                .healthy_since
+                .map(|since| now.saturating_duration_since(since))
+                .filter(|age| window.is_some_and(|w| *age < w));
+            local.push(LocalHealth {
+                ejected: tracked.ejected_until.is_some() || tracked.checks.failed,
+                healthy_for,
+            });
+            backends.push(Backend {
+                meta: meta.clone(),
+                state: tracked.state.clone(),
+            });
+        }
+        let placement = Placement {
+            proxy_locality: self.settings.locality.current(),
+            caller_shares: view.caller_shares.clone(),
+            config: self.settings.balancer,
+        };
+        self.seed = self
+            .seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let set = BackendSet::new(
+            view.version,
+            view.service.clone(),
+            backends,
+            local,
+            placement,
+            view.policy.clone(),
+            self.seed,
+        );
+        tracing::debug!(
+            destination = self.destination.name(),
+            version = set.version,
+            endpoints = set.backends.len(),
+            pickable = set.balancer.pickable(),
+            mode = ?set.balancer.mode(),
+            "backend set rebuilt"
+        );
+        self.destination.set(Resolution::Ready(Arc::new(set)));
+    }
+
+    /// Ejects `addr` after consecutive failures, if the ejection limit allows.
+    fn eject(&mut self, addr: SocketAddr, now: Instant) -> bool {
+        let outlier = self.settings.outlier;
+        let total = self.endpoints.len();
+        let ejected = self
+            .endpoints
+            .values()
+            .filter(|t| t.ejected_until.is_some())
+            .count();
+        let limit = ((total as f64 * outlier.max_ejection_percent / 100.0).floor() as usize).max(1);
+        let Some(tracked) = self.endpoints.get_mut(&addr) else {
+            return false;
+        };
+        if tracked.ejected_until.is_some() {
+            return false;
+        }
+        if ejected >= limit {
+            tracing::debug!(destination = self.destination.name(), %addr, limit, "not ejecting: the ejection limit is reached");
+            tracked.state.reset_failures();
+            return false;
+        }
+        // A host that stayed in rotation long enough starts over at the base time.
+        if let Some(end) = tracked.last_ejection_end
+            && now.saturating_duration_since(end)
+                >= outlier.base_ejection_time * tracked.times_ejected.max(1)
+        {
+            tracked.times_ejected = 0;
+        }
+        tracked.times_ejected += 1;
+        let duration = (outlier.base_ejection_time * tracked.times_ejected)
+            .min(outlier.max_ejection_time.max(outlier.base_ejection_time));
+        tracked.ejected_until = Some(now + duration);
+        self.destination
+            .stats
+            .ejections
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            destination = self.destination.name(),
+            endpoint = %addr,
+            failures = outlier.consecutive_failures,
+            ejected_for = ?duration,
+            "ejecting an endpoint after consecutive failures"
+        );
+        true
+    }
+
+    fn check_done(&mut self, addr: SocketAddr, ok: bool, now: Instant) -> bool {
+        let Some(check) = self
+            .view
+            .as_ref()
+            .and_then(|v| v.policy.health_check.clone())
+        else {
+            return false;
+        };
+        let Some(tracked) = self.endpoints.get_mut(&addr) else {
+            return false;
+        };
+        let c = &mut tracked.checks;
+        c.running = false;
+        c.next = Some(now + check.interval);
+        let was_failed = c.failed;
+        if ok {
+            c.successes += 1;
+            c.failures = 0;
+            if c.failed && c.successes >= check.healthy_threshold {
+                c.failed = false;
+                tracked.healthy_since = Some(now);
+                tracing::info!(destination = self.destination.name(), endpoint = %addr, "health checks pass again");
+            }
+        } else {
+            c.failures += 1;
+            c.successes = 0;
+            if !c.failed && c.failures >= check.unhealthy_threshold {
+                c.failed = true;
+                tracing::warn!(destination = self.destination.name(), endpoint = %addr, path = %check.path, "health checks fail; out of rotation");
+            }
+        }
+        was_failed != c.failed
+    }
+
+    fn next_timer(&self) -> Option<Instant> {
+        let window = self.settings.balancer.slow_start.map(|s| s.window);
+        self.endpoints
+            .values()
+            .flat_map(|t| {
+                let ramp = match (window, t.healthy_since) {
+                    (Some(w), Some(since)) if since.elapsed() < w => {
+                        Some(Instant::now() + RAMP_STEP)
+                    }
+                    _ => None,
+                };
+                [
+                    t.ejected_until,
+                    t.checks.next.filter(|_| !t.checks.running),
+                    ramp,
+                ]
+            })
+            .flatten()
+            .min()
+    }
+
+    fn on_timer(&mut self, now: Instant) -> bool {
+        let mut rebuild = false;
+        let check = self
+            .view
+            .as_ref()
+            .and_then(|v| v.policy.health_check.clone());
+        let window = self.settings.balancer.slow_start.map(|s| s.window);
+        for (addr, tracked) in &mut self.endpoints {
+            if tracked.ejected_until.is_some_and(|until| until <= now) {
+                tracked.ejected_until = None;
+                tracked.last_ejection_end = Some(now);
+                tracked.healthy_since = Some(now);
+                tracked.state.reset_failures();
+                tracing::info!(destination = self.destination.name(), endpoint = %addr, "ejection ended; back in rotation");
+                rebuild = true;
+            }
+            if let (Some(w), Some(since)) = (window, tracked.healthy_since)
+                && now.saturating_duration_since(since) < w + RAMP_STEP
+            {
+                rebuild = true;
+            }
+            if let Some(check) = &check
+                && !tracked.checks.running
+                && tracked.checks.next.is_some_and(|next| next <= now)
+            {
+                tracked.checks.running = true;
+                tracked.checks.next = None;
+                self.checks.spawn(probe(*addr, check.clone()));
+            }
+        }
+        rebuild
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+/// One active health check: `GET path` on a fresh connection, healthy on any 2xx.
+async fn probe(addr: SocketAddr, check: HealthCheck) -> (SocketAddr, bool) {
+    let attempt = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream))
+                .await
+                .ok()?;
+        tokio::spawn(conn);
+        let request = http::Request::get(check.path.as_str())
+            .header(http::header::HOST, addr.to_string())
+            .header(http::header::USER_AGENT, "tandem-health-check")
+            .body(Empty::new())
+            .ok()?;
+        let response = sender.send_request(request).await.ok()?;
+        Some(response.status().is_success())
+    };
+    let ok = matches!(
+        tokio::time::timeout(check.timeout, attempt).await,
+        Ok(Some(true))
+    );
+    (addr, ok)
+}
