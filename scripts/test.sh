@@ -22,8 +22,9 @@ if [ "$rust_minor" -lt 88 ]; then
   exit 1
 fi
 
-# Debian packages the tests use (procps: kill, for signalling processes by PID).
-packages=(procps ca-certificates)
+# Debian packages the tests use (procps: kill, for signalling processes by PID;
+# python3-venv: the Kubernetes API emulator's virtualenv).
+packages=(procps ca-certificates python3 python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -34,6 +35,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
 fi
+
+if ! command -v kubectl >/dev/null; then
+  echo "error: kubectl not found: the Kubernetes tests apply manifests with it (it is on the machine image; elsewhere install it from https://kubernetes.io/docs/tasks/tools/)." >&2
+  exit 1
+fi
+
+say "Kubernetes API emulator (kmock, in .venv)"
+tests/k8s-emulator/setup.sh
 
 # --- checks ---------------------------------------------------------------------------
 say "cargo fmt --check"

@@ -21,10 +21,15 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// Without `RUST_LOG`: info, but not kube's client, which logs every retry against an
+/// unreachable API server; the control plane reports an outage itself, once, with the reason.
+const DEFAULT_FILTER: &str = "info,kube_client=off";
+
 /// Installs the global subscriber. Calling it twice is harmless (the second call is ignored),
 /// which lets `tandem demo` start servers in-process without fighting over the logger.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1064,6 +1064,56 @@ def parse_rv_start(value: str) -> int:
     raise argparse.ArgumentTypeError("expected a non-negative integer or 'time'")
 
 
+# Collection paths for --preload, by kind.
+_PRELOAD_PATHS = {
+    'Namespace': '/api/v1/namespaces',
+    'Node': '/api/v1/nodes',
+    'Service': '/api/v1/namespaces/{ns}/services',
+    'Pod': '/api/v1/namespaces/{ns}/pods',
+    'ConfigMap': '/api/v1/namespaces/{ns}/configmaps',
+    'EndpointSlice': '/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices',
+}
+
+
+def _preload_objects(paths: list[str]) -> list[JSON]:
+    """Objects from JSON files: one object, a JSON array, or a kind: List."""
+    objects: list[JSON] = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        items = data if isinstance(data, list) else data.get('items', [data]) if data.get('kind') == 'List' else [data]
+        objects.extend(items)
+    return objects
+
+
+async def preload(emulator: 'Emulator', objects: list[JSON]) -> None:
+    """Creates `objects` through the emulator's own API before the real port opens.
+
+    A restarted emulator must not be seen empty: a watcher that relists against it
+    would withdraw every endpoint before the test could re-apply them.
+    """
+    server = aiohttp.web.Server(emulator, handler_cancellation=True)
+    runner = aiohttp.web.ServerRunner(server, shutdown_timeout=1.0, handle_signals=False)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, '127.0.0.1', 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as session:
+            for obj in objects:
+                kind = obj.get('kind')
+                if kind not in _PRELOAD_PATHS:
+                    raise SystemExit(f'--preload: unsupported kind {kind!r}')
+                ns = obj.get('metadata', {}).get('namespace', 'default')
+                url = f'http://127.0.0.1:{port}' + _PRELOAD_PATHS[kind].format(ns=ns)
+                async with session.post(url, json=obj) as response:
+                    if response.status not in (200, 201):
+                        raise SystemExit(f'--preload: creating {kind} failed: {response.status} {await response.text()}')
+    finally:
+        await runner.cleanup()
+    log.info('preloaded %d objects', len(objects))
+
+
 async def serve(args: argparse.Namespace) -> int:
     emulator = Emulator(rv_start=args.rv_start, max_events=args.max_events,
                         bookmark_interval=args.bookmark_interval,
@@ -1086,6 +1136,8 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stop.set)
 
     async with emulator:
+        if args.preload:
+            await preload(emulator, _preload_objects(args.preload))
         server = aiohttp.web.Server(emulator, handler_cancellation=True,
                                     access_log=logging.getLogger('k8s-emulator.access'))
         runner = aiohttp.web.ServerRunner(server, shutdown_timeout=2.0, handle_signals=False)
@@ -1108,6 +1160,8 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--port', type=int, default=0, help='TCP port on 127.0.0.1 (default 0: the OS picks)')
+    p.add_argument('--preload', action='append', default=[], metavar='FILE.json',
+                   help='create these objects (a JSON object, array or List) before the port opens; repeatable')
     p.add_argument('--kubeconfig', help='write a kubeconfig (context "emulator", namespace "default") here')
     p.add_argument('--rv-start', type=parse_rv_start, default=0,
                    help="resourceVersions start after this number; 'time' = the wall clock in microseconds, "
