@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let descriptors = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
+        .codec_path("crate::codec::SmallBufferCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use serde_json::json;
 use tandem_proto::discovery::v1 as pb;
 use tandem_proxy::balancer::Health;
-use tandem_proxy::discovery::{ServiceView, apply, control_plane_endpoint};
+use tandem_proxy::discovery::{ServiceView, ViewBuilder, control_plane_endpoint};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
@@ -107,18 +107,20 @@ pub async fn run(args: EndpointsArgs) -> anyhow::Result<()> {
         Ok(response) => response.into_inner(),
         Err(status) => bail!("{}: {}", args.name, status.message()),
     };
-    let mut view: Option<ServiceView> = None;
+    let mut builder = ViewBuilder::default();
     loop {
         let update = match stream.message().await {
             Ok(Some(update)) => update,
             Ok(None) => bail!("the control plane closed the stream"),
             Err(status) => bail!("{}: {}", args.name, status.message()),
         };
-        let next = apply(view.as_ref(), &update).map_err(anyhow::Error::msg)?;
+        let Some(view) = builder.apply(&update).map_err(anyhow::Error::msg)? else {
+            continue;
+        };
         match args.output {
-            Output::Json => println!("{}", to_json(&next)),
+            Output::Json => println!("{}", to_json(view)),
             Output::Table => {
-                print_table(&next);
+                print_table(view);
                 if args.watch {
                     println!();
                 }
@@ -127,6 +129,5 @@ pub async fn run(args: EndpointsArgs) -> anyhow::Result<()> {
         if !args.watch {
             return Ok(());
         }
-        view = Some(next);
     }
 }

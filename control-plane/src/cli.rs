@@ -58,6 +58,9 @@ pub struct Args {
     /// Log format on stderr: plain or json.
     #[arg(long, default_value = "plain", env = "TANDEM_LOG_FORMAT")]
     pub log_format: LogFormat,
+    /// After a shutdown signal, how long in-flight calls may finish.
+    #[arg(long, default_value = "5s", value_parser = tandem_common::duration::parse)]
+    pub shutdown_grace: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,14 +130,21 @@ pub async fn run(args: Args) -> Result<(), Error> {
 
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
     let wait = shutdown.clone();
-    tonic::transport::Server::builder()
+    let serve = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         // Notice proxies that vanished without closing their connection.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-        .add_service(DiscoveryService::new(index, metrics).into_server())
-        .serve_with_incoming_shutdown(incoming, async move { wait.wait().await })
-        .await?;
+        .add_service(DiscoveryService::new(index, metrics, shutdown.clone()).into_server())
+        .serve_with_incoming_shutdown(incoming, async move { wait.wait().await });
+    tokio::pin!(serve);
+    tokio::select! {
+        result = &mut serve => result?,
+        _ = async {
+            shutdown.wait().await;
+            tokio::time::sleep(args.shutdown_grace).await;
+        } => tracing::warn!(grace = ?args.shutdown_grace, "calls still open after the grace period; stopping anyway"),
+    }
     tracing::info!("control plane stopped");
     Ok(())
 }

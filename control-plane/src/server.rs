@@ -1,6 +1,8 @@
 //! The gRPC discovery server: `Hello` and one `Watch` stream per destination.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Bound;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,6 +11,8 @@ use futures_util::Stream;
 use tandem_proto::discovery::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use tandem_common::Shutdown;
+
 use crate::index::{NodeMap, Published, ResolveError, ServiceIndex, Subscription};
 use crate::metrics::Metrics;
 use crate::model::{Locality, delta_is_empty, diff};
@@ -16,15 +20,23 @@ use crate::model::{Locality, delta_is_empty, diff};
 /// How long a subscription made during start-up waits for the source's first sync.
 const SYNC_WAIT: Duration = Duration::from_secs(10);
 
+/// Endpoints per snapshot message: small messages keep each stream's encode buffer
+/// small (a stream keeps its largest message's buffer), whatever the service's size.
+const SNAPSHOT_CHUNK: usize = 64;
+
 pub struct DiscoveryService {
     index: Arc<ServiceIndex>,
     metrics: Arc<Metrics>,
     proxies: Arc<ProxyTracker>,
+    shutdown: Shutdown,
 }
 
 impl DiscoveryService {
-    pub fn new(index: Arc<ServiceIndex>, metrics: Arc<Metrics>) -> Self {
+    /// Streams end when `shutdown` triggers: a watch never ends by itself, and proxies
+    /// keep their last state and resubscribe (to another replica, or to this one restarted).
+    pub fn new(index: Arc<ServiceIndex>, metrics: Arc<Metrics>, shutdown: Shutdown) -> Self {
         Self {
+            shutdown,
             proxies: Arc::new(ProxyTracker {
                 streams: Mutex::default(),
                 metrics: metrics.clone(),
@@ -100,6 +112,8 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             last_version: 0,
             metrics: self.metrics.clone(),
             done: false,
+            chunking: None,
+            shutdown: self.shutdown.clone(),
         };
         let stream = futures_util::stream::unfold(state, |mut state| async move {
             let item = state.next_update().await?;
@@ -164,6 +178,9 @@ struct StreamState {
     last_version: u64,
     metrics: Arc<Metrics>,
     done: bool,
+    /// A snapshot being sent in chunks: its version, and the last address sent.
+    chunking: Option<(u64, SocketAddr)>,
+    shutdown: Shutdown,
 }
 
 impl StreamState {
@@ -187,6 +204,9 @@ impl StreamState {
     }
 
     async fn next_update(&mut self) -> Option<Result<pb::Update, Status>> {
+        if self.chunking.is_some() {
+            return Some(Ok(self.next_chunk()));
+        }
         if self.done {
             return None;
         }
@@ -195,6 +215,7 @@ impl StreamState {
                 return Some(self.snapshot());
             };
             tokio::select! {
+                _ = self.shutdown.wait() => return None,
                 changed = self.subscription.service.changed() => {
                     if changed.is_err() {
                         return self.gone();
@@ -272,7 +293,19 @@ impl StreamState {
             )));
         }
         let locality = self.locality(&nodes);
-        let snapshot = pb::Snapshot {
+        let version = self.wire_version(current.version);
+        let endpoints: Vec<pb::Endpoint> = current
+            .endpoints
+            .values()
+            .take(SNAPSHOT_CHUNK)
+            .map(|e| e.to_proto())
+            .collect();
+        let continued = current.endpoints.len() > SNAPSHOT_CHUNK;
+        if continued {
+            let last = current.endpoints.keys().nth(SNAPSHOT_CHUNK - 1).copied();
+            self.chunking = last.map(|addr| (version, addr));
+        }
+        let first = pb::Snapshot {
             service: self.subscription.canonical.clone(),
             proxy_locality: locality.as_ref().map(Locality::to_proto),
             caller_shares: current
@@ -280,16 +313,37 @@ impl StreamState {
                 .iter()
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
-            endpoints: current.endpoints.values().map(|e| e.to_proto()).collect(),
+            endpoints,
             traffic_distribution: current.traffic_distribution.to_string(),
             policy: Some(current.policy.to_proto()),
+            continued,
         };
         self.sent_locality = locality;
-        let version = self.wire_version(current.version);
         self.sent = Some(current);
         Ok(pb::Update {
             version,
-            change: Some(pb::update::Change::Snapshot(snapshot)),
+            change: Some(pb::update::Change::Snapshot(first)),
         })
+    }
+
+    /// The next chunk of the snapshot being sent, made from the version it describes
+    /// (the persistent map shares it): one chunk in memory at a time per stream.
+    fn next_chunk(&mut self) -> pb::Update {
+        let (version, after) = self.chunking.take().expect("called while chunking");
+        let endpoints = &self.sent.as_ref().expect("a snapshot was sent").endpoints;
+        let mut range = endpoints.range((Bound::Excluded(after), Bound::Unbounded));
+        let chunk: Vec<_> = range.by_ref().take(SNAPSHOT_CHUNK).collect();
+        let continued = range.next().is_some();
+        if continued && let Some((last, _)) = chunk.last() {
+            self.chunking = Some((version, **last));
+        }
+        pb::Update {
+            version,
+            change: Some(pb::update::Change::Snapshot(pb::Snapshot {
+                endpoints: chunk.into_iter().map(|(_, e)| e.to_proto()).collect(),
+                continued,
+                ..Default::default()
+            })),
+        }
     }
 }

@@ -3,6 +3,8 @@
 //! - [`discovery::v1`]: the control plane → proxy discovery stream.
 //! - [`demo::v1`]: the tiny greeter that `tandem backend` serves for demos and tests.
 
+pub mod codec;
+
 pub mod discovery {
     pub mod v1 {
         #![allow(clippy::all, missing_docs, rust_2018_idioms)]

@@ -224,15 +224,16 @@ impl DiscoveryClient {
             Ok(response) => response.into_inner(),
             Err(status) => return end_of(status),
         };
-        let mut view: Option<ServiceView> = None;
+        let mut builder = ViewBuilder::default();
         loop {
             let update = match stream.message().await {
                 Ok(Some(update)) => update,
                 Ok(None) => return StreamEnd::Closed,
                 Err(status) => return end_of(status),
             };
-            let next = match apply(view.as_ref(), &update) {
-                Ok(next) => next,
+            let next = match builder.apply(&update) {
+                Ok(Some(next)) => next.clone(),
+                Ok(None) => continue,
                 Err(reason) => return StreamEnd::Rejected(reason),
             };
             backoff.reset();
@@ -245,8 +246,7 @@ impl DiscoveryClient {
                     .locality
                     .discovered(next.proxy_locality.clone());
             }
-            views.send_replace(Some(next.clone()));
-            view = Some(next);
+            views.send_replace(Some(next));
         }
     }
 }
@@ -278,8 +278,69 @@ pub struct ServiceView {
     pub policy: Policy,
 }
 
+/// Turns a stream's updates into complete views: a snapshot (possibly in chunks, only
+/// ever yielded whole), then deltas.
+#[derive(Debug, Default)]
+pub struct ViewBuilder {
+    view: Option<ServiceView>,
+    /// A chunked snapshot being assembled.
+    partial: Option<ServiceView>,
+}
+
+impl ViewBuilder {
+    /// Applies one update. Returns the new view, or `None` while a chunked snapshot is
+    /// still incomplete. On error nothing changes.
+    pub fn apply(&mut self, update: &pb::Update) -> Result<Option<&ServiceView>, String> {
+        let chunk = match &update.change {
+            Some(pb::update::Change::Snapshot(s)) => Some(s),
+            _ => None,
+        };
+        match (self.partial.take(), chunk) {
+            (Some(mut partial), Some(chunk)) => {
+                if update.version != partial.version {
+                    return Err(format!(
+                        "snapshot chunk of version {} inside snapshot {}",
+                        update.version, partial.version
+                    ));
+                }
+                for e in &chunk.endpoints {
+                    let meta = EndpointMeta::from_proto(e)?;
+                    if partial.endpoints.insert(meta.address, meta).is_some() {
+                        return Err(format!("snapshot lists endpoint {} twice", e.address));
+                    }
+                }
+                self.finish(partial, chunk.continued)
+            }
+            (Some(_), None) => Err("a delta arrived inside a chunked snapshot".to_string()),
+            (None, Some(first)) => {
+                let view = apply(None, update)?;
+                self.finish(view, first.continued)
+            }
+            (None, None) => {
+                let view = apply(self.view.as_ref(), update)?;
+                self.view = Some(view);
+                Ok(self.view.as_ref())
+            }
+        }
+    }
+
+    fn finish(
+        &mut self,
+        view: ServiceView,
+        continued: bool,
+    ) -> Result<Option<&ServiceView>, String> {
+        if continued {
+            self.partial = Some(view);
+            Ok(None)
+        } else {
+            self.view = Some(view);
+            Ok(self.view.as_ref())
+        }
+    }
+}
+
 /// Applies one update to `view`, validating all of it first: on error nothing changes.
-pub fn apply(view: Option<&ServiceView>, update: &pb::Update) -> Result<ServiceView, String> {
+fn apply(view: Option<&ServiceView>, update: &pb::Update) -> Result<ServiceView, String> {
     match &update.change {
         Some(pb::update::Change::Snapshot(snapshot)) => {
             let mut endpoints = BTreeMap::new();
@@ -406,6 +467,30 @@ mod tests {
             weights,
             vec![("10.0.0.1:80".into(), 5), ("10.0.0.3:80".into(), 2)]
         );
+    }
+
+    #[test]
+    fn chunked_snapshots_are_applied_whole() {
+        let mut b = ViewBuilder::default();
+        let mut first = snapshot(5, vec![ep("10.0.0.1:80", 1)]);
+        if let Some(pb::update::Change::Snapshot(s)) = &mut first.change {
+            s.continued = true;
+        }
+        assert!(b.apply(&first).unwrap().is_none(), "not yet");
+        let mut second = snapshot(5, vec![ep("10.0.0.2:80", 1)]);
+        if let Some(pb::update::Change::Snapshot(s)) = &mut second.change {
+            s.service.clear();
+        }
+        let view = b.apply(&second).unwrap().expect("complete");
+        assert_eq!(view.endpoints.len(), 2);
+        assert_eq!(
+            view.service, "web.default.svc.cluster.local:80",
+            "from the first chunk"
+        );
+        // A delta in the middle of a chunked snapshot is rejected.
+        let mut b = ViewBuilder::default();
+        b.apply(&first).unwrap();
+        assert!(b.apply(&delta(6, pb::Delta::default())).is_err());
     }
 
     #[test]
