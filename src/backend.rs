@@ -5,6 +5,7 @@
 //! - `GET /anything` → 200, body `NAME\n`, header `x-tandem-instance: NAME`
 //! - `POST /echo` → the request body streamed back as it arrives
 //! - `/status/NNN` → an empty response with status NNN
+//! - `/delay/MS` → answers (as for `/`) after MS milliseconds
 //! - gRPC `tandem.demo.v1.Greeter` → replies carry `instance: NAME`
 
 use std::convert::Infallible;
@@ -108,6 +109,12 @@ impl Backend {
             };
         }
         let path = req.uri().path();
+        if let Some(ms) = path
+            .strip_prefix("/delay/")
+            .and_then(|ms| ms.parse::<u64>().ok())
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
+        }
         let mut response = if let Some(code) = path.strip_prefix("/status/") {
             let status = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
             let mut r = Response::new(Either::Left(Either::Left(Full::new(Bytes::new()))));

@@ -7,3 +7,4 @@ pub mod client;
 pub mod demo;
 pub mod endpoints;
 pub mod process;
+pub mod simulate;

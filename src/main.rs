@@ -14,6 +14,8 @@ enum Command {
     Demo(tandem::demo::DemoArgs),
     /// Print a destination's endpoints as the control plane serves them to proxies.
     Endpoints(tandem::endpoints::EndpointsArgs),
+    /// What a proxy in one locality would do with each service of a services file.
+    Simulate(tandem::simulate::SimulateArgs),
     /// A tiny HTTP/1.1, HTTP/2 and gRPC server that answers with its name.
     Backend(tandem::backend::BackendArgs),
     /// Run the proxy (the same as the tandem-proxy binary).
@@ -43,6 +45,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             current_thread()?.block_on(tandem::demo::run(args, &exe))
         }
         Command::Endpoints(args) => current_thread()?.block_on(tandem::endpoints::run(args)),
+        Command::Simulate(args) => tandem::simulate::run(args),
         Command::Backend(args) => current_thread()?.block_on(tandem::backend::run(args)),
         Command::Proxy(args) => Ok(tandem_proxy::run_blocking(*args)?),
         Command::ControlPlane(args) => {

@@ -241,6 +241,30 @@ impl Collector for Inspector {
             }
         }
 
+        for (name, help, read) in [
+            (
+                "tandem_proxy_ejections",
+                "Endpoints ejected by outlier detection, per destination",
+                (|d: &Destination| d.stats.ejections.load(Relaxed)) as fn(&Destination) -> u64,
+            ),
+            (
+                "tandem_proxy_retries",
+                "Requests sent again to another endpoint after a failure",
+                |d: &Destination| d.stats.retries.load(Relaxed),
+            ),
+            (
+                "tandem_proxy_overflow",
+                "Requests refused at once because the destination had too many in flight",
+                |d: &Destination| d.stats.errors[ProxyErrorKind::Overflow as usize].load(Relaxed),
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (d, _) in &sets {
+                let labels = [("destination", d.name())];
+                ConstCounter::new(read(d)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+
         let mut updates = encoder.encode_descriptor(
             "tandem_proxy_discovery_updates",
             "Discovery updates applied per destination",

@@ -8,6 +8,8 @@ mod demo;
 mod discovery_updates;
 mod errors;
 mod kubernetes;
+mod locality;
+mod resilience;
 mod streaming;
 mod support;
 mod tls;

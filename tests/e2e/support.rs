@@ -91,14 +91,10 @@ pub async fn backend(name: &str) -> Spawned {
 }
 
 pub async fn backend_with(name: &str, extra: &[&str]) -> Spawned {
-    let mut args = vec![
-        "backend",
-        "--name",
-        name,
-        "--listen",
-        "127.0.0.1:0",
-        "--quiet",
-    ];
+    let mut args = vec!["backend", "--name", name, "--quiet"];
+    if !extra.contains(&"--listen") {
+        args.extend(["--listen", "127.0.0.1:0"]);
+    }
     args.extend_from_slice(extra);
     start(name, &args, false).await
 }

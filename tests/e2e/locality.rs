@@ -1,0 +1,270 @@
+//! Locality-aware balancing measured through a real proxy: a zone keeps its traffic
+//! while it has capacity and spills in proportion when it does not; callers' shares
+//! route by capacity across the region's zones; `tandem simulate` predicts both.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use tandem::client::Connection;
+use tandem::process::Spawned;
+
+use crate::support::*;
+
+const LIMIT: Duration = Duration::from_secs(180);
+
+struct Ep {
+    backend: Spawned,
+    region: &'static str,
+    zone: &'static str,
+}
+
+async fn zone_backends(plan: &[(&'static str, &'static str, usize)]) -> Vec<Ep> {
+    let mut out = Vec::new();
+    for (region, zone, n) in plan {
+        for i in 1..=*n {
+            out.push(Ep {
+                backend: backend(&format!("{zone}-{i}")).await,
+                region,
+                zone,
+            });
+        }
+    }
+    out
+}
+
+fn yaml(endpoints: &[Ep], callers: Option<&str>) -> String {
+    let mut y = String::from(
+        "nodes:\n  - {name: node-a, region: region-1, zone: zone-a}\nservices:\n  - name: web\n    port: 80\n",
+    );
+    if let Some(callers) = callers {
+        y.push_str(&format!("    callers: {callers}\n"));
+    }
+    y.push_str("    endpoints:\n");
+    for e in endpoints {
+        y.push_str(&format!(
+            "      - {{address: \"{}\", region: {}, zone: {}}}\n",
+            e.backend.addr("http"),
+            e.region,
+            e.zone
+        ));
+    }
+    y
+}
+
+async fn config(admin: SocketAddr) -> Value {
+    serde_json::from_str(&admin_get(admin, "/config").await).expect("/config is JSON")
+}
+
+fn web(config: &Value) -> &Value {
+    config["destinations"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["name"] == "web:80"))
+        .expect("the web destination")
+}
+
+/// Shares of answers per zone (the instance name starts with its zone).
+fn zone_shares(seen: &[String]) -> (f64, f64, f64) {
+    let n = seen.len() as f64;
+    let share = |z: &str| seen.iter().filter(|i| i.starts_with(z)).count() as f64 / n;
+    (share("zone-a"), share("zone-b"), share("zone-c"))
+}
+
+#[tokio::test]
+async fn a_zone_keeps_its_traffic_until_it_runs_short_then_spills_to_its_region() {
+    bounded(LIMIT, async {
+        let dir = TestDir::new("spillover");
+        let mut endpoints = zone_backends(&[
+            ("region-1", "zone-a", 4),
+            ("region-1", "zone-b", 4),
+            ("region-2", "zone-c", 4),
+        ])
+        .await;
+        let file = dir.path("services.yaml");
+        std::fs::write(&file, yaml(&endpoints, None)).unwrap();
+        let cp = control_plane(&file).await;
+        // Its locality comes from the control plane (node-a is in zone-a). Ejections last
+        // the whole test, and up to half the set may be ejected.
+        let proxy = proxy(
+            cp.addr("discovery"),
+            &[
+                "--node",
+                "node-a",
+                "--outlier-max-ejection-percent",
+                "50",
+                "--outlier-base-ejection-time",
+                "300s",
+            ],
+        )
+        .await;
+        let admin = proxy.addr("admin");
+        let mut conn = Connection::http1(proxy.addr("proxy")).await.unwrap();
+
+        // min(100, 1.4 × healthy%) of zone-a's 4 endpoints, as 0, 1, 2, 3, 4 are down.
+        for (down, expected_local) in [(0usize, 1.0), (1, 1.0), (2, 0.7), (3, 0.35), (4, 0.0)] {
+            if down > 0 {
+                let victim = &mut endpoints[down - 1];
+                let addr = victim.backend.addr("http").to_string();
+                victim.backend.kill().await;
+                // Requests find it dead (and are retried elsewhere) until it is ejected.
+                eventually(
+                    Duration::from_secs(30),
+                    "the killed backend to be ejected",
+                    || {
+                        let addr = addr.clone();
+                        let proxy = proxy.addr("proxy");
+                        async move {
+                            let mut c = Connection::http1(proxy).await.ok()?;
+                            instances(&mut c, "web", 10).await;
+                            let cfg = config(admin).await;
+                            let ejected = web(&cfg)["endpoints"]
+                                .as_array()?
+                                .iter()
+                                .any(|e| e["address"] == addr.as_str() && e["ejected"] == true);
+                            ejected.then_some(())
+                        }
+                    },
+                )
+                .await;
+            }
+            let seen = instances(&mut conn, "web", 2000).await;
+            let (a, b, c) = zone_shares(&seen);
+            assert!(
+                (a - expected_local).abs() <= 0.03,
+                "{down} of zone-a's 4 down: {:.1}% stayed local, the formula says {:.1}%",
+                a * 100.0,
+                expected_local * 100.0
+            );
+            // What leaves the zone goes to the same region first.
+            assert!(
+                c <= 0.001,
+                "{down} down: {:.1}% went to another region",
+                c * 100.0
+            );
+            assert!((a + b - 1.0).abs() < 1e-9);
+        }
+        let cfg = config(admin).await;
+        assert_eq!(web(&cfg)["mode"], "tiers");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn callers_shares_route_by_capacity_across_zones() {
+    bounded(LIMIT, async {
+        let dir = TestDir::new("zone-aware");
+        // Upstream capacity 25/50/25 over zones a/b/c of one region; callers 40/40/20.
+        let endpoints = zone_backends(&[
+            ("region-1", "zone-a", 2),
+            ("region-1", "zone-b", 4),
+            ("region-1", "zone-c", 2),
+        ])
+        .await;
+        let file = dir.path("services.yaml");
+        std::fs::write(
+            &file,
+            yaml(&endpoints, Some("{zone-a: 40, zone-b: 40, zone-c: 20}")),
+        )
+        .unwrap();
+        let cp = control_plane(&file).await;
+        let proxy = proxy(cp.addr("discovery"), &["--node", "node-a"]).await;
+        let mut conn = Connection::http1(proxy.addr("proxy")).await.unwrap();
+        let seen = instances(&mut conn, "web", 2000).await;
+        let (a, b, c) = zone_shares(&seen);
+        assert!(
+            (a - 0.625).abs() <= 0.03,
+            "local share {:.1}%, Envoy's example says 62.5%",
+            a * 100.0
+        );
+        assert!((b - 0.25).abs() <= 0.03, "zone-b {:.1}%", b * 100.0);
+        assert!((c - 0.125).abs() <= 0.03, "zone-c {:.1}%", c * 100.0);
+        let cfg = config(proxy.addr("admin")).await;
+        assert_eq!(web(&cfg)["mode"], "zone_aware");
+
+        // `tandem simulate` says the same from the same file.
+        let output = tokio::process::Command::new(exe())
+            .args([
+                "simulate",
+                "--from",
+                "region-1/zone-a",
+                "-o",
+                "json",
+                "--config",
+            ])
+            .arg(&file)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let sim: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let web = &sim["web.default:80"];
+        assert!(
+            (web["zones"]["zone-a"].as_f64().unwrap() - 0.625).abs() < 1e-9,
+            "{sim}"
+        );
+        assert!(
+            (web["cross_zone"].as_f64().unwrap() - 0.375).abs() < 1e-9,
+            "{sim}"
+        );
+        let endpoint_total: f64 = web["endpoints"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        assert!((endpoint_total - 1.0).abs() < 1e-9);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn simulate_shows_what_losing_half_a_zone_does() {
+    bounded(LIMIT, async {
+        let dir = TestDir::new("simulate");
+        let file = dir.path("services.yaml");
+        std::fs::write(
+            &file,
+            "services:\n  - name: web\n    port: 80\n    endpoints:\n\
+             \x20     - {address: \"10.0.0.1:80\", region: r1, zone: a}\n\
+             \x20     - {address: \"10.0.0.2:80\", region: r1, zone: a, health: unhealthy}\n\
+             \x20     - {address: \"10.0.1.1:80\", region: r1, zone: b}\n\
+             \x20     - {address: \"10.0.1.2:80\", region: r1, zone: b}\n",
+        )
+        .unwrap();
+        let output = tokio::process::Command::new(exe())
+            .args(["simulate", "--from", "r1/a", "--config"])
+            .arg(&file)
+            .output()
+            .await
+            .unwrap();
+        let table = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{table}");
+        // Half of zone a is down: 1.4 × 50% = 70% stays, 30% crosses.
+        let line = |start: &str| {
+            table
+                .lines()
+                .find(|l| l.trim_start().starts_with(start))
+                .unwrap_or_else(|| panic!("no {start:?} line in\n{table}"))
+                .to_string()
+        };
+        assert!(line("zone a ").ends_with("70.0%"), "{table}");
+        assert!(line("crosses zones").ends_with("30.0%"), "{table}");
+
+        let bad = dir.path("bad.yaml");
+        std::fs::write(&bad, "services:\n  - name: web\n    port: eighty\n").unwrap();
+        let output = tokio::process::Command::new(exe())
+            .args(["simulate", "--from", "r1/a", "--config"])
+            .arg(&bad)
+            .output()
+            .await
+            .unwrap();
+        assert!(!output.status.success());
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(err.contains("line 3"), "{err}");
+    })
+    .await
+}

@@ -1,0 +1,333 @@
+//! Failures a client must not notice (or must be told about clearly): a backend killed
+//! under load, a backend answering 503 for everything, most backends failing (panic),
+//! draining endpoints, timeouts and overload.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tandem::client::Connection;
+use tokio::sync::Mutex;
+
+use crate::support::*;
+
+const LIMIT: Duration = Duration::from_secs(180);
+
+async fn config(admin: SocketAddr) -> Value {
+    serde_json::from_str(&admin_get(admin, "/config").await).expect("/config is JSON")
+}
+
+fn endpoint<'a>(config: &'a Value, addr: &str) -> Option<&'a Value> {
+    config["destinations"].as_array()?.iter().find_map(|d| {
+        d["endpoints"]
+            .as_array()?
+            .iter()
+            .find(|e| e["address"] == addr)
+    })
+}
+
+fn ejected(config: &Value, addr: &str) -> bool {
+    endpoint(config, addr).is_some_and(|e| e["ejected"] == true)
+}
+
+fn services(name: &str, endpoints: &[(SocketAddr, &str)], extra: &str) -> String {
+    let mut y = format!("services:\n  - name: {name}\n    port: 80\n{extra}    endpoints:\n");
+    for (addr, health) in endpoints {
+        y.push_str(&format!(
+            "      - {{address: \"{addr}\", health: {health}}}\n"
+        ));
+    }
+    y
+}
+
+#[tokio::test]
+async fn a_backend_killed_under_load_costs_no_client_request() {
+    bounded(LIMIT, async {
+        let dir = TestDir::new("killed");
+        let mut backends = Vec::new();
+        for i in 1..=3 {
+            backends.push(backend(&format!("instance-{i}")).await);
+        }
+        let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr("http")).collect();
+        let file = dir.path("services.yaml");
+        let endpoints: Vec<(SocketAddr, &str)> = addrs.iter().map(|a| (*a, "healthy")).collect();
+        std::fs::write(&file, services("web", &endpoints, "")).unwrap();
+        let cp = control_plane(&file).await;
+        let proxy = proxy(
+            cp.addr("discovery"),
+            &["--outlier-base-ejection-time", "2s"],
+        )
+        .await;
+        let admin = proxy.addr("admin");
+
+        // A steady load of GETs from 3 clients.
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+        let answered = Arc::new(Mutex::new(Vec::<(Instant, String)>::new()));
+        let mut load = Vec::new();
+        for _ in 0..3 {
+            let (stop, failures, answered) = (stop.clone(), failures.clone(), answered.clone());
+            let addr = proxy.addr("proxy");
+            load.push(tokio::spawn(async move {
+                let mut conn = Connection::http1(addr).await.unwrap();
+                for _ in 0..100_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match conn.get("web", "/").await {
+                        Ok(r) if r.status.is_success() => answered
+                            .lock()
+                            .await
+                            .push((Instant::now(), r.instance().unwrap_or("?").to_string())),
+                        Ok(r) => failures
+                            .lock()
+                            .await
+                            .push(format!("{} {}", r.status, r.text())),
+                        Err(e) => {
+                            failures.lock().await.push(format!("{e:#}"));
+                            conn = Connection::http1(addr).await.unwrap();
+                        }
+                    }
+                }
+            }));
+        }
+        eventually(Duration::from_secs(10), "load to flow", || {
+            let answered = answered.clone();
+            async move { (answered.lock().await.len() > 100).then_some(()) }
+        })
+        .await;
+
+        // SIGKILL instance-1 in the middle of it.
+        let victim = addrs[0].to_string();
+        backends[0].kill().await;
+        eventually(Duration::from_secs(10), "instance-1 to be ejected", || {
+            let victim = victim.clone();
+            async move { ejected(&config(admin).await, &victim).then_some(()) }
+        })
+        .await;
+        let cfg = config(admin).await;
+        let failed = endpoint(&cfg, &victim).unwrap()["failures"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            failed <= 5 + 3,
+            "ejected after {failed} failures (5, plus what was in flight)"
+        );
+
+        // It comes back on the same address; after the ejection it is in rotation again.
+        backends[0] = backend_with("instance-1", &["--listen", &victim]).await;
+        let back = Instant::now();
+        eventually(
+            Duration::from_secs(20),
+            "instance-1 back in rotation",
+            || {
+                let answered = answered.clone();
+                async move {
+                    let a = answered.lock().await;
+                    a.iter()
+                        .any(|(at, who)| *at > back && who == "instance-1")
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+
+        stop.store(true, Ordering::Relaxed);
+        for task in load {
+            task.await.unwrap();
+        }
+        let failures = failures.lock().await;
+        assert!(failures.is_empty(), "clients saw failures: {failures:?}");
+        let metrics = admin_get(admin, "/metrics").await;
+        assert!(
+            metrics.contains("tandem_proxy_ejections_total{destination=\"web:80\"} 1"),
+            "{metrics}"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_backend_answering_503_is_ejected_and_panic_spreads_load_when_most_fail() {
+    bounded(LIMIT, async {
+        let dir = TestDir::new("failing");
+        let good = backend("good").await;
+        let mut bad = Vec::new();
+        for i in 1..=3 {
+            bad.push(backend_with(&format!("bad-{i}"), &["--status", "503"]).await);
+        }
+        // One failing backend of four: ejected (10% of 4 rounds down, but one is always allowed).
+        let file = dir.path("services.yaml");
+        let one_bad = [(good.addr("http"), "healthy"), (bad[0].addr("http"), "healthy")];
+        std::fs::write(&file, services("web", &one_bad, "")).unwrap();
+        let cp = control_plane(&file).await;
+        let proxy = proxy(cp.addr("discovery"), &["--outlier-max-ejection-percent", "100", "--outlier-base-ejection-time", "300s"]).await;
+        let admin = proxy.addr("admin");
+        let mut conn = Connection::http1(proxy.addr("proxy")).await.unwrap();
+        let bad_addr = bad[0].addr("http").to_string();
+        let mut seen_503 = 0;
+        for _ in 0..20 {
+            let r = conn.get("web", "/").await.unwrap();
+            seen_503 += usize::from(r.status == 503);
+        }
+        // 5 consecutive 5xx eject it (a 6th may slip through while the set is rebuilt).
+        assert!((5..=6).contains(&seen_503), "{seen_503} answers of 503");
+        assert!(ejected(&config(admin).await, &bad_addr));
+        let after = instances(&mut conn, "web", 20).await;
+        assert!(after.iter().all(|i| i == "good"), "{after:?}");
+
+        // Three failing of four: all ejected, 1 of 4 healthy is below the 50% panic
+        // threshold, so load spreads over all four instead of crushing the last one.
+        let mostly_bad: Vec<(SocketAddr, &str)> = std::iter::once(good.addr("http"))
+            .chain(bad.iter().map(|b| b.addr("http")))
+            .map(|a| (a, "healthy"))
+            .collect();
+        replace_file(&file, &services("web", &mostly_bad, ""));
+        eventually(Duration::from_secs(20), "panic mode", || {
+            let proxy = proxy.addr("proxy");
+            async move {
+                let mut c = Connection::http1(proxy).await.ok()?;
+                for _ in 0..10 {
+                    c.get("web", "/").await.ok()?;
+                }
+                let cfg = config(admin).await;
+                let web = cfg["destinations"].as_array()?.iter().find(|d| d["name"] == "web:80")?.clone();
+                (web["mode"] == "panic").then_some(())
+            }
+        })
+        .await;
+        let mut good_answers = 0;
+        for _ in 0..400 {
+            let r = conn.get("web", "/").await.unwrap();
+            good_answers += usize::from(r.status.is_success());
+        }
+        assert!(
+            (80..=120).contains(&good_answers),
+            "in panic the healthy endpoint takes its share (~100 of 400), not everything: {good_answers}"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn draining_endpoints_finish_in_flight_requests_and_get_no_new_ones() {
+    bounded(LIMIT, async {
+        let dir = TestDir::new("draining");
+        let a = backend("instance-1").await;
+        let b = backend("instance-2").await;
+        let file = dir.path("services.yaml");
+        let both = [(a.addr("http"), "healthy"), (b.addr("http"), "healthy")];
+        std::fs::write(&file, services("web", &both, "")).unwrap();
+        let cp = control_plane(&file).await;
+        let proxy = proxy(cp.addr("discovery"), &[]).await;
+        let addr = proxy.addr("proxy");
+
+        // Requests alternate: after one to X, the next goes to the other one, Y.
+        let mut conn = Connection::http1(addr).await.unwrap();
+        let first = instances(&mut conn, "web", 1).await.remove(0);
+        let (slow_target, slow_addr, other) = if first == "instance-1" {
+            ("instance-2", b.addr("http"), a.addr("http"))
+        } else {
+            ("instance-1", a.addr("http"), b.addr("http"))
+        };
+        let slow = tokio::spawn(async move {
+            let mut c = Connection::http1(addr).await.unwrap();
+            c.get("web", "/delay/1500").await.unwrap()
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await; // the slow request is on its way
+        replace_file(
+            &file,
+            &services("web", &[(slow_addr, "draining"), (other, "healthy")], ""),
+        );
+        let admin = proxy.addr("admin");
+        eventually(
+            Duration::from_secs(5),
+            "the endpoint to be draining",
+            || {
+                let slow_addr = slow_addr.to_string();
+                async move {
+                    let cfg = config(admin).await;
+                    (endpoint(&cfg, &slow_addr)?["health"] == "draining").then_some(())
+                }
+            },
+        )
+        .await;
+        let new = instances(&mut conn, "web", 10).await;
+        assert!(
+            new.iter().all(|i| i != slow_target),
+            "no new requests to the draining endpoint: {new:?}"
+        );
+        let reply = slow.await.unwrap();
+        assert_eq!(reply.status, 200, "its in-flight request completes");
+        assert_eq!(reply.instance(), Some(slow_target));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn slow_backends_time_out_and_overload_is_refused_at_once() {
+    bounded(LIMIT, async {
+        let dir = TestDir::new("timeouts");
+        let a = backend("instance-1").await;
+        let file = dir.path("services.yaml");
+        std::fs::write(
+            &file,
+            services(
+                "web",
+                &[(a.addr("http"), "healthy")],
+                "    timeout: 300ms\n",
+            ),
+        )
+        .unwrap();
+        let cp = control_plane(&file).await;
+        let proxy = proxy(cp.addr("discovery"), &["--max-pending-requests", "2"]).await;
+        let addr = proxy.addr("proxy");
+
+        // The service's timeout: 504 naming the destination.
+        let mut conn = Connection::http1(addr).await.unwrap();
+        let start = Instant::now();
+        let r = conn.get("web", "/delay/3000").await.unwrap();
+        assert_eq!(r.status, 504, "{}", r.text());
+        assert!(
+            r.text().contains("web:80") && r.text().contains("300ms"),
+            "{}",
+            r.text()
+        );
+        assert_eq!(r.headers["x-tandem-error"], "timeout");
+        assert!(start.elapsed() < Duration::from_secs(2));
+
+        // Circuit breaking: two in flight at most; the others are refused at once.
+        let mut calls = Vec::new();
+        for _ in 0..6 {
+            calls.push(tokio::spawn(async move {
+                let mut c = Connection::http1(addr).await.unwrap();
+                let start = Instant::now();
+                let r = c.get("web", "/delay/250").await.unwrap();
+                (r, start.elapsed())
+            }));
+        }
+        let mut refused = 0;
+        for call in calls {
+            let (r, took) = call.await.unwrap();
+            if r.status == 503 {
+                refused += 1;
+                assert_eq!(r.headers["x-tandem-error"], "overflow");
+                assert!(
+                    took < Duration::from_millis(200),
+                    "refused at once, not queued: {took:?}"
+                );
+            } else {
+                assert_eq!(r.status, 200);
+            }
+        }
+        assert!(refused >= 3, "{refused} of 6 refused with a limit of 2");
+        let metrics = admin_get(proxy.addr("admin"), "/metrics").await;
+        assert!(
+            metrics.contains("tandem_proxy_overflow_total{destination=\"web:80\"}"),
+            "{metrics}"
+        );
+    })
+    .await
+}
