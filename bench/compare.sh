@@ -54,15 +54,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "nothing listens on port $1" >&2; exit 1
-}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 # --- backends ------------------------------------------------------------------------
 B1=$(free_port); B2=$(free_port)
@@ -159,9 +152,6 @@ PID_OF[nginx]=$!; H2C_PID_OF[nginx]=$!; TLS_PID_OF[nginx]=$!; PIDS+=($!)
 for p in tandem haproxy nginx; do wait_port "${PLAIN[$p]}"; wait_port "${H2C[$p]}"; wait_port "${TLS[$p]}"; done
 
 # --- measuring ---------------------------------------------------------------------------
-cpu_ticks() { awk '{ s = $0; sub(/.*\) /, "", s); split(s, f, " "); print f[12] + f[13] }' "/proc/$1/stat"; }
-rss_kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
-CLK_TCK=$(getconf CLK_TCK)
 
 # Idle RSS: after start-up and a handful of requests, before any load.
 declare -A IDLE

@@ -412,6 +412,7 @@ impl Forwarder {
         // A request with no body and a safe-to-repeat method can be sent again when its
         // backend fails before answering; keep its head for that.
         let replay = (self.resilience.max_attempts > 1
+            && set.balancer.pickable() > 1
             && http_body::Body::is_end_stream(req.body())
             && is_idempotent(req.method()))
         .then(|| Replay::of(&req));
