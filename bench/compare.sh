@@ -17,6 +17,8 @@
 # figure's ratio to HAProxy's. Results are printed and written to bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
@@ -45,17 +47,8 @@ TARGET=${CARGO_TARGET_DIR:-target}
 PROXY_BIN=$TARGET/release/tandem-proxy
 TANDEM_BIN=$TARGET/release/tandem
 
-WORK=$(mktemp -d /tmp/tandem-bench.XXXXXX)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir tandem-bench
 
-# shellcheck source=bench/lib.sh
-. bench/lib.sh
 
 # --- backends ------------------------------------------------------------------------
 B1=$(free_port); B2=$(free_port)

@@ -17,3 +17,17 @@ cpu_ticks() { awk '{ s = $0; sub(/.*\) /, "", s); split(s, f, " "); print f[12] 
 rss_kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
 
 CLK_TCK=$(getconf CLK_TCK)
+
+# bench_workdir NAME: a scratch directory in $WORK, and a trap that stops every PID
+# appended to PIDS and removes the directory when the script exits.
+bench_workdir() {
+  WORK=$(mktemp -d "/tmp/$1.XXXXXX")
+  PIDS=()
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}

@@ -16,14 +16,7 @@ command -v wrk >/dev/null || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninter
 cargo build --release -p tandem-proxy -p tandem >&2
 TARGET=${CARGO_TARGET_DIR:-target}
 
-WORK=$(mktemp -d /tmp/tandem-tiers.XXXXXX)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir tandem-tiers
 
 # 8 backends: zone-a ×2, zone-b ×4, zone-c ×2, one region; callers 40/40/20.
 {

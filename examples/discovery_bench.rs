@@ -54,6 +54,17 @@ async fn client(
     Ok(pb::discovery_client::DiscoveryClient::new(channel).max_decoding_message_size(256 << 20))
 }
 
+/// Reads a (possibly chunked) snapshot; returns how many endpoints it has.
+async fn first_view(stream: &mut tonic::Streaming<pb::Update>) -> anyhow::Result<usize> {
+    let mut builder = ViewBuilder::default();
+    loop {
+        let update = stream.message().await?.context("no snapshot")?;
+        if let Some(view) = builder.apply(&update).map_err(anyhow::Error::msg)? {
+            return Ok(view.endpoints.len());
+        }
+    }
+}
+
 /// Subscribes and reports (subscriber, version, when) for every update after the snapshot.
 async fn subscribe(
     addr: SocketAddr,
@@ -351,13 +362,7 @@ async fn scale(tandem: &Path, python: &Path, emulator: &Path, slices: usize) -> 
         })
         .await?
         .into_inner();
-    let mut builder = ViewBuilder::default();
-    let count = loop {
-        let update = stream.message().await?.context("no snapshot")?;
-        if let Some(view) = builder.apply(&update).map_err(anyhow::Error::msg)? {
-            break view.endpoints.len();
-        }
-    };
+    let count = first_view(&mut stream).await?;
     let first_snapshot = t0.elapsed();
 
     // One endpoint of one slice goes unready and back, a few times.

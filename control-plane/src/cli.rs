@@ -112,6 +112,16 @@ pub async fn run(args: Args) -> Result<(), Error> {
         }
     }
 
+    // Callers' shares follow the proxies that watch each service, recounted each second.
+    let callers = index.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            callers.refresh_callers(std::time::Instant::now());
+        }
+    });
+
     let grpc_listener = tandem_common::listen::bind("discovery (--listen)", args.listen).await?;
     let admin_listener = tandem_common::listen::bind("admin (--admin)", args.admin).await?;
     let grpc_addr = grpc_listener.local_addr().unwrap_or(args.listen);

@@ -66,12 +66,32 @@ pub struct Subscription {
 struct Entry {
     tx: watch::Sender<Arc<Published>>,
     spec: ServiceSpec,
+    /// Callers' shares counted from the proxies that watch this service.
+    computed_callers: CallerShares,
+}
+
+impl Entry {
+    /// The source's callers' shares if it has any (a file's `callers:`), else the
+    /// ones counted from subscribed proxies where the service asks for that.
+    fn callers(&self, spec: &ServiceSpec) -> CallerShares {
+        if !spec.callers.is_empty() {
+            spec.callers.clone()
+        } else if spec.policy.count_callers {
+            self.computed_callers.clone()
+        } else {
+            CallerShares::new()
+        }
+    }
 }
 
 #[derive(Default)]
 struct State {
     services: HashMap<ServiceKey, Entry>,
     by_cluster_ip: HashMap<SocketAddr, ServiceKey>,
+    /// Per service: each subscribed proxy's node, and how many streams it has open.
+    callers: HashMap<ServiceKey, HashMap<String, (String, usize)>>,
+    /// Services whose callers changed since the last `refresh_callers`.
+    callers_dirty: std::collections::HashSet<ServiceKey>,
 }
 
 pub struct ServiceIndex {
@@ -262,7 +282,7 @@ impl ServiceIndex {
 
     /// Replaces the node → locality map (proxies on changed nodes get a delta).
     pub fn set_nodes(&self, nodes: NodeMap) {
-        self.nodes.send_if_modified(|current| {
+        let changed = self.nodes.send_if_modified(|current| {
             if **current == nodes {
                 false
             } else {
@@ -270,6 +290,90 @@ impl ServiceIndex {
                 true
             }
         });
+        if changed {
+            // Callers' zones come from their nodes.
+            let mut state = self.write();
+            let keys: Vec<ServiceKey> = state.callers.keys().cloned().collect();
+            state.callers_dirty.extend(keys);
+        }
+    }
+
+    /// A proxy opened a stream on `key`; `proxy` identifies it, `node` is where it runs.
+    pub fn caller_joined(&self, key: &ServiceKey, proxy: &str, node: &str) {
+        let mut state = self.write();
+        let entry = state
+            .callers
+            .entry(key.clone())
+            .or_default()
+            .entry(proxy.to_string())
+            .or_insert_with(|| (node.to_string(), 0));
+        entry.1 += 1;
+        state.callers_dirty.insert(key.clone());
+    }
+
+    /// A stream opened by `caller_joined` ended.
+    pub fn caller_left(&self, key: &ServiceKey, proxy: &str) {
+        let mut state = self.write();
+        if let Some(proxies) = state.callers.get_mut(key) {
+            if let Some(entry) = proxies.get_mut(proxy) {
+                entry.1 -= 1;
+                if entry.1 == 0 {
+                    proxies.remove(proxy);
+                }
+            }
+            if proxies.is_empty() {
+                state.callers.remove(key);
+            }
+        }
+        state.callers_dirty.insert(key.clone());
+    }
+
+    /// Recounts the callers' shares per zone of the services whose subscribers changed,
+    /// and publishes them where the source gives none. Called periodically, so a fleet
+    /// of proxies (re)connecting at once costs one update per service, not one per proxy.
+    pub fn refresh_callers(&self, changed_at: Instant) {
+        let nodes = self.nodes.borrow().clone();
+        let mut state = self.write();
+        let dirty: Vec<ServiceKey> = state.callers_dirty.drain().collect();
+        for key in dirty {
+            let mut shares = CallerShares::new();
+            for (node, _) in state.callers.get(&key).into_iter().flat_map(|p| p.values()) {
+                if let Some(zone) = nodes
+                    .get(node)
+                    .map(|l| l.zone.clone())
+                    .filter(|z| !z.is_empty())
+                {
+                    *shares.entry(zone).or_default() += 1.0;
+                }
+            }
+            let Some(entry) = state.services.get_mut(&key) else {
+                continue;
+            };
+            entry.computed_callers = shares;
+            let callers = entry.callers(&entry.spec);
+            let current = entry.tx.borrow().clone();
+            if *current.callers == callers {
+                continue;
+            }
+            tracing::debug!(service = %key, ?callers, "callers' shares changed");
+            entry.tx.send_replace(Arc::new(Published {
+                version: self.version(),
+                prev_version: current.version,
+                endpoints: current.endpoints.clone(),
+                delta: pb::Delta {
+                    caller_shares: Some(pb::CallerShares {
+                        by_zone: callers.clone().into_iter().collect(),
+                    }),
+                    ..Default::default()
+                },
+                callers: Arc::new(callers),
+                traffic_distribution: current.traffic_distribution.clone(),
+                policy: current.policy.clone(),
+                changed_at,
+                deleted: false,
+            }));
+            self.metrics.publishes.inc();
+        }
     }
 
     pub fn node_locality(&self, node: &str) -> Option<Locality> {
@@ -302,9 +406,10 @@ impl ServiceIndex {
             Some(entry) => {
                 let current = entry.tx.borrow().clone();
                 let mut delta = diff(&current.endpoints, &spec.endpoints);
-                if entry.spec.callers != spec.callers {
+                let callers = entry.callers(&spec);
+                if *current.callers != callers {
                     delta.caller_shares = Some(pb::CallerShares {
-                        by_zone: spec.callers.clone().into_iter().collect(),
+                        by_zone: callers.clone().into_iter().collect(),
                     });
                 }
                 if entry.spec.traffic_distribution != spec.traffic_distribution {
@@ -317,7 +422,7 @@ impl ServiceIndex {
                     version: self.version(),
                     prev_version: current.version,
                     endpoints: spec.endpoints.clone(),
-                    callers: Arc::new(spec.callers.clone()),
+                    callers: Arc::new(callers),
                     traffic_distribution: spec.traffic_distribution.as_str().into(),
                     policy: Arc::new(spec.policy.clone()),
                     delta,
@@ -353,7 +458,14 @@ impl ServiceIndex {
                     deleted: false,
                 };
                 let (tx, _) = watch::channel(Arc::new(published));
-                state.services.insert(key, Entry { tx, spec });
+                let entry = Entry {
+                    tx,
+                    spec,
+                    computed_callers: CallerShares::new(),
+                };
+                // Proxies may already watch it under this name (it was re-created).
+                state.callers_dirty.insert(key.clone());
+                state.services.insert(key, entry);
                 self.metrics.publishes.inc();
                 true
             }
@@ -594,6 +706,98 @@ mod tests {
             index.subscribe("web:80", "default"),
             Err(ResolveError::Unknown(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn callers_are_counted_from_subscribed_proxies_per_zone() {
+        let index = ServiceIndex::new("cluster.local", Arc::new(Metrics::default()));
+        let k = ServiceKey::new("default", "web", 80);
+        let mut counted = spec(&["10.0.0.1:80"]);
+        counted.policy.count_callers = true;
+        index.upsert(k.clone(), counted.clone(), Instant::now());
+        index.set_nodes(
+            [("n-a", "zone-a"), ("n-b", "zone-b")]
+                .into_iter()
+                .map(|(n, z)| {
+                    (
+                        n.to_string(),
+                        Locality {
+                            region: "r".into(),
+                            zone: z.into(),
+                            subzone: String::new(),
+                        },
+                    )
+                })
+                .collect(),
+        );
+        index.mark_synced();
+        let mut sub = index.subscribe("web:80", "default").unwrap();
+        sub.service.borrow_and_update();
+        index.caller_joined(&k, "default/p1", "n-a");
+        index.caller_joined(&k, "default/p1", "n-a"); // a second stream of the same proxy
+        index.caller_joined(&k, "default/p2", "n-a");
+        index.caller_joined(&k, "default/p3", "n-b");
+        index.caller_joined(&k, "default/p4", "unknown-node");
+        index.refresh_callers(Instant::now());
+        sub.service.changed().await.unwrap();
+        let p = sub.service.borrow_and_update().clone();
+        let shares = &p.delta.caller_shares.as_ref().unwrap().by_zone;
+        assert_eq!((shares["zone-a"], shares["zone-b"]), (2.0, 1.0));
+        assert_eq!(shares.len(), 2, "proxies on unknown nodes count nowhere");
+
+        // Explicit callers from the source win over counted ones.
+        let mut explicit = counted.clone();
+        explicit.callers = [("zone-c".to_string(), 1.0)].into();
+        index.upsert(k.clone(), explicit, Instant::now());
+        sub.service.changed().await.unwrap();
+        assert_eq!(
+            sub.service
+                .borrow_and_update()
+                .callers
+                .keys()
+                .collect::<Vec<_>>(),
+            vec!["zone-c"]
+        );
+        index.caller_left(&k, "default/p3");
+        index.refresh_callers(Instant::now());
+        assert!(
+            !sub.service.has_changed().unwrap(),
+            "explicit shares do not move"
+        );
+    }
+
+    #[tokio::test]
+    async fn callers_are_not_counted_unless_the_service_asks() {
+        let index = ServiceIndex::new("cluster.local", Arc::new(Metrics::default()));
+        let k = ServiceKey::new("default", "web", 80);
+        index.upsert(k.clone(), spec(&["10.0.0.1:80"]), Instant::now());
+        index.set_nodes(
+            [(
+                "n-a".to_string(),
+                Locality {
+                    region: "r".into(),
+                    zone: "zone-a".into(),
+                    subzone: String::new(),
+                },
+            )]
+            .into(),
+        );
+        index.mark_synced();
+        let mut sub = index.subscribe("web:80", "default").unwrap();
+        sub.service.borrow_and_update();
+        index.caller_joined(&k, "default/p1", "n-a");
+        index.refresh_callers(Instant::now());
+        assert!(
+            !sub.service.has_changed().unwrap(),
+            "a lone caller moves nothing"
+        );
+
+        // Opting in publishes the count already made.
+        let mut counted = spec(&["10.0.0.1:80"]);
+        counted.policy.count_callers = true;
+        index.upsert(k.clone(), counted, Instant::now());
+        sub.service.changed().await.unwrap();
+        assert_eq!(sub.service.borrow_and_update().callers["zone-a"], 1.0);
     }
 
     #[test]

@@ -160,6 +160,10 @@ pub struct HealthCheck {
 pub struct Policy {
     pub health_check: Option<HealthCheck>,
     pub request_timeout: Option<std::time::Duration>,
+    /// Capacity-proportional zone routing with callers' shares counted from the
+    /// proxies that watch the service. Opt-in, as zone-aware routing is in Envoy: a
+    /// lone caller would otherwise send half its traffic out of a zone that has room.
+    pub count_callers: bool,
 }
 
 impl Policy {

@@ -103,7 +103,9 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         } else {
             format!("{}/{}", proxy.namespace, proxy.pod)
         };
+        let callers = CallerGuard::join(&self.index, &subscription.key, &proxy_id, &proxy.node);
         let state = StreamState {
+            _caller: callers,
             _guard: self.proxies.open(proxy_id),
             node: proxy.node,
             subscription,
@@ -168,7 +170,37 @@ impl Drop for StreamGuard {
     }
 }
 
+/// Counts the stream's proxy as a caller of its service while the stream is open.
+struct CallerGuard {
+    index: Arc<ServiceIndex>,
+    key: crate::model::ServiceKey,
+    proxy: String,
+}
+
+impl CallerGuard {
+    fn join(
+        index: &Arc<ServiceIndex>,
+        key: &crate::model::ServiceKey,
+        proxy: &str,
+        node: &str,
+    ) -> Self {
+        index.caller_joined(key, proxy, node);
+        Self {
+            index: index.clone(),
+            key: key.clone(),
+            proxy: proxy.to_string(),
+        }
+    }
+}
+
+impl Drop for CallerGuard {
+    fn drop(&mut self) {
+        self.index.caller_left(&self.key, &self.proxy);
+    }
+}
+
 struct StreamState {
+    _caller: CallerGuard,
     _guard: StreamGuard,
     node: String,
     subscription: Subscription,

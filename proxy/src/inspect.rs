@@ -78,6 +78,9 @@ impl Inspector {
                         out["service"] = set.service.clone().into();
                         out["version"] = set.version.into();
                         out["pickable"] = set.balancer.pickable().into();
+                        out["callers"] =
+                            serde_json::to_value(&set.placement.caller_shares).unwrap_or_default();
+                        out["policy"] = serde_json::to_value(&set.policy).unwrap_or_default();
                         out["endpoints"] = set
                             .backends
                             .iter()

@@ -268,3 +268,51 @@ async fn simulate_shows_what_losing_half_a_zone_does() {
     })
     .await
 }
+
+#[tokio::test]
+async fn the_control_plane_counts_callers_from_the_proxies_that_use_a_service() {
+    bounded(LIMIT, async {
+        let dir = TestDir::new("counted-callers");
+        // Capacity 2/4/2 over zones a/b/c of one region; `callers: counted`.
+        let endpoints = zone_backends(&[
+            ("region-1", "zone-a", 2),
+            ("region-1", "zone-b", 4),
+            ("region-1", "zone-c", 2),
+        ])
+        .await;
+        let file = dir.path("services.yaml");
+        let services = yaml(&endpoints, Some("counted")).replace(
+            "nodes:\n  - {name: node-a, region: region-1, zone: zone-a}\n",
+            "nodes:\n  - {name: node-a, region: region-1, zone: zone-a}\n  - {name: node-b, region: region-1, zone: zone-b}\n",
+        );
+        std::fs::write(&file, services).unwrap();
+        let cp = control_plane(&file).await;
+        let discovery = cp.addr("discovery");
+        // Two callers in zone-a, one in zone-b.
+        let a1 = proxy(discovery, &["--node", "node-a", "--pod", "client-a1"]).await;
+        let a2 = proxy(discovery, &["--node", "node-a", "--pod", "client-a2"]).await;
+        let b1 = proxy(discovery, &["--node", "node-b", "--pod", "client-b1"]).await;
+        for p in [&a2, &b1] {
+            let mut c = Connection::http1(p.addr("proxy")).await.unwrap();
+            instances(&mut c, "web", 1).await;
+        }
+        let mut conn = Connection::http1(a1.addr("proxy")).await.unwrap();
+        instances(&mut conn, "web", 1).await;
+        let admin = a1.addr("admin");
+        eventually(Duration::from_secs(10), "the counted callers to reach the proxy", || async move {
+            let cfg = config(admin).await;
+            let w = web(&cfg);
+            (w["callers"]["zone-a"] == 2.0 && w["callers"]["zone-b"] == 1.0 && w["mode"] == "zone_aware")
+                .then_some(())
+        })
+        .await;
+        // Callers 2/3 in a, 1/3 in b, 0 in c against capacity 1/4, 1/2, 1/4: zone-a keeps
+        // 0.25 / 0.667 = 37.5%; the rest goes to spare capacity (b: 1/6, c: 1/4) → 25% / 37.5%.
+        let seen = instances(&mut conn, "web", 2000).await;
+        let (a, b, c) = zone_shares(&seen);
+        assert!((a - 0.375).abs() <= 0.03, "zone-a {:.1}%", a * 100.0);
+        assert!((b - 0.25).abs() <= 0.03, "zone-b {:.1}%", b * 100.0);
+        assert!((c - 0.375).abs() <= 0.03, "zone-c {:.1}%", c * 100.0);
+    })
+    .await
+}

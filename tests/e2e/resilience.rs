@@ -331,3 +331,34 @@ async fn slow_backends_time_out_and_overload_is_refused_at_once() {
     })
     .await
 }
+
+#[tokio::test]
+async fn active_health_checks_take_failing_endpoints_out_without_client_traffic() {
+    bounded(LIMIT, async {
+        let dir = TestDir::new("active-checks");
+        let good = backend("good").await;
+        let sick = backend_with("sick", &["--status", "503"]).await;
+        let file = dir.path("services.yaml");
+        let both = [(good.addr("http"), "healthy"), (sick.addr("http"), "healthy")];
+        let policy = "    health_check: {path: /healthz, interval: 200ms, timeout: 500ms, unhealthy_threshold: 2, healthy_threshold: 1}\n";
+        std::fs::write(&file, services("web", &both, policy)).unwrap();
+        let cp = control_plane(&file).await;
+        let proxy = proxy(cp.addr("discovery"), &[]).await;
+        // One request makes the proxy watch the service; then only the checks run.
+        let mut conn = Connection::http1(proxy.addr("proxy")).await.unwrap();
+        conn.get("web", "/").await.unwrap();
+        let admin = proxy.addr("admin");
+        let sick_addr = sick.addr("http").to_string();
+        eventually(Duration::from_secs(10), "the checks to take the sick endpoint out", || {
+            let sick_addr = sick_addr.clone();
+            async move { ejected(&config(admin).await, &sick_addr).then_some(()) }
+        })
+        .await;
+        let cfg = config(admin).await;
+        let responses = endpoint(&cfg, &sick_addr).unwrap()["responses"].as_u64().unwrap();
+        assert!(responses <= 1, "only the first request could have reached it: {responses}");
+        let seen = instances(&mut conn, "web", 20).await;
+        assert!(seen.iter().all(|i| i == "good"), "{seen:?}");
+    })
+    .await
+}

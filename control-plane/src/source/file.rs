@@ -8,7 +8,7 @@
 //!     namespace: default            # default: default
 //!     port: 80
 //!     cluster_ip: 10.96.0.10        # optional: proxies may also ask for 10.96.0.10:80
-//!     callers: {zone-a: 40, zone-b: 40, zone-c: 20}
+//!     callers: {zone-a: 40, zone-b: 40, zone-c: 20}   # or `counted`: from the proxies that watch it
 //!     endpoints:
 //!       - {address: "127.0.0.1:9001", weight: 1, region: region-1, zone: zone-a, health: healthy}
 //! nodes:                            # optional: where proxies run (their --node)
@@ -87,7 +87,7 @@ struct ServiceEntry {
     #[serde(default)]
     protocol: Option<ProtocolName>,
     #[serde(default)]
-    callers: BTreeMap<String, f64>,
+    callers: CallersEntry,
     /// Time allowed from request to response headers, e.g. `2s`.
     #[serde(default, deserialize_with = "optional_duration")]
     timeout: Option<Duration>,
@@ -95,6 +95,21 @@ struct ServiceEntry {
     health_check: Option<HealthCheckEntry>,
     #[serde(default)]
     endpoints: Vec<Spanned<EndpointEntry>>,
+}
+
+/// `callers:` is either each zone's share, or `counted` (from the proxies that watch
+/// the service, by their nodes' zones).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum CallersEntry {
+    Shares(BTreeMap<String, f64>),
+    Keyword(String),
+}
+
+impl Default for CallersEntry {
+    fn default() -> Self {
+        Self::Shares(BTreeMap::new())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -264,7 +279,19 @@ pub fn parse(text: &str) -> Result<FileContent, FileError> {
                 format!("service {key} is listed twice (first on line {first})"),
             ));
         }
-        for (zone, share) in &service.callers {
+        let (callers, count_callers) = match service.callers {
+            CallersEntry::Shares(shares) => (shares, false),
+            CallersEntry::Keyword(k) if k == "counted" => (BTreeMap::new(), true),
+            CallersEntry::Keyword(k) => {
+                return Err(FileError::at(
+                    line,
+                    format!(
+                        "service {key}: callers must be a map of zone to share or `counted`, got {k:?}"
+                    ),
+                ));
+            }
+        };
+        for (zone, share) in &callers {
             if !share.is_finite() || *share < 0.0 {
                 return Err(FileError::at(
                     line,
@@ -288,10 +315,11 @@ pub fn parse(text: &str) -> Result<FileContent, FileError> {
             ));
         }
         let mut spec = ServiceSpec {
-            callers: service.callers,
+            callers,
             cluster_ips: service.cluster_ip.into_iter().collect(),
             policy: Policy {
                 request_timeout: service.timeout,
+                count_callers,
                 health_check: service.health_check.map(|h| HealthCheck {
                     path: h.path,
                     interval: h.interval,
@@ -628,6 +656,16 @@ nodes:
 
     fn error_of(text: &str) -> FileError {
         parse(text).expect_err("must be rejected")
+    }
+
+    #[test]
+    fn callers_may_be_counted_instead_of_given() {
+        let counted = parse("services:\n  - {name: web, port: 80, callers: counted}\n").unwrap();
+        let web = &counted.services[&ServiceKey::new("default", "web", 80)];
+        assert!(web.policy.count_callers && web.callers.is_empty());
+        let e = error_of("services:\n  - name: web\n    port: 80\n    callers: lots\n");
+        assert_eq!(e.line, Some(2));
+        assert!(e.message.contains("`counted`"), "{e}");
     }
 
     #[test]

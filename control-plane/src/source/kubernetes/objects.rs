@@ -18,6 +18,8 @@ pub const WEIGHT_ANNOTATION: &str = "tandem.io/weight";
 pub const TIMEOUT_ANNOTATION: &str = "tandem.io/request-timeout";
 pub const HEALTH_PATH_ANNOTATION: &str = "tandem.io/health-check-path";
 pub const HEALTH_INTERVAL_ANNOTATION: &str = "tandem.io/health-check-interval";
+/// `counted`: zone routing by the callers' shares counted from the subscribed proxies.
+pub const CALLERS_ANNOTATION: &str = "tandem.io/callers";
 const ZONE_LABELS: [&str; 2] = [
     "topology.kubernetes.io/zone",
     "failure-domain.beta.kubernetes.io/zone",
@@ -150,9 +152,23 @@ fn policy(svc: &Service, namespace: &str, name: &str, ignored: &mut Vec<Ignored>
             unhealthy_threshold: 2,
             healthy_threshold: 2,
         });
+    let count_callers = match annotations.get(CALLERS_ANNOTATION).map(String::as_str) {
+        None => false,
+        Some("counted") => true,
+        Some(other) => {
+            ignored.push(Ignored::new(
+                format!("annotation:{namespace}/{name}:{CALLERS_ANNOTATION}:{other}"),
+                format!(
+                    "Service {namespace}/{name}: {CALLERS_ANNOTATION}: {other:?} is not `counted`; ignored"
+                ),
+            ));
+            false
+        }
+    };
     Policy {
         health_check,
         request_timeout,
+        count_callers,
     }
 }
 

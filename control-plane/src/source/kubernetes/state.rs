@@ -434,26 +434,16 @@ impl ClusterState {
     }
 
     fn rederive_referencing_node(&mut self, node: &Arc<str>) {
-        let refs: Vec<_> = self
-            .by_node
-            .get(node)
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect();
-        for (key, addr) in refs {
-            self.rederive(&key, addr);
-        }
+        let refs = referencing(&self.by_node, node);
+        self.rederive_each(refs);
     }
 
     fn rederive_referencing_pod(&mut self, pod: &ObjectId) {
-        let refs: Vec<_> = self
-            .by_pod
-            .get(pod)
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect();
+        let refs = referencing(&self.by_pod, pod);
+        self.rederive_each(refs);
+    }
+
+    fn rederive_each(&mut self, refs: Vec<(ServiceKey, SocketAddr)>) {
         for (key, addr) in refs {
             self.rederive(&key, addr);
         }
@@ -594,6 +584,14 @@ impl ClusterState {
             }
         }
     }
+}
+
+/// The endpoints a reverse index says are shaped by `key` (a node or a pod).
+fn referencing<K: std::hash::Hash + Eq>(
+    index: &HashMap<K, HashSet<(ServiceKey, SocketAddr)>>,
+    key: &K,
+) -> Vec<(ServiceKey, SocketAddr)> {
+    index.get(key).into_iter().flatten().cloned().collect()
 }
 
 /// The addresses a slice offers for the service port named `port_name`.
