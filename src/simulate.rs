@@ -34,6 +34,26 @@ pub struct SimulateArgs {
     /// As the proxy's flag of the same name.
     #[arg(long, default_value_t = 6)]
     pub zone_aware_min_endpoints: usize,
+    /// Callers' shares to assume where the file says `callers: counted` (the control
+    /// plane counts them at run time), e.g. `zone-a=2,zone-b=1`.
+    #[arg(long, value_parser = parse_callers)]
+    pub callers: Option<BTreeMap<String, f64>>,
+}
+
+fn parse_callers(s: &str) -> Result<BTreeMap<String, f64>, String> {
+    s.split(',')
+        .map(|pair| {
+            let (zone, share) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not ZONE=SHARE"))?;
+            let share: f64 = share
+                .parse()
+                .ok()
+                .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+                .ok_or_else(|| format!("share {share:?} of {zone:?} is not a number >= 0"))?;
+            Ok((zone.to_string(), share))
+        })
+        .collect()
 }
 
 /// What one service's traffic does from `from`.
@@ -80,7 +100,10 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<BTreeMap<String, Simulati
         let origin = Origin {
             region: &args.from.region,
             zone: &args.from.zone,
-            callers: Some(&spec.callers).filter(|c| !c.is_empty()),
+            callers: match &args.callers {
+                Some(assumed) if spec.policy.count_callers => Some(assumed),
+                _ => Some(&spec.callers).filter(|c| !c.is_empty()),
+            },
         };
         let balancer = Balancer::build(&views, &origin, &config, 0);
         let shares = balancer.expected_shares();

@@ -313,6 +313,19 @@ async fn the_control_plane_counts_callers_from_the_proxies_that_use_a_service() 
         assert!((a - 0.375).abs() <= 0.03, "zone-a {:.1}%", a * 100.0);
         assert!((b - 0.25).abs() <= 0.03, "zone-b {:.1}%", b * 100.0);
         assert!((c - 0.375).abs() <= 0.03, "zone-c {:.1}%", c * 100.0);
+
+        // `tandem simulate` predicts it when told the callers the control plane counted.
+        let output = tokio::process::Command::new(exe())
+            .args(["simulate", "--from", "region-1/zone-a", "-o", "json"])
+            .args(["--callers", "zone-a=2,zone-b=1", "--config"])
+            .arg(&file)
+            .output()
+            .await
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let sim: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let zone_a = sim["web.default:80"]["zones"]["zone-a"].as_f64().unwrap();
+        assert!((zone_a - 0.375).abs() < 1e-9, "{sim}");
     })
     .await
 }

@@ -360,4 +360,40 @@ mod tests {
         assert_eq!(ignored.len(), 1);
         assert_eq!(pod(&p, &mut Vec::new()).unwrap().service_account, "default");
     }
+
+    #[test]
+    fn service_annotations_set_the_policy() {
+        let svc = |annotations: serde_json::Value| -> Service {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web", "namespace": "default", "annotations": annotations},
+                "spec": {"ports": [{"port": 80}]}
+            }))
+            .unwrap()
+        };
+        let mut ignored = Vec::new();
+        let good = svc(serde_json::json!({
+            "tandem.io/callers": "counted",
+            "tandem.io/request-timeout": "2s",
+            "tandem.io/health-check-path": "/healthz",
+        }));
+        let policy = service(&good, &mut ignored).unwrap().policy;
+        assert!(policy.count_callers);
+        assert_eq!(
+            policy.request_timeout,
+            Some(std::time::Duration::from_secs(2))
+        );
+        assert_eq!(policy.health_check.unwrap().path, "/healthz");
+        assert!(ignored.is_empty());
+
+        let bad = svc(
+            serde_json::json!({"tandem.io/callers": "yes", "tandem.io/request-timeout": "soon"}),
+        );
+        let policy = service(&bad, &mut ignored).unwrap().policy;
+        assert_eq!(
+            policy,
+            Policy::default(),
+            "bad values are ignored, not guessed"
+        );
+        assert_eq!(ignored.len(), 2);
+    }
 }
