@@ -63,6 +63,24 @@ fn web(config: &Value) -> &Value {
         .expect("the web destination")
 }
 
+/// `tandem simulate -o json` from a proxy in region-1/zone-a.
+async fn simulate(file: &std::path::Path, extra: &[&str]) -> Value {
+    let output = tokio::process::Command::new(exe())
+        .args(["simulate", "--from", "region-1/zone-a", "-o", "json"])
+        .args(extra)
+        .arg("--config")
+        .arg(file)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("simulate -o json prints JSON")
+}
+
 /// Shares of answers per zone (the instance name starts with its zone).
 fn zone_shares(seen: &[String]) -> (f64, f64, f64) {
     let n = seen.len() as f64;
@@ -182,25 +200,7 @@ async fn callers_shares_route_by_capacity_across_zones() {
         assert_eq!(web(&cfg)["mode"], "zone_aware");
 
         // `tandem simulate` says the same from the same file.
-        let output = tokio::process::Command::new(exe())
-            .args([
-                "simulate",
-                "--from",
-                "region-1/zone-a",
-                "-o",
-                "json",
-                "--config",
-            ])
-            .arg(&file)
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let sim: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let sim = simulate(&file, &[]).await;
         let web = &sim["web.default:80"];
         assert!(
             (web["zones"]["zone-a"].as_f64().unwrap() - 0.625).abs() < 1e-9,
@@ -315,15 +315,7 @@ async fn the_control_plane_counts_callers_from_the_proxies_that_use_a_service() 
         assert!((c - 0.375).abs() <= 0.03, "zone-c {:.1}%", c * 100.0);
 
         // `tandem simulate` predicts it when told the callers the control plane counted.
-        let output = tokio::process::Command::new(exe())
-            .args(["simulate", "--from", "region-1/zone-a", "-o", "json"])
-            .args(["--callers", "zone-a=2,zone-b=1", "--config"])
-            .arg(&file)
-            .output()
-            .await
-            .unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        let sim: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let sim = simulate(&file, &["--callers", "zone-a=2,zone-b=1"]).await;
         let zone_a = sim["web.default:80"]["zones"]["zone-a"].as_f64().unwrap();
         assert!((zone_a - 0.375).abs() < 1e-9, "{sim}");
     })
