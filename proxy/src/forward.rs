@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 
@@ -352,79 +354,87 @@ impl Forwarder {
 
     /// Handles one request (one HTTP/2 stream); never fails: errors become responses.
     /// Generic over the body so tests can drive it without a socket.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody>
+    ///
+    /// Not an `async fn`, nor is `forward`: an async fn keeps its by-value arguments
+    /// twice in its state (rust-lang/rust#62958), and hyper moves this future several
+    /// times per HTTP/2 stream, so every copy of a request saved here is saved there.
+    pub fn handle<B>(
+        self: Arc<Self>,
+        req: Request<B>,
+    ) -> impl Future<Output = Response<ProxyBody>> + 'static
     where
         ProxyBody: From<B>,
+        B: 'static,
     {
         let start = Instant::now();
         let grpc = is_grpc(&req);
         let client_version = if req.version() == Version::HTTP_2 {
-            HttpVersion::Http2
+            Version::HTTP_2
         } else {
-            HttpVersion::Http1
+            Version::HTTP_11
         };
-        let result = match self.route(&req) {
+        // Combinators rather than an `async` block: awaiting a captured future would
+        // move it into a second slot of the block's state.
+        let forwarding = match self.route(&req) {
             Ok(destination) => {
                 destination.touch(start);
-                self.forward(&destination, req, start, grpc).await
+                let req = req.map(ProxyBody::from);
+                Either::Left(self.forward(destination, req, start, grpc))
             }
-            Err(error) => Err(error),
+            Err(error) => Either::Right(std::future::ready(Err(error))),
         };
-        let mut response = result.unwrap_or_else(|error| error.into_response(grpc));
-        if client_version == HttpVersion::Http1 {
-            *response.version_mut() = Version::HTTP_11;
-        } else {
-            *response.version_mut() = Version::HTTP_2;
-        }
-        response
+        forwarding.map(move |result| {
+            let mut response = result.unwrap_or_else(|error| error.into_response(grpc));
+            *response.version_mut() = client_version;
+            response
+        })
     }
 
-    async fn forward<B>(
-        &self,
-        destination: &Arc<Destination>,
-        req: Request<B>,
+    // Not `async fn`: see `handle` (an async fn here would hold the request twice).
+    #[allow(clippy::manual_async_fn)]
+    fn forward(
+        self: Arc<Self>,
+        destination: Arc<Destination>,
+        mut req: Request<ProxyBody>,
         start: Instant,
         grpc: bool,
-    ) -> Result<Response<ProxyBody>, ProxyError>
-    where
-        ProxyBody: From<B>,
-    {
-        let (destination, set) = self.backends(destination).await?;
-        let stats = &destination.stats;
-        // Circuit breaking: a bounded number in flight, answered at once beyond it; no queue.
-        let _active = Counted::enter(&stats.active);
-        let in_flight = stats.active.load(Ordering::Relaxed);
-        if in_flight > self.resilience.max_pending {
-            stats.error(ProxyErrorKind::Overflow);
-            return Err(ProxyError::new(
-                ProxyErrorKind::Overflow,
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "destination {} already has {} requests in flight (limit {}); try again",
-                    destination.name(),
-                    in_flight - 1,
-                    self.resilience.max_pending
-                ),
-            ));
-        }
-        let mut req = req.map(ProxyBody::from);
-        strip_hop_by_hop(req.headers_mut());
-        // A request with no body and a safe-to-repeat method can be sent again when its
-        // backend fails before answering; keep its head for that.
-        let replay = (self.resilience.max_attempts > 1
-            && set.balancer.pickable() > 1
-            && http_body::Body::is_end_stream(req.body())
-            && is_idempotent(req.method()))
-        .then(|| Replay::of(&req));
-        let timeout = set
-            .policy
-            .request_timeout
-            .or(self.resilience.request_timeout);
-        let mut retry_slot: Option<Counted<'_>> = None;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let backend = set.pick().map_err(|e| {
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'static {
+        async move {
+            let (destination, set) = self.backends(&destination).await?;
+            let stats = &destination.stats;
+            // Circuit breaking: a bounded number in flight, answered at once beyond it; no queue.
+            let _active = Counted::enter(&stats.active);
+            let in_flight = stats.active.load(Ordering::Relaxed);
+            if in_flight > self.resilience.max_pending {
+                stats.error(ProxyErrorKind::Overflow);
+                return Err(ProxyError::new(
+                    ProxyErrorKind::Overflow,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "destination {} already has {} requests in flight (limit {}); try again",
+                        destination.name(),
+                        in_flight - 1,
+                        self.resilience.max_pending
+                    ),
+                ));
+            }
+            strip_hop_by_hop(req.headers_mut());
+            // A request with no body and a safe-to-repeat method can be sent again when its
+            // backend fails before answering; keep its head for that.
+            let replay = (self.resilience.max_attempts > 1
+                && set.balancer.pickable() > 1
+                && http_body::Body::is_end_stream(req.body())
+                && is_idempotent(req.method()))
+            .then(|| Replay::of(&req));
+            let timeout = set
+                .policy
+                .request_timeout
+                .or(self.resilience.request_timeout);
+            let mut retry_slot: Option<Counted<'_>> = None;
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let backend = set.pick().map_err(|e| {
                 let (kind, message) = match e {
                     PickError::NoEndpoints => (
                         ProxyErrorKind::NoEndpoints,
@@ -441,80 +451,82 @@ impl Forwarder {
                 stats.error(kind);
                 ProxyError::new(kind, StatusCode::SERVICE_UNAVAILABLE, message)
             })?;
-            let version = backend.meta.protocol.version_for(grpc);
-            adapt(&mut req, version);
-            let upstream = &backend.state.upstream;
-            let sent = match timeout {
-                None => upstream.send(version, req).await,
-                Some(limit) => match tokio::time::timeout(limit, upstream.send(version, req)).await
-                {
-                    Ok(sent) => sent,
-                    Err(_) => {
-                        backend.state.failed();
-                        stats.error(ProxyErrorKind::Timeout);
-                        return Err(ProxyError::new(
-                            ProxyErrorKind::Timeout,
-                            StatusCode::GATEWAY_TIMEOUT,
-                            format!(
-                                "backend {} of {} did not answer within {limit:?}",
-                                backend.meta.address,
-                                destination.name()
-                            ),
-                        ));
+                let version = backend.meta.protocol.version_for(grpc);
+                adapt(&mut req, version);
+                let upstream = &backend.state.upstream;
+                let sent = match timeout {
+                    None => upstream.send(version, req).await,
+                    Some(limit) => {
+                        match tokio::time::timeout(limit, upstream.send(version, req)).await {
+                            Ok(sent) => sent,
+                            Err(_) => {
+                                backend.state.failed();
+                                stats.error(ProxyErrorKind::Timeout);
+                                return Err(ProxyError::new(
+                                    ProxyErrorKind::Timeout,
+                                    StatusCode::GATEWAY_TIMEOUT,
+                                    format!(
+                                        "backend {} of {} did not answer within {limit:?}",
+                                        backend.meta.address,
+                                        destination.name()
+                                    ),
+                                ));
+                            }
+                        }
                     }
-                },
-            };
-            let failure = match sent {
-                Ok(mut response) => {
-                    let status = response.status();
-                    if status.is_server_error() {
-                        backend.state.failed();
-                    } else {
-                        backend.state.succeeded();
+                };
+                let failure = match sent {
+                    Ok(mut response) => {
+                        let status = response.status();
+                        if status.is_server_error() {
+                            backend.state.failed();
+                        } else {
+                            backend.state.succeeded();
+                        }
+                        backend.state.stats.latency.observe(start.elapsed());
+                        backend.state.stats.responses.record(status.as_u16());
+                        strip_hop_by_hop(response.headers_mut());
+                        return Ok(response);
                     }
-                    backend.state.stats.latency.observe(start.elapsed());
-                    backend.state.stats.responses.record(status.as_u16());
-                    strip_hop_by_hop(response.headers_mut());
-                    return Ok(response);
+                    Err(failure) => failure,
+                };
+                backend.state.failed();
+                backend.state.stats.failures.fetch_add(1, Ordering::Relaxed);
+                let crate::upstream::SendError { error, unsent } = *failure;
+                let written = unsent.is_none();
+                let another = attempt < self.resilience.max_attempts
+                    && set.balancer.pickable() > 1
+                    && (retry_slot.is_some() || {
+                        retry_slot = self.resilience.retry_slot(stats);
+                        retry_slot.is_some()
+                    });
+                let next = match unsent {
+                    // Nothing reached the backend: safe to send anywhere.
+                    Some(unsent) if another => Some(unsent),
+                    _ if another => replay.as_ref().map(Replay::request),
+                    _ => None,
+                };
+                let Some(next) = next else {
+                    tracing::debug!(destination = destination.name(), backend = %backend.meta.address, %error, "upstream request failed");
+                    stats.error(ProxyErrorKind::UpstreamFailed);
+                    return Err(ProxyError::new(
+                        ProxyErrorKind::UpstreamFailed,
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "backend {} of {} failed: {error}",
+                            backend.meta.address,
+                            destination.name()
+                        ),
+                    ));
+                };
+                tracing::debug!(destination = destination.name(), backend = %backend.meta.address, %error, attempt, "retrying on another endpoint");
+                stats.retries.fetch_add(1, Ordering::Relaxed);
+                if written {
+                    // The backend may have seen it: back off a little, with jitter.
+                    tokio::time::sleep(RETRY_BACKOFF.mul_f64(fastrand::f64())).await;
                 }
-                Err(failure) => failure,
-            };
-            backend.state.failed();
-            backend.state.stats.failures.fetch_add(1, Ordering::Relaxed);
-            let crate::upstream::SendError { error, unsent } = *failure;
-            let written = unsent.is_none();
-            let another = attempt < self.resilience.max_attempts
-                && set.balancer.pickable() > 1
-                && (retry_slot.is_some() || {
-                    retry_slot = self.resilience.retry_slot(stats);
-                    retry_slot.is_some()
-                });
-            let next = match unsent {
-                // Nothing reached the backend: safe to send anywhere.
-                Some(unsent) if another => Some(unsent),
-                _ if another => replay.as_ref().map(Replay::request),
-                _ => None,
-            };
-            let Some(next) = next else {
-                tracing::debug!(destination = destination.name(), backend = %backend.meta.address, %error, "upstream request failed");
-                stats.error(ProxyErrorKind::UpstreamFailed);
-                return Err(ProxyError::new(
-                    ProxyErrorKind::UpstreamFailed,
-                    StatusCode::BAD_GATEWAY,
-                    format!(
-                        "backend {} of {} failed: {error}",
-                        backend.meta.address,
-                        destination.name()
-                    ),
-                ));
-            };
-            tracing::debug!(destination = destination.name(), backend = %backend.meta.address, %error, attempt, "retrying on another endpoint");
-            stats.retries.fetch_add(1, Ordering::Relaxed);
-            if written {
-                // The backend may have seen it: back off a little, with jitter.
-                tokio::time::sleep(RETRY_BACKOFF.mul_f64(fastrand::f64())).await;
+                req = next;
             }
-            req = next;
         }
     }
 }

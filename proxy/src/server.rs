@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -124,10 +125,7 @@ impl Server {
 
     async fn connection(&self, stream: TcpStream, builders: &Builders) {
         let forwarder = self.forwarder.clone();
-        let service = service_fn(move |req| {
-            let forwarder = forwarder.clone();
-            async move { Ok::<_, Infallible>(forwarder.handle(req).await) }
-        });
+        let service = service_fn(move |req| forwarder.clone().handle(req).map(Ok::<_, Infallible>));
         let activity = Activity::new();
         let Some(acceptor) = &self.tls else {
             let io = TokioIo::new(Tracked::new(stream, activity.clone()));

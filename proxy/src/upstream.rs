@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -130,23 +132,31 @@ struct Connection {
 }
 
 impl Connection {
-    async fn send(self, upstream: &Arc<Upstream>, req: Request<ProxyBody>) -> SendResult {
-        match self.sender {
-            Sender::Http1(mut sender) => match sender.try_send_request(req).await {
-                Ok(response) => Ok(upstream.pooled_response(response, sender)),
-                Err(mut e) => {
-                    let unsent = e.take_message();
-                    Err(failed(UpstreamError::Request(e.into_error()), unsent))
-                }
-            },
-            Sender::Http2(mut sender) => match sender.try_send_request(req).await {
-                Ok(response) => Ok(response.map(ProxyBody::Incoming)),
-                Err(mut e) => {
-                    let unsent = e.take_message();
-                    Err(failed(UpstreamError::Request(e.into_error()), unsent))
-                }
-            },
-        }
+    /// Hands `req` to the connection now; the future only waits for the response
+    /// (so it does not also carry the request: see `Forwarder::handle`).
+    fn send(
+        self,
+        upstream: &Arc<Upstream>,
+        req: Request<ProxyBody>,
+    ) -> impl Future<Output = SendResult> + use<'_> {
+        let (pooled, sending) = match self.sender {
+            Sender::Http1(mut sender) => {
+                let sending = sender.try_send_request(req);
+                (Some(sender), Either::Left(sending))
+            }
+            Sender::Http2(mut sender) => (None, Either::Right(sender.try_send_request(req))),
+        };
+        // A combinator, not an `async` block, which would hold `sending` twice.
+        sending.map(move |result| match result {
+            Ok(response) => Ok(match pooled {
+                Some(sender) => upstream.pooled_response(response, sender),
+                None => response.map(ProxyBody::Incoming),
+            }),
+            Err(mut e) => {
+                let unsent = e.take_message();
+                Err(failed(UpstreamError::Request(e.into_error()), unsent))
+            }
+        })
     }
 }
 
@@ -175,25 +185,29 @@ impl Upstream {
     ///
     /// Getting a connection and sending on it are two sequential steps, so the
     /// request's future holds one or the other, never both (it is moved per request).
-    pub async fn send(
+    /// Not `async fn`, which would keep the request twice (rust-lang/rust#62958).
+    #[allow(clippy::manual_async_fn)]
+    pub fn send(
         self: &Arc<Self>,
         version: HttpVersion,
         mut req: Request<ProxyBody>,
-    ) -> SendResult {
-        loop {
-            let conn = match self.connection(version).await {
-                Ok(conn) => conn,
-                Err(e) => return Err(failed(e, Some(req))),
-            };
-            let reused = conn.reused;
-            match conn.send(self, req).await {
-                Ok(response) => return Ok(response),
-                // A pooled connection the server closed a moment ago fails before the
-                // request is written: try the next one (or a new one).
-                Err(failure) if reused && failure.unsent.is_some() => {
-                    req = failure.unsent.expect("checked above");
+    ) -> impl Future<Output = SendResult> + use<'_> {
+        async move {
+            loop {
+                let conn = match self.connection(version).await {
+                    Ok(conn) => conn,
+                    Err(e) => return Err(failed(e, Some(req))),
+                };
+                let reused = conn.reused;
+                match conn.send(self, req).await {
+                    Ok(response) => return Ok(response),
+                    // A pooled connection the server closed a moment ago fails before the
+                    // request is written: try the next one (or a new one).
+                    Err(failure) if reused && failure.unsent.is_some() => {
+                        req = failure.unsent.expect("checked above");
+                    }
+                    Err(failure) => return Err(failure),
                 }
-                Err(failure) => return Err(failure),
             }
         }
     }
