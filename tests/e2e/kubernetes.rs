@@ -682,3 +682,71 @@ async fn an_api_server_restart_does_not_flap_unchanged_endpoints() {
     })
     .await
 }
+
+#[tokio::test]
+async fn callers_are_counted_from_the_proxies_when_the_service_asks() {
+    bounded(LIMIT, async {
+        let (port, _backends) = backends(2).await;
+        let cluster = Cluster::start("k8s-callers").await;
+        let mut web = service("web", "10.96.0.10");
+        web["metadata"]["annotations"] = json!({"tandem.io/callers": "counted"});
+        cluster
+            .apply(&[
+                node("node-a", Some("region-1"), "zone-a"),
+                node("node-b", Some("region-1"), "zone-b"),
+                web,
+                pod("web-1", "node-a", "127.0.0.11", None),
+                pod("web-2", "node-b", "127.0.0.12", None),
+                slice(
+                    "web-abc",
+                    port,
+                    &[
+                        ep("127.0.0.11", "web-1", "node-a", "zone-a"),
+                        ep("127.0.0.12", "web-2", "node-b", "zone-b"),
+                    ],
+                ),
+            ])
+            .await;
+        let cp = cluster.control_plane().await;
+        let mut clients = Vec::new();
+        for (node, pod) in [
+            ("node-a", "client-1"),
+            ("node-a", "client-2"),
+            ("node-b", "client-3"),
+        ] {
+            let p = proxy(cp.addr("discovery"), &["--node", node, "--pod", pod]).await;
+            let mut conn = Connection::http1(p.addr("proxy")).await.unwrap();
+            instances(&mut conn, "web", 1).await;
+            clients.push(p);
+        }
+        let admin = clients[0].addr("admin");
+        let callers = move || async move {
+            let config: Value = serde_json::from_str(&admin_get(admin, "/config").await).ok()?;
+            let web = config["destinations"]
+                .as_array()?
+                .iter()
+                .find(|d| d["name"] == "web:80")?;
+            Some(web["callers"].clone())
+        };
+        let two_zones = json!({"zone-a": 2.0, "zone-b": 1.0});
+        eventually(
+            CHANGE,
+            "callers counted per zone of the proxies' nodes",
+            || {
+                let two_zones = two_zones.clone();
+                async move { callers().await.filter(|c| *c == two_zones).map(|_| ()) }
+            },
+        )
+        .await;
+
+        // The caller in zone-b goes away: the count follows.
+        clients.pop().unwrap().kill().await;
+        let one_zone = json!({"zone-a": 2.0});
+        eventually(CHANGE, "the departed caller to leave the count", || {
+            let one_zone = one_zone.clone();
+            async move { callers().await.filter(|c| *c == one_zone).map(|_| ()) }
+        })
+        .await;
+    })
+    .await
+}
