@@ -23,8 +23,9 @@ if [ "$rust_minor" -lt 88 ]; then
 fi
 
 # Debian packages the tests use (procps: kill, for signalling processes by PID;
-# python3-venv: the Kubernetes API emulator's virtualenv).
-packages=(procps ca-certificates python3 python3-venv)
+# python3-venv: the Kubernetes API emulator's virtualenv; gcc and make: the proxy's
+# allocator, jemalloc, is C built by its -sys crate).
+packages=(procps ca-certificates python3 python3-venv gcc make)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
