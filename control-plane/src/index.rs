@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::metrics::Metrics;
 use crate::model::{
     CallerShares, EndpointChanges, EndpointMap, Locality, Policy, ServiceKey, ServiceSpec,
-    delta_is_empty, diff,
+    caller_shares_to_proto, delta_is_empty, diff,
 };
 
 /// Node name → locality, as the sources know it.
@@ -45,6 +45,24 @@ pub struct Published {
     pub deleted: bool,
 }
 
+impl Published {
+    /// The version after this one: the same set, callers and policy, reached by `delta`.
+    /// Callers override what changed with struct update syntax.
+    fn next(&self, version: u64, delta: pb::Delta, changed_at: Instant) -> Self {
+        Self {
+            version,
+            prev_version: self.version,
+            endpoints: self.endpoints.clone(),
+            callers: self.callers.clone(),
+            traffic_distribution: self.traffic_distribution.clone(),
+            policy: self.policy.clone(),
+            delta,
+            changed_at,
+            deleted: false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ResolveError {
     #[error("destination {0:?} is not a name[:port] or ip:port")]
@@ -66,30 +84,39 @@ pub struct Subscription {
 struct Entry {
     tx: watch::Sender<Arc<Published>>,
     spec: ServiceSpec,
-    /// Callers' shares counted from the proxies that watch this service.
-    computed_callers: CallerShares,
 }
 
-impl Entry {
-    /// The source's callers' shares if it has any (a file's `callers:`), else the
-    /// ones counted from subscribed proxies where the service asks for that.
-    fn callers(&self, spec: &ServiceSpec) -> CallerShares {
-        if !spec.callers.is_empty() {
-            spec.callers.clone()
-        } else if spec.policy.count_callers {
-            self.computed_callers.clone()
-        } else {
-            CallerShares::new()
+/// A proxy watching a service: the node it runs on, and how many streams it has open.
+struct Watcher {
+    node: String,
+    streams: usize,
+}
+
+/// Proxy id → watcher, for one service.
+type Watchers = HashMap<String, Watcher>;
+
+/// The callers' shares to publish for `spec`: the source's own if it has any (a file's
+/// `callers:`), else, where the service asks for it, its watchers counted per zone of
+/// their node (watchers on unknown nodes count nowhere).
+fn callers_of(spec: &ServiceSpec, watchers: Option<&Watchers>, nodes: &NodeMap) -> CallerShares {
+    if !spec.callers.is_empty() || !spec.policy.count_callers {
+        return spec.callers.clone();
+    }
+    let mut shares = CallerShares::new();
+    for watcher in watchers.into_iter().flat_map(|w| w.values()) {
+        if let Some(l) = nodes.get(&watcher.node).filter(|l| !l.zone.is_empty()) {
+            *shares.entry(l.zone.clone()).or_default() += 1.0;
         }
     }
+    shares
 }
 
 #[derive(Default)]
 struct State {
     services: HashMap<ServiceKey, Entry>,
     by_cluster_ip: HashMap<SocketAddr, ServiceKey>,
-    /// Per service: each subscribed proxy's node, and how many streams it has open.
-    callers: HashMap<ServiceKey, HashMap<String, (String, usize)>>,
+    /// Per service: the proxies watching it.
+    watchers: HashMap<ServiceKey, Watchers>,
     /// Services whose callers changed since the last `refresh_callers`.
     callers_dirty: std::collections::HashSet<ServiceKey>,
 }
@@ -241,15 +268,8 @@ impl ServiceIndex {
         );
         entry.spec.endpoints = endpoints.clone();
         entry.tx.send_replace(Arc::new(Published {
-            version: self.version(),
-            prev_version: current.version,
             endpoints,
-            callers: current.callers.clone(),
-            traffic_distribution: current.traffic_distribution.clone(),
-            policy: current.policy.clone(),
-            delta,
-            changed_at,
-            deleted: false,
+            ..current.next(self.version(), delta, changed_at)
         }));
         self.metrics.publishes.inc();
         self.update_gauges(&state);
@@ -293,7 +313,7 @@ impl ServiceIndex {
         if changed {
             // Callers' zones come from their nodes.
             let mut state = self.write();
-            let keys: Vec<ServiceKey> = state.callers.keys().cloned().collect();
+            let keys: Vec<ServiceKey> = state.watchers.keys().cloned().collect();
             state.callers_dirty.extend(keys);
         }
     }
@@ -301,76 +321,63 @@ impl ServiceIndex {
     /// A proxy opened a stream on `key`; `proxy` identifies it, `node` is where it runs.
     pub fn caller_joined(&self, key: &ServiceKey, proxy: &str, node: &str) {
         let mut state = self.write();
-        let entry = state
-            .callers
+        let watcher = state
+            .watchers
             .entry(key.clone())
             .or_default()
             .entry(proxy.to_string())
-            .or_insert_with(|| (node.to_string(), 0));
-        entry.1 += 1;
+            .or_insert_with(|| Watcher {
+                node: node.to_string(),
+                streams: 0,
+            });
+        watcher.streams += 1;
         state.callers_dirty.insert(key.clone());
     }
 
     /// A stream opened by `caller_joined` ended.
     pub fn caller_left(&self, key: &ServiceKey, proxy: &str) {
         let mut state = self.write();
-        if let Some(proxies) = state.callers.get_mut(key) {
-            if let Some(entry) = proxies.get_mut(proxy) {
-                entry.1 -= 1;
-                if entry.1 == 0 {
-                    proxies.remove(proxy);
+        if let Some(watchers) = state.watchers.get_mut(key) {
+            if let Some(watcher) = watchers.get_mut(proxy) {
+                watcher.streams -= 1;
+                if watcher.streams == 0 {
+                    watchers.remove(proxy);
                 }
             }
-            if proxies.is_empty() {
-                state.callers.remove(key);
+            if watchers.is_empty() {
+                state.watchers.remove(key);
             }
         }
         state.callers_dirty.insert(key.clone());
     }
 
-    /// Recounts the callers' shares per zone of the services whose subscribers changed,
-    /// and publishes them where the source gives none. Called periodically, so a fleet
-    /// of proxies (re)connecting at once costs one update per service, not one per proxy.
+    /// Publishes the recounted callers' shares of the services whose watchers changed.
+    /// Called periodically, so a fleet of proxies (re)connecting at once costs one
+    /// update per service, not one per proxy.
     pub fn refresh_callers(&self, changed_at: Instant) {
-        let nodes = self.nodes.borrow().clone();
         let mut state = self.write();
-        let dirty: Vec<ServiceKey> = state.callers_dirty.drain().collect();
-        for key in dirty {
-            let mut shares = CallerShares::new();
-            for (node, _) in state.callers.get(&key).into_iter().flat_map(|p| p.values()) {
-                if let Some(zone) = nodes
-                    .get(node)
-                    .map(|l| l.zone.clone())
-                    .filter(|z| !z.is_empty())
-                {
-                    *shares.entry(zone).or_default() += 1.0;
-                }
-            }
-            let Some(entry) = state.services.get_mut(&key) else {
+        if state.callers_dirty.is_empty() {
+            return;
+        }
+        let nodes = self.nodes.borrow().clone();
+        let state = &mut *state;
+        for key in state.callers_dirty.drain() {
+            let Some(entry) = state.services.get(&key) else {
                 continue;
             };
-            entry.computed_callers = shares;
-            let callers = entry.callers(&entry.spec);
+            let callers = callers_of(&entry.spec, state.watchers.get(&key), &nodes);
             let current = entry.tx.borrow().clone();
             if *current.callers == callers {
                 continue;
             }
             tracing::debug!(service = %key, ?callers, "callers' shares changed");
+            let delta = pb::Delta {
+                caller_shares: Some(caller_shares_to_proto(&callers)),
+                ..Default::default()
+            };
             entry.tx.send_replace(Arc::new(Published {
-                version: self.version(),
-                prev_version: current.version,
-                endpoints: current.endpoints.clone(),
-                delta: pb::Delta {
-                    caller_shares: Some(pb::CallerShares {
-                        by_zone: callers.clone().into_iter().collect(),
-                    }),
-                    ..Default::default()
-                },
                 callers: Arc::new(callers),
-                traffic_distribution: current.traffic_distribution.clone(),
-                policy: current.policy.clone(),
-                changed_at,
-                deleted: false,
+                ..current.next(self.version(), delta, changed_at)
             }));
             self.metrics.publishes.inc();
         }
@@ -401,16 +408,14 @@ impl ServiceIndex {
                 .insert(SocketAddr::new(*ip, key.port), key.clone());
         }
 
+        let callers = callers_of(&spec, state.watchers.get(&key), &self.nodes.borrow());
         match state.services.get_mut(&key) {
             Some(entry) if entry.spec == spec => false,
             Some(entry) => {
                 let current = entry.tx.borrow().clone();
                 let mut delta = diff(&current.endpoints, &spec.endpoints);
-                let callers = entry.callers(&spec);
                 if *current.callers != callers {
-                    delta.caller_shares = Some(pb::CallerShares {
-                        by_zone: callers.clone().into_iter().collect(),
-                    });
+                    delta.caller_shares = Some(caller_shares_to_proto(&callers));
                 }
                 if entry.spec.traffic_distribution != spec.traffic_distribution {
                     delta.traffic_distribution = Some(spec.traffic_distribution.clone());
@@ -450,7 +455,7 @@ impl ServiceIndex {
                     version: self.version(),
                     prev_version: 0,
                     endpoints: spec.endpoints.clone(),
-                    callers: Arc::new(spec.callers.clone()),
+                    callers: Arc::new(callers),
                     traffic_distribution: spec.traffic_distribution.as_str().into(),
                     policy: Arc::new(spec.policy.clone()),
                     delta: pb::Delta::default(),
@@ -458,14 +463,7 @@ impl ServiceIndex {
                     deleted: false,
                 };
                 let (tx, _) = watch::channel(Arc::new(published));
-                let entry = Entry {
-                    tx,
-                    spec,
-                    computed_callers: CallerShares::new(),
-                };
-                // Proxies may already watch it under this name (it was re-created).
-                state.callers_dirty.insert(key.clone());
-                state.services.insert(key, entry);
+                state.services.insert(key, Entry { tx, spec });
                 self.metrics.publishes.inc();
                 true
             }
@@ -485,15 +483,9 @@ impl ServiceIndex {
         tracing::info!(service = %key, "service removed");
         let current = entry.tx.borrow().clone();
         entry.tx.send_replace(Arc::new(Published {
-            version: self.version(),
-            prev_version: current.version,
             endpoints: EndpointMap::new(),
-            callers: current.callers.clone(),
-            traffic_distribution: current.traffic_distribution.clone(),
-            policy: current.policy.clone(),
-            delta: pb::Delta::default(),
-            changed_at,
             deleted: true,
+            ..current.next(self.version(), pb::Delta::default(), changed_at)
         }));
         self.metrics.publishes.inc();
         true
@@ -651,6 +643,21 @@ mod tests {
         }
     }
 
+    /// Nodes of one region, by name and zone.
+    fn nodes(zones: &[(&str, &str)]) -> NodeMap {
+        zones
+            .iter()
+            .map(|(name, zone)| {
+                let locality = Locality {
+                    region: "r".into(),
+                    zone: (*zone).into(),
+                    subzone: String::new(),
+                };
+                (name.to_string(), locality)
+            })
+            .collect()
+    }
+
     #[tokio::test]
     async fn publishes_deltas_and_deletion() {
         let index = ServiceIndex::new("cluster.local", Arc::new(Metrics::default()));
@@ -715,21 +722,7 @@ mod tests {
         let mut counted = spec(&["10.0.0.1:80"]);
         counted.policy.count_callers = true;
         index.upsert(k.clone(), counted.clone(), Instant::now());
-        index.set_nodes(
-            [("n-a", "zone-a"), ("n-b", "zone-b")]
-                .into_iter()
-                .map(|(n, z)| {
-                    (
-                        n.to_string(),
-                        Locality {
-                            region: "r".into(),
-                            zone: z.into(),
-                            subzone: String::new(),
-                        },
-                    )
-                })
-                .collect(),
-        );
+        index.set_nodes(nodes(&[("n-a", "zone-a"), ("n-b", "zone-b")]));
         index.mark_synced();
         let mut sub = index.subscribe("web:80", "default").unwrap();
         sub.service.borrow_and_update();
@@ -771,17 +764,7 @@ mod tests {
         let index = ServiceIndex::new("cluster.local", Arc::new(Metrics::default()));
         let k = ServiceKey::new("default", "web", 80);
         index.upsert(k.clone(), spec(&["10.0.0.1:80"]), Instant::now());
-        index.set_nodes(
-            [(
-                "n-a".to_string(),
-                Locality {
-                    region: "r".into(),
-                    zone: "zone-a".into(),
-                    subzone: String::new(),
-                },
-            )]
-            .into(),
-        );
+        index.set_nodes(nodes(&[("n-a", "zone-a")]));
         index.mark_synced();
         let mut sub = index.subscribe("web:80", "default").unwrap();
         sub.service.borrow_and_update();

@@ -145,6 +145,15 @@ pub type EndpointMap = imbl::OrdMap<SocketAddr, Arc<Endpoint>>;
 /// Share of a service's callers per zone (relative weights; not necessarily summing to 1).
 pub type CallerShares = BTreeMap<String, f64>;
 
+pub fn caller_shares_to_proto(shares: &CallerShares) -> pb::CallerShares {
+    pb::CallerShares {
+        by_zone: shares
+            .iter()
+            .map(|(zone, share)| (zone.clone(), *share))
+            .collect(),
+    }
+}
+
 /// Active HTTP health checks of a service's endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {

@@ -15,7 +15,7 @@ use tandem_common::Shutdown;
 
 use crate::index::{NodeMap, Published, ResolveError, ServiceIndex, Subscription};
 use crate::metrics::Metrics;
-use crate::model::{Locality, delta_is_empty, diff};
+use crate::model::{Locality, ServiceKey, caller_shares_to_proto, delta_is_empty, diff};
 
 /// How long a subscription made during start-up waits for the source's first sync.
 const SYNC_WAIT: Duration = Duration::from_secs(10);
@@ -173,17 +173,12 @@ impl Drop for StreamGuard {
 /// Counts the stream's proxy as a caller of its service while the stream is open.
 struct CallerGuard {
     index: Arc<ServiceIndex>,
-    key: crate::model::ServiceKey,
+    key: ServiceKey,
     proxy: String,
 }
 
 impl CallerGuard {
-    fn join(
-        index: &Arc<ServiceIndex>,
-        key: &crate::model::ServiceKey,
-        proxy: &str,
-        node: &str,
-    ) -> Self {
+    fn join(index: &Arc<ServiceIndex>, key: &ServiceKey, proxy: &str, node: &str) -> Self {
         index.caller_joined(key, proxy, node);
         Self {
             index: index.clone(),
@@ -265,9 +260,7 @@ impl StreamState {
                         // This stream missed versions: describe the whole gap at once.
                         let mut delta = diff(&sent.endpoints, &current.endpoints);
                         if sent.callers != current.callers {
-                            delta.caller_shares = Some(pb::CallerShares {
-                                by_zone: current.callers.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-                            });
+                            delta.caller_shares = Some(caller_shares_to_proto(&current.callers));
                         }
                         if sent.traffic_distribution != current.traffic_distribution {
                             delta.traffic_distribution = Some(current.traffic_distribution.to_string());

@@ -19,6 +19,13 @@ struct Ep {
     zone: &'static str,
 }
 
+/// Backends 2/4/2 over zones a/b/c of one region: capacity 25/50/25%.
+const CAPACITY_25_50_25: [(&str, &str, usize); 3] = [
+    ("region-1", "zone-a", 2),
+    ("region-1", "zone-b", 4),
+    ("region-1", "zone-c", 2),
+];
+
 async fn zone_backends(plan: &[(&'static str, &'static str, usize)]) -> Vec<Ep> {
     let mut out = Vec::new();
     for (region, zone, n) in plan {
@@ -172,12 +179,7 @@ async fn callers_shares_route_by_capacity_across_zones() {
     bounded(LIMIT, async {
         let dir = TestDir::new("zone-aware");
         // Upstream capacity 25/50/25 over zones a/b/c of one region; callers 40/40/20.
-        let endpoints = zone_backends(&[
-            ("region-1", "zone-a", 2),
-            ("region-1", "zone-b", 4),
-            ("region-1", "zone-c", 2),
-        ])
-        .await;
+        let endpoints = zone_backends(&CAPACITY_25_50_25).await;
         let file = dir.path("services.yaml");
         std::fs::write(
             &file,
@@ -273,13 +275,8 @@ async fn simulate_shows_what_losing_half_a_zone_does() {
 async fn the_control_plane_counts_callers_from_the_proxies_that_use_a_service() {
     bounded(LIMIT, async {
         let dir = TestDir::new("counted-callers");
-        // Capacity 2/4/2 over zones a/b/c of one region; `callers: counted`.
-        let endpoints = zone_backends(&[
-            ("region-1", "zone-a", 2),
-            ("region-1", "zone-b", 4),
-            ("region-1", "zone-c", 2),
-        ])
-        .await;
+        // Capacity 25/50/25 over zones a/b/c of one region; `callers: counted`.
+        let endpoints = zone_backends(&CAPACITY_25_50_25).await;
         let file = dir.path("services.yaml");
         let services = yaml(&endpoints, Some("counted")).replace(
             "nodes:\n  - {name: node-a, region: region-1, zone: zone-a}\n",
