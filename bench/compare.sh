@@ -3,6 +3,7 @@
 #
 #   bench/compare.sh            # 10 s per run
 #   DURATION=30 bench/compare.sh
+#   MODES="h1 h2c" bench/compare.sh   # only these loads (h1, h2c, h2tls)
 #
 # Two `tandem backend` instances and the load generators run on CPU 1; the proxy
 # under test runs alone on CPU 0 with one thread/worker, so every proxy gets the
@@ -21,6 +22,7 @@ cd "$(dirname "$0")/.."
 . bench/lib.sh
 
 DURATION=${DURATION:-10}
+MODES=${MODES:-h1 h2c h2tls}
 WARMUP=${WARMUP:-2}
 CONNECTIONS=${CONNECTIONS:-64}
 PROXY_CPU=${PROXY_CPU:-0}
@@ -199,7 +201,7 @@ run_load() {
 
 RESULTS="$WORK/results.tsv"
 : > "$RESULTS"
-for mode in h1 h2c h2tls; do
+for mode in $MODES; do
   for p in tandem haproxy nginx; do
     case $mode in h1) port=${PLAIN[$p]}; pid=${PID_OF[$p]};; h2c) port=${H2C[$p]}; pid=${H2C_PID_OF[$p]};; h2tls) port=${TLS[$p]}; pid=${TLS_PID_OF[$p]};; esac
     warm_up "$mode" "$port"

@@ -6,6 +6,9 @@
 //! - `POST /echo` → the request body streamed back as it arrives
 //! - `/status/NNN` → an empty response with status NNN
 //! - `/delay/MS` → answers (as for `/`) after MS milliseconds
+//! - `/headers` → the request's headers, one `name: value` line each
+//! - `/bytes/N` → N bytes of `x`, with a Content-Length (at most 64 MiB)
+//! - `/chunks/N` → N lines `chunk I`, each its own chunk, no Content-Length
 //! - gRPC `tandem.demo.v1.Greeter` → replies carry `instance: NAME`
 
 use std::convert::Infallible;
@@ -15,8 +18,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
-use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use http_body_util::{Either, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -79,7 +82,12 @@ impl demo::greeter_server::Greeter for Greeter {
     }
 }
 
-type Body = Either<Either<Full<Bytes>, Incoming>, tonic::body::Body>;
+type Chunks = StreamBody<tokio_stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+type Body = Either<Either<Full<Bytes>, Incoming>, Either<tonic::body::Body, Chunks>>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Either::Left(Either::Left(Full::new(bytes.into())))
+}
 
 struct Backend {
     args: BackendArgs,
@@ -104,7 +112,7 @@ impl Backend {
         if grpc {
             let mut grpc = self.grpc.clone();
             return match grpc.call(req).await {
-                Ok(response) => response.map(Either::Right),
+                Ok(response) => response.map(|b| Either::Right(Either::Left(b))),
                 Err(never) => match never {},
             };
         }
@@ -117,16 +125,37 @@ impl Backend {
         }
         let mut response = if let Some(code) = path.strip_prefix("/status/") {
             let status = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
-            let mut r = Response::new(Either::Left(Either::Left(Full::new(Bytes::new()))));
+            let mut r = Response::new(full(Bytes::new()));
             *r.status_mut() = status.unwrap_or(StatusCode::BAD_REQUEST);
             r
         } else if path == "/echo" {
             Response::new(Either::Left(Either::Right(req.into_body())))
+        } else if path == "/headers" {
+            let lines: String = req
+                .headers()
+                .iter()
+                .map(|(name, value)| {
+                    format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes()))
+                })
+                .collect();
+            Response::new(full(lines))
+        } else if let Some(n) = path
+            .strip_prefix("/bytes/")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Response::new(full(vec![b'x'; n.min(64 << 20)]))
+        } else if let Some(n) = path
+            .strip_prefix("/chunks/")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            let frames: Vec<_> = (0..n.min(100_000))
+                .map(|i| Ok(Frame::data(Bytes::from(format!("chunk {i}\n")))))
+                .collect();
+            Response::new(Either::Right(Either::Right(StreamBody::new(
+                tokio_stream::iter(frames),
+            ))))
         } else {
-            let mut r = Response::new(Either::Left(Either::Left(Full::new(Bytes::from(format!(
-                "{}\n",
-                self.args.name
-            ))))));
+            let mut r = Response::new(full(format!("{}\n", self.args.name)));
             *r.status_mut() =
                 StatusCode::from_u16(self.args.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             r.headers_mut().insert(

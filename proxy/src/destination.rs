@@ -18,7 +18,7 @@ use crate::balancer::{Balancer, BalancerConfig, EndpointView, Origin, PickError}
 use crate::endpoint::{EndpointMeta, Locality};
 use crate::metrics::{BackendStats, DestinationStats};
 use crate::policy::Policy;
-use crate::upstream::{Upstream, UpstreamSettings};
+use crate::upstream::{HttpVersion, Upstream, UpstreamSettings};
 
 /// The connections, counters and passive health of one endpoint. They outlive
 /// backend-set versions, so a discovery update does not drop pooled connections,
@@ -101,6 +101,9 @@ pub struct BackendSet {
     pub balancer: Balancer,
     pub placement: Placement,
     pub policy: Policy,
+    /// Every endpoint is spoken to in HTTP/1.1 (for requests that are not gRPC), so
+    /// the proxy's own HTTP/1 path can take the requests.
+    pub all_http1: bool,
 }
 
 impl BackendSet {
@@ -121,7 +124,11 @@ impl BackendSet {
             callers: Some(&placement.caller_shares).filter(|c| !c.is_empty()),
         };
         let balancer = Balancer::build(&views, &origin, &placement.config, seed);
+        let all_http1 = backends
+            .iter()
+            .all(|b| b.meta.protocol.version_for(false) == HttpVersion::Http1);
         Self {
+            all_http1,
             version,
             service,
             backends,

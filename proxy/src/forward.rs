@@ -15,8 +15,8 @@ use http::{Request, Response, StatusCode, Uri, Version};
 
 use crate::balancer::PickError;
 use crate::body::ProxyBody;
-use crate::destination::{Destination, Destinations, Resolution};
-use crate::metrics::ProxyErrorKind;
+use crate::destination::{Backend, BackendSet, Destination, Destinations, Resolution};
+use crate::metrics::{DestinationStats, ProxyErrorKind};
 use crate::upstream::HttpVersion;
 
 /// How requests find their destination.
@@ -55,6 +55,17 @@ impl ProxyError {
         }
     }
 
+    /// An error answered for a destination, counted in its metrics by kind.
+    fn counted(
+        stats: &DestinationStats,
+        kind: ProxyErrorKind,
+        status: StatusCode,
+        message: String,
+    ) -> Self {
+        stats.error(kind);
+        Self::new(kind, status, message)
+    }
+
     /// Text for HTTP clients; for gRPC clients a trailers-only gRPC error, which their
     /// libraries turn into a proper status with this message.
     pub fn into_response(self, grpc: bool) -> Response<ProxyBody> {
@@ -75,12 +86,10 @@ impl ProxyError {
             }
             r
         } else {
-            let mut r = Response::new(ProxyBody::text(format!("tandem: {}\n", self.message)));
+            let mut r = Response::new(ProxyBody::text(self.body_text()));
             *r.status_mut() = self.status;
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(TEXT_PLAIN));
             r
         };
         response.headers_mut().insert(
@@ -89,7 +98,31 @@ impl ProxyError {
         );
         response
     }
+
+    /// The same answer as [`into_response`](Self::into_response) gives an HTTP client,
+    /// as the bytes of an HTTP/1.1 response (for the proxy's own HTTP/1 path).
+    pub fn to_http1(&self, is_head: bool, close: bool) -> Vec<u8> {
+        let body = self.body_text();
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: {TEXT_PLAIN}\r\nx-tandem-error: {}\r\ncontent-length: {}\r\n{}\r\n",
+            self.status.as_u16(),
+            self.status.canonical_reason().unwrap_or(""),
+            self.kind.as_str(),
+            body.len(),
+            if close { "connection: close\r\n" } else { "" },
+        );
+        if !is_head {
+            out.push_str(&body);
+        }
+        out.into_bytes()
+    }
+
+    fn body_text(&self) -> String {
+        format!("tandem: {}\n", self.message)
+    }
 }
+
+const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 
 /// gRPC messages are percent-encoded outside printable ASCII (and '%' itself).
 fn grpc_message(message: &str) -> String {
@@ -232,14 +265,15 @@ fn adapt(req: &mut Request<ProxyBody>, to: HttpVersion) {
 }
 
 impl Forwarder {
-    fn route<B>(&self, req: &Request<B>) -> Result<Arc<Destination>, ProxyError> {
+    /// The destination of a request that addressed `authority` (its Host / :authority).
+    pub(crate) fn route(&self, authority: Option<&str>) -> Result<Arc<Destination>, ProxyError> {
         match &*self.router {
             Router::Static(destination) => Ok(destination.clone()),
             Router::Discovery {
                 destinations,
                 default,
             } => {
-                let name = match authority(req) {
+                let name = match authority.filter(|a| !a.is_empty()) {
                     Some(authority) => {
                         let mut buf = [0u8; 256];
                         normalize_name(authority, &mut buf)
@@ -293,10 +327,10 @@ impl Forwarder {
     }
 
     /// The backend set for `destination`, following `--default-destination` for unknown ones.
-    async fn backends(
+    pub(crate) async fn backends(
         &self,
         destination: &Arc<Destination>,
-    ) -> Result<(Arc<Destination>, Arc<crate::destination::BackendSet>), ProxyError> {
+    ) -> Result<(Arc<Destination>, Arc<BackendSet>), ProxyError> {
         // The common case, without touching the (larger) waiting future.
         if let Resolution::Ready(set) = &**destination.resolution() {
             return Ok((destination.clone(), set.clone()));
@@ -307,7 +341,7 @@ impl Forwarder {
     async fn resolve_slowly(
         &self,
         destination: &Arc<Destination>,
-    ) -> Result<(Arc<Destination>, Arc<crate::destination::BackendSet>), ProxyError> {
+    ) -> Result<(Arc<Destination>, Arc<BackendSet>), ProxyError> {
         let mut destination = destination.clone();
         let mut followed_default = false;
         loop {
@@ -375,7 +409,7 @@ impl Forwarder {
         };
         // Combinators rather than an `async` block: awaiting a captured future would
         // move it into a second slot of the block's state.
-        let forwarding = match self.route(&req) {
+        let forwarding = match self.route(authority(&req)) {
             Ok(destination) => {
                 destination.touch(start);
                 let req = req.map(ProxyBody::from);
@@ -402,22 +436,7 @@ impl Forwarder {
         async move {
             let (destination, set) = self.backends(&destination).await?;
             let stats = &destination.stats;
-            // Circuit breaking: a bounded number in flight, answered at once beyond it; no queue.
-            let _active = Counted::enter(&stats.active);
-            let in_flight = stats.active.load(Ordering::Relaxed);
-            if in_flight > self.resilience.max_pending {
-                stats.error(ProxyErrorKind::Overflow);
-                return Err(ProxyError::new(
-                    ProxyErrorKind::Overflow,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "destination {} already has {} requests in flight (limit {}); try again",
-                        destination.name(),
-                        in_flight - 1,
-                        self.resilience.max_pending
-                    ),
-                ));
-            }
+            let _admitted = self.admit(&destination)?;
             strip_hop_by_hop(req.headers_mut());
             // A request with no body and a safe-to-repeat method can be sent again when its
             // backend fails before answering; keep its head for that.
@@ -426,31 +445,10 @@ impl Forwarder {
                 && http_body::Body::is_end_stream(req.body())
                 && is_idempotent(req.method()))
             .then(|| Replay::of(&req));
-            let timeout = set
-                .policy
-                .request_timeout
-                .or(self.resilience.request_timeout);
-            let mut retry_slot: Option<Counted<'_>> = None;
-            let mut attempt = 0;
+            let timeout = self.request_timeout(&set);
+            let mut attempts = Attempts::default();
             loop {
-                attempt += 1;
-                let backend = set.pick().map_err(|e| {
-                let (kind, message) = match e {
-                    PickError::NoEndpoints => (
-                        ProxyErrorKind::NoEndpoints,
-                        format!("destination {} has no endpoints", destination.name()),
-                    ),
-                    PickError::NoHealthyEndpoints { total } => (
-                        ProxyErrorKind::NoHealthyEndpoints,
-                        format!(
-                            "destination {} has no healthy endpoints ({total} known, none ready)",
-                            destination.name()
-                        ),
-                    ),
-                };
-                stats.error(kind);
-                ProxyError::new(kind, StatusCode::SERVICE_UNAVAILABLE, message)
-            })?;
+                let backend = set.pick().map_err(|e| nothing_to_pick(&destination, e))?;
                 let version = backend.meta.protocol.version_for(grpc);
                 adapt(&mut req, version);
                 let upstream = &backend.state.upstream;
@@ -459,47 +457,22 @@ impl Forwarder {
                     Some(limit) => {
                         match tokio::time::timeout(limit, upstream.send(version, req)).await {
                             Ok(sent) => sent,
-                            Err(_) => {
-                                backend.state.failed();
-                                stats.error(ProxyErrorKind::Timeout);
-                                return Err(ProxyError::new(
-                                    ProxyErrorKind::Timeout,
-                                    StatusCode::GATEWAY_TIMEOUT,
-                                    format!(
-                                        "backend {} of {} did not answer within {limit:?}",
-                                        backend.meta.address,
-                                        destination.name()
-                                    ),
-                                ));
-                            }
+                            Err(_) => return Err(timed_out(&destination, backend, limit)),
                         }
                     }
                 };
                 let failure = match sent {
                     Ok(mut response) => {
-                        let status = response.status();
-                        if status.is_server_error() {
-                            backend.state.failed();
-                        } else {
-                            backend.state.succeeded();
-                        }
-                        backend.state.stats.latency.observe(start.elapsed());
-                        backend.state.stats.responses.record(status.as_u16());
+                        record_response(backend, response.status().as_u16(), start);
                         strip_hop_by_hop(response.headers_mut());
                         return Ok(response);
                     }
                     Err(failure) => failure,
                 };
-                backend.state.failed();
-                backend.state.stats.failures.fetch_add(1, Ordering::Relaxed);
+                record_failure(backend);
                 let crate::upstream::SendError { error, unsent } = *failure;
                 let written = unsent.is_none();
-                let another = attempt < self.resilience.max_attempts
-                    && set.balancer.pickable() > 1
-                    && (retry_slot.is_some() || {
-                        retry_slot = self.resilience.retry_slot(stats);
-                        retry_slot.is_some()
-                    });
+                let another = attempts.another(&self.resilience, &set, stats);
                 let next = match unsent {
                     // Nothing reached the backend: safe to send anywhere.
                     Some(unsent) if another => Some(unsent),
@@ -507,35 +480,178 @@ impl Forwarder {
                     _ => None,
                 };
                 let Some(next) = next else {
-                    tracing::debug!(destination = destination.name(), backend = %backend.meta.address, %error, "upstream request failed");
-                    stats.error(ProxyErrorKind::UpstreamFailed);
-                    return Err(ProxyError::new(
-                        ProxyErrorKind::UpstreamFailed,
-                        StatusCode::BAD_GATEWAY,
-                        format!(
-                            "backend {} of {} failed: {error}",
-                            backend.meta.address,
-                            destination.name()
-                        ),
-                    ));
+                    return Err(upstream_failed(&destination, backend, &error));
                 };
-                tracing::debug!(destination = destination.name(), backend = %backend.meta.address, %error, attempt, "retrying on another endpoint");
-                stats.retries.fetch_add(1, Ordering::Relaxed);
-                if written {
-                    // The backend may have seen it: back off a little, with jitter.
-                    tokio::time::sleep(RETRY_BACKOFF.mul_f64(fastrand::f64())).await;
-                }
+                retrying(&destination, backend, &error, attempts.count(), written).await;
                 req = next;
             }
         }
     }
+
+    /// Circuit breaking: a bounded number of requests in flight per destination, and
+    /// an answer at once beyond it, never a queue. The request counts while the
+    /// returned guard lives.
+    pub(crate) fn admit<'d>(
+        &self,
+        destination: &'d Destination,
+    ) -> Result<Counted<'d>, ProxyError> {
+        let stats = &destination.stats;
+        let admitted = Counted::enter(&stats.active);
+        let in_flight = stats.active.load(Ordering::Relaxed);
+        if in_flight > self.resilience.max_pending {
+            return Err(ProxyError::counted(
+                stats,
+                ProxyErrorKind::Overflow,
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "destination {} already has {} requests in flight (limit {}); try again",
+                    destination.name(),
+                    in_flight - 1,
+                    self.resilience.max_pending
+                ),
+            ));
+        }
+        Ok(admitted)
+    }
+
+    /// Time allowed until response headers: the service's own, else `--request-timeout`.
+    pub(crate) fn request_timeout(&self, set: &BackendSet) -> Option<Duration> {
+        set.policy
+            .request_timeout
+            .or(self.resilience.request_timeout)
+    }
+}
+
+/// The attempts made for one request, and the retry budget slot its retries hold.
+#[derive(Default)]
+pub(crate) struct Attempts<'a> {
+    count: usize,
+    retry_slot: Option<Counted<'a>>,
+}
+
+impl<'a> Attempts<'a> {
+    /// Whether the attempt that just failed may be followed by another: attempts
+    /// left, another endpoint to try, and room in the retry budget.
+    pub(crate) fn another(
+        &mut self,
+        resilience: &Resilience,
+        set: &BackendSet,
+        stats: &'a DestinationStats,
+    ) -> bool {
+        self.count += 1;
+        self.count < resilience.max_attempts
+            && set.balancer.pickable() > 1
+            && (self.retry_slot.is_some() || {
+                self.retry_slot = resilience.retry_slot(stats);
+                self.retry_slot.is_some()
+            })
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.count
+    }
+}
+
+/// Counts a backend's response: outlier detection (5xx are failures), status, latency.
+#[inline]
+pub(crate) fn record_response(backend: &Backend, status: u16, start: Instant) {
+    if (500..600).contains(&status) {
+        backend.state.failed();
+    } else {
+        backend.state.succeeded();
+    }
+    backend.state.stats.latency.observe(start.elapsed());
+    backend.state.stats.responses.record(status);
+}
+
+/// Counts a request that got no response from `backend`.
+pub(crate) fn record_failure(backend: &Backend) {
+    backend.state.failed();
+    backend.state.stats.failures.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The answer when `backend` failed and no other attempt is made.
+pub(crate) fn upstream_failed(
+    destination: &Destination,
+    backend: &Backend,
+    error: &dyn std::fmt::Display,
+) -> ProxyError {
+    tracing::debug!(destination = destination.name(), backend = %backend.meta.address, %error, "upstream request failed");
+    ProxyError::counted(
+        &destination.stats,
+        ProxyErrorKind::UpstreamFailed,
+        StatusCode::BAD_GATEWAY,
+        format!(
+            "backend {} of {} failed: {error}",
+            backend.meta.address,
+            destination.name()
+        ),
+    )
+}
+
+/// The answer when `backend` did not answer within the request timeout.
+pub(crate) fn timed_out(
+    destination: &Destination,
+    backend: &Backend,
+    limit: Duration,
+) -> ProxyError {
+    backend.state.failed();
+    ProxyError::counted(
+        &destination.stats,
+        ProxyErrorKind::Timeout,
+        StatusCode::GATEWAY_TIMEOUT,
+        format!(
+            "backend {} of {} did not answer within {limit:?}",
+            backend.meta.address,
+            destination.name()
+        ),
+    )
+}
+
+/// Counts a retry, and backs off a little (with jitter) when the failed backend may
+/// have seen the request.
+pub(crate) async fn retrying(
+    destination: &Destination,
+    backend: &Backend,
+    error: &(dyn std::fmt::Display + Sync),
+    attempt: usize,
+    written: bool,
+) {
+    tracing::debug!(destination = destination.name(), backend = %backend.meta.address, %error, attempt, "retrying on another endpoint");
+    destination.stats.retries.fetch_add(1, Ordering::Relaxed);
+    if written {
+        tokio::time::sleep(RETRY_BACKOFF.mul_f64(fastrand::f64())).await;
+    }
+}
+
+/// The answer when a destination has no endpoint to pick, counted in its metrics.
+pub(crate) fn nothing_to_pick(destination: &Destination, e: PickError) -> ProxyError {
+    let (kind, message) = match e {
+        PickError::NoEndpoints => (
+            ProxyErrorKind::NoEndpoints,
+            format!("destination {} has no endpoints", destination.name()),
+        ),
+        PickError::NoHealthyEndpoints { total } => (
+            ProxyErrorKind::NoHealthyEndpoints,
+            format!(
+                "destination {} has no healthy endpoints ({total} known, none ready)",
+                destination.name()
+            ),
+        ),
+    };
+    ProxyError::counted(
+        &destination.stats,
+        kind,
+        StatusCode::SERVICE_UNAVAILABLE,
+        message,
+    )
 }
 
 /// Up to this long (with full jitter) before resending a request a backend may have seen.
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
 /// Envoy's idempotent methods: sending them twice has the effect of sending them once.
-fn is_idempotent(method: &http::Method) -> bool {
+pub(crate) fn is_idempotent(method: &http::Method) -> bool {
     use http::Method;
     matches!(
         *method,
@@ -609,7 +725,7 @@ impl Resilience {
 }
 
 /// Counts itself in while alive.
-struct Counted<'a>(&'a std::sync::atomic::AtomicUsize);
+pub(crate) struct Counted<'a>(&'a std::sync::atomic::AtomicUsize);
 
 impl<'a> Counted<'a> {
     fn enter(counter: &'a std::sync::atomic::AtomicUsize) -> Self {

@@ -1,8 +1,10 @@
 //! tandem-proxy: the sidecar data plane.
 //!
 //! - [`server`] accepts connections (TLS, HTTP/1.1, HTTP/2) and hands each request to
-//! - [`forward`], which routes it to a [`destination`], asks the [`balancer`] for an
-//!   endpoint and sends it over a pooled connection from [`upstream`].
+//! - [`http1`], the proxy's own HTTP/1.1 path, or hyper with [`forward`]: both route
+//!   the request to a [`destination`], ask the [`balancer`] for an endpoint and send
+//!   it over a pooled connection from [`upstream`].
+//! - [`connections`] closes idle client connections, and all of them at shutdown.
 //! - [`discovery`] keeps each destination's backend set current from the control plane.
 //! - [`inspect`] serves `/config` and the per-destination metrics; [`metrics`] holds counters.
 
@@ -10,15 +12,17 @@ pub mod app;
 pub mod balancer;
 pub mod body;
 pub mod clock;
+pub mod connections;
 pub mod destination;
 pub mod discovery;
 pub mod endpoint;
 pub mod forward;
-pub mod idle;
+pub mod http1;
 pub mod inspect;
 pub mod manager;
 pub mod metrics;
 pub mod policy;
+pub mod rewind;
 pub mod server;
 pub mod tls;
 pub mod upstream;

@@ -6,26 +6,33 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures_util::FutureExt;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tandem_common::Shutdown;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use crate::connections::{ConnControl, Connections, Managed, Tracked};
 use crate::forward::Forwarder;
-use crate::idle::{Activity, Managed, OpenConnections, Tracked};
+use crate::http1::{self as own_http1, Outcome};
 use crate::metrics::{ProxyMetrics, ResultLabel};
+use crate::rewind::Rewind;
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Room a client connection's read buffer starts with.
+const CLIENT_BUFFER: usize = 8 * 1024;
 
 /// A TLS record starts with content type 22 (handshake) for a ClientHello.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// What an HTTP/2 client with prior knowledge sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 const PLAINTEXT_ON_TLS_PORT: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
 content-type: text/plain; charset=utf-8\r\n\
@@ -45,28 +52,20 @@ pub struct Server {
     pub idle_timeout: Duration,
 }
 
-/// Connection settings, built once: plain connections detect the version from the
-/// first bytes (`auto`); TLS connections know it from ALPN.
+/// hyper's connection settings, built once, for what the proxy's own HTTP/1 path
+/// does not take: HTTP/2, and the HTTP/1 requests it hands over.
 ///
 /// HTTP/1 has no header-read timer: hyper would re-arm a runtime timer on every
-/// request of a keep-alive connection; the idle watchdog ([`Managed`]) covers quiet
-/// and stalled clients without any per-request cost. Small messages are written with
-/// one `write` rather than a `writev` of head and body (`writev(false)`): cheaper for
-/// the kernel on the sizes a proxy mostly sees.
+/// request of a keep-alive connection; the idle sweep ([`Connections::sweep`]) covers
+/// quiet and stalled clients without any per-request cost. Small messages are
+/// written with one `write` rather than a `writev` of head and body (`writev(false)`).
 struct Builders {
-    auto: auto::Builder<TokioExecutor>,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
 }
 
 impl Builders {
     fn new() -> Self {
-        let mut auto = auto::Builder::new(TokioExecutor::new());
-        auto.http1().writev(false).keep_alive(true);
-        auto.http2()
-            .timer(TokioTimer::new())
-            .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
         let mut http1 = http1::Builder::new();
         http1.writev(false).keep_alive(true);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
@@ -74,14 +73,22 @@ impl Builders {
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEP_ALIVE_INTERVAL)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
-        Self { auto, http1, http2 }
+        Self { http1, http2 }
     }
+}
+
+/// The protocol a plain connection speaks, from its first bytes.
+enum Detected {
+    Http1,
+    Http2,
+    Closed,
 }
 
 impl Server {
     /// Accepts until shutdown, then lets open connections finish for up to `grace`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let open = Arc::new(OpenConnections::default());
+        let connections = Arc::new(Connections::default());
+        let sweeper = tokio::spawn(connections.clone().sweep(self.idle_timeout));
         let builders = Arc::new(Builders::new());
         loop {
             let (stream, peer) = tokio::select! {
@@ -99,11 +106,11 @@ impl Server {
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let builders = builders.clone();
-            let guard = open.open();
+            let guard = connections.open();
             tokio::spawn(async move {
                 this.metrics.connections.inc();
                 this.metrics.open_connections.inc();
-                this.connection(stream, &builders).await;
+                this.connection(stream, guard.control(), &builders).await;
                 this.metrics.open_connections.dec();
                 drop(guard);
                 tracing::trace!(%peer, "connection closed");
@@ -111,27 +118,27 @@ impl Server {
         }
         drop(listener);
         tracing::info!(grace = ?self.grace, "draining open connections");
-        if tokio::time::timeout(self.grace, open.all_closed())
+        connections.close_all();
+        if tokio::time::timeout(self.grace, connections.all_closed())
             .await
             .is_err()
         {
             tracing::warn!("connections still open after the grace period; closing them");
         }
+        sweeper.abort();
     }
 
-    fn managed<C>(&self, conn: C, activity: Arc<Activity>) -> Managed<C> {
-        Managed::new(conn, activity, self.idle_timeout, self.shutdown.clone())
-    }
-
-    async fn connection(&self, stream: TcpStream, builders: &Builders) {
-        let forwarder = self.forwarder.clone();
-        let service = service_fn(move |req| forwarder.clone().handle(req).map(Ok::<_, Infallible>));
-        let activity = Activity::new();
+    async fn connection(&self, stream: TcpStream, control: &Arc<ConnControl>, builders: &Builders) {
         let Some(acceptor) = &self.tls else {
-            let io = TokioIo::new(Tracked::new(stream, activity.clone()));
-            let conn = builders.auto.serve_connection_with_upgrades(io, service);
-            if let Err(error) = self.managed(conn, activity).await {
-                tracing::debug!(%error, "connection error");
+            let mut io = Tracked::new(stream, control.clone());
+            let mut buf = BytesMut::with_capacity(CLIENT_BUFFER);
+            match detect(&mut io, &mut buf, control).await {
+                Detected::Http1 => self.http1(io, buf, control, builders).await,
+                Detected::Http2 => {
+                    let io = Rewind::new(io, buf.freeze());
+                    self.http2(io, control, builders).await;
+                }
+                Detected::Closed => {}
             }
             return;
         };
@@ -152,7 +159,7 @@ impl Server {
                 return;
             }
         }
-        let tracked = Tracked::new(stream, activity.clone());
+        let tracked = Tracked::new(stream, control.clone());
         let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tracked)).await
         {
             Ok(Ok(tls)) => tls,
@@ -167,22 +174,67 @@ impl Server {
             }
         };
         self.tls_result("ok");
-        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let io = TokioIo::new(tls);
-        let result = if h2 {
-            let conn = builders.http2.serve_connection(io, service);
-            self.managed(conn, activity)
-                .await
-                .map_err(|e| e.to_string())
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            self.http2(tls, control, builders).await;
         } else {
-            let conn = builders.http1.serve_connection(io, service);
-            self.managed(conn, activity)
-                .await
-                .map_err(|e| e.to_string())
-        };
-        if let Err(error) = result {
-            tracing::debug!(%error, "TLS connection error");
+            let buf = BytesMut::with_capacity(CLIENT_BUFFER);
+            self.http1(tls, buf, control, builders).await;
         }
+    }
+
+    /// HTTP/1.1: the proxy's own path, then hyper from the first request it hands over.
+    async fn http1<IO>(
+        &self,
+        io: IO,
+        buf: BytesMut,
+        control: &Arc<ConnControl>,
+        builders: &Builders,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (io, buffered) = match own_http1::serve(&self.forwarder, control, io, buf).await {
+            Outcome::Closed => return,
+            Outcome::Handoff {
+                io,
+                buffered,
+                reason,
+            } => {
+                tracing::trace!(reason = reason.0, "continuing the connection in hyper");
+                (io, buffered)
+            }
+        };
+        let io = TokioIo::new(Rewind::new(io, buffered));
+        let conn = builders.http1.serve_connection(io, self.service());
+        if let Err(error) = Managed::new(conn, control.clone()).await {
+            tracing::debug!(%error, "connection error");
+        }
+    }
+
+    async fn http2<IO>(&self, io: IO, control: &Arc<ConnControl>, builders: &Builders)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = builders
+            .http2
+            .serve_connection(TokioIo::new(io), self.service());
+        if let Err(error) = Managed::new(conn, control.clone()).await {
+            tracing::debug!(%error, "HTTP/2 connection error");
+        }
+    }
+
+    fn service(
+        &self,
+    ) -> impl hyper::service::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<crate::body::ProxyBody>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<http::Response<crate::body::ProxyBody>, Infallible>>
+                 + Send
+                 + 'static,
+    > + Clone
+    + 'static {
+        let forwarder = self.forwarder.clone();
+        service_fn(move |req| forwarder.clone().handle(req).map(Ok::<_, Infallible>))
     }
 
     fn tls_result(&self, result: &'static str) {
@@ -190,5 +242,25 @@ impl Server {
             .tls_handshakes
             .get_or_create(&ResultLabel { result })
             .inc();
+    }
+}
+
+/// Reads until the first bytes tell HTTP/2 with prior knowledge from HTTP/1.
+async fn detect<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    buf: &mut BytesMut,
+    control: &ConnControl,
+) -> Detected {
+    loop {
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] != H2_PREFACE[..n] {
+            return Detected::Http1;
+        }
+        if n == H2_PREFACE.len() {
+            return Detected::Http2;
+        }
+        if !own_http1::read_more(io, buf, control).await {
+            return Detected::Closed;
+        }
     }
 }

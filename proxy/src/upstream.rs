@@ -4,13 +4,16 @@
 //! new one), and the connection goes back when the response body has been read to
 //! its end; a connection whose body was abandoned is closed instead.
 //! HTTP/2: one shared connection, multiplexing every request; re-dialled when it
-//! closes. Neither path takes a lock per request.
+//! closes. Raw HTTP/1 ([`RawConn`]): sockets the proxy's own HTTP/1 path
+//! ([`crate::http1`]) speaks over, pooled the same way with their read buffers.
+//! None of the paths takes a lock per request.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use bytes::BytesMut;
 use crossbeam_queue::ArrayQueue;
 use futures_util::FutureExt;
 use futures_util::future::Either;
@@ -89,11 +92,30 @@ struct Idle {
     since: u32,
 }
 
+/// Room a raw connection's read buffer starts with: a typical response head and body.
+const RAW_BUFFER: usize = 8 * 1024;
+
+/// A connection to the endpoint that the HTTP/1 path reads and writes itself: the
+/// socket and the buffer responses are read into, kept together while pooled.
+pub struct RawConn {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+    /// Taken from the idle pool: the server may have closed it a moment ago.
+    pub reused: bool,
+}
+
+struct IdleRaw {
+    stream: TcpStream,
+    buf: BytesMut,
+    since: u32,
+}
+
 /// The connections to one endpoint.
 pub struct Upstream {
     addr: SocketAddr,
     settings: Arc<UpstreamSettings>,
     idle: ArrayQueue<Idle>,
+    idle_raw: ArrayQueue<IdleRaw>,
     h2: ArcSwapOption<http2::SendRequest<ProxyBody>>,
     /// Serialises HTTP/2 dials so a burst of requests opens one connection, not many.
     h2_dial: tokio::sync::Mutex<()>,
@@ -165,6 +187,7 @@ impl Upstream {
         Arc::new(Self {
             addr,
             idle: ArrayQueue::new(settings.max_idle_per_endpoint.max(1)),
+            idle_raw: ArrayQueue::new(settings.max_idle_per_endpoint.max(1)),
             settings,
             h2: ArcSwapOption::empty(),
             h2_dial: tokio::sync::Mutex::new(()),
@@ -177,7 +200,53 @@ impl Upstream {
 
     /// Idle HTTP/1 connections right now.
     pub fn idle_connections(&self) -> usize {
-        self.idle.len()
+        self.idle.len() + self.idle_raw.len()
+    }
+
+    /// An idle raw connection that still looks open, if there is one.
+    pub fn checkout_raw(&self) -> Option<RawConn> {
+        while let Some(idle) = self.idle_raw.pop() {
+            let idle_for = Duration::from_secs(clock::now().saturating_sub(idle.since) as u64);
+            if idle_for > self.settings.idle_timeout {
+                continue;
+            }
+            // Costs no syscall while the socket has not become readable: an idle
+            // connection only does when the server closed it (or misbehaved).
+            let mut probe = [0u8; 1];
+            match idle.stream.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Some(RawConn {
+                        stream: idle.stream,
+                        buf: idle.buf,
+                        reused: true,
+                    });
+                }
+                _ => continue,
+            }
+        }
+        None
+    }
+
+    /// A new raw connection.
+    pub async fn dial_raw(&self) -> Result<RawConn, UpstreamError> {
+        Ok(RawConn {
+            stream: self.dial().await?,
+            buf: BytesMut::with_capacity(RAW_BUFFER),
+            reused: false,
+        })
+    }
+
+    /// Pools a raw connection whose last response was read to its end.
+    pub fn release_raw(&self, conn: RawConn) {
+        let mut buf = conn.buf;
+        buf.clear();
+        let idle = IdleRaw {
+            stream: conn.stream,
+            buf,
+            since: clock::now(),
+        };
+        // A full pool drops (closes) the surplus connection.
+        let _ = self.idle_raw.push(idle);
     }
 
     /// Sends `req` over HTTP/1 or HTTP/2. On an error before the request was written,
@@ -284,18 +353,18 @@ impl Upstream {
         None
     }
 
-    async fn dial(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
+    async fn dial(&self) -> Result<TcpStream, UpstreamError> {
         let stream =
             tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(self.addr))
                 .await
                 .map_err(|_| UpstreamError::ConnectTimeout(self.settings.connect_timeout))?
                 .map_err(UpstreamError::Connect)?;
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        Ok(stream)
     }
 
     async fn dial_http1(&self) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
-        let io = self.dial().await?;
+        let io = TokioIo::new(self.dial().await?);
         let (sender, connection) = http1::Builder::new()
             // One `write` per small message instead of a `writev` of head and body.
             .writev(false)
@@ -317,7 +386,7 @@ impl Upstream {
         if let Some(sender) = self.live_http2() {
             return Ok(sender);
         }
-        let io = self.dial().await?;
+        let io = TokioIo::new(self.dial().await?);
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))

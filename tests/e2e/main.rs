@@ -7,6 +7,7 @@ mod control_plane_restart;
 mod demo;
 mod discovery_updates;
 mod errors;
+mod http1;
 mod kubernetes;
 mod locality;
 mod resilience;

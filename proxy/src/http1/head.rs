@@ -1,0 +1,515 @@
+//! HTTP/1.1 message heads, parsed in place (httparse) and forwarded as they arrived
+//! when they carry nothing hop-by-hop; rebuilt without those headers otherwise.
+//!
+//! Forwarding the bytes that were parsed, rather than re-serialising a header map,
+//! is both the cheap path and the safe one: the backend reads exactly what the proxy
+//! validated. Anything this path does not handle itself (upgrades, `Expect`, chunked
+//! or large request bodies, HTTP/1.0, absolute-form targets, malformed heads) is
+//! reported as [`Handoff`] before anything was sent, and the connection continues
+//! in hyper, which handles (or rejects) all of it.
+
+use std::mem::MaybeUninit;
+
+/// Header lines read per message on this path; a request with more goes to hyper.
+const MAX_HEADERS: usize = 64;
+/// Response heads may carry more (cookies, CSP, tracing).
+const MAX_RESPONSE_HEADERS: usize = 128;
+/// Names listed in one message's `Connection` headers that this path removes itself.
+const MAX_CONNECTION_TOKENS: usize = 8;
+
+/// Why a request is left to hyper (for debug logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handoff(pub &'static str);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// Bytes of the head, final CRLF included.
+    pub len: usize,
+    /// `HEAD`: the response has no body whatever its headers say.
+    pub is_head: bool,
+    /// Sending it twice has the effect of sending it once (Envoy's list).
+    pub idempotent: bool,
+    /// Where the `Host` value is in the buffer.
+    pub host: Option<(usize, usize)>,
+    pub content_length: usize,
+    /// The client asked to close the connection after this exchange.
+    pub close: bool,
+    /// Carries hop-by-hop headers: forward it through [`rewrite_request`].
+    pub rewrite: bool,
+}
+
+impl RequestHead {
+    pub fn host<'b>(&self, buf: &'b [u8]) -> Option<&'b str> {
+        let (start, end) = self.host?;
+        std::str::from_utf8(&buf[start..end]).ok()
+    }
+}
+
+/// How a response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the server closes the connection.
+    UntilClose,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub len: usize,
+    pub status: u16,
+    pub framing: Framing,
+    /// The server will not take another request on this connection.
+    pub close: bool,
+    /// Must be rebuilt through [`rewrite_response`] before it reaches the client
+    /// (hop-by-hop headers, an HTTP/1.0 status line, Content-Length beside chunked).
+    pub rewrite: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid response head from the backend: {0}")]
+pub struct BadResponse(pub &'static str);
+
+/// `Connection` header tokens of one message.
+#[derive(Default)]
+struct ConnectionTokens<'b> {
+    close: bool,
+    keep_alive: bool,
+    /// Other names listed: those headers are hop-by-hop too.
+    others: [&'b [u8]; MAX_CONNECTION_TOKENS],
+    n_others: usize,
+    overflow: bool,
+}
+
+impl<'b> ConnectionTokens<'b> {
+    fn add(&mut self, value: &'b [u8]) {
+        for token in value.split(|b| *b == b',').map(trim) {
+            if token.is_empty() {
+                continue;
+            }
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if self.n_others < MAX_CONNECTION_TOKENS {
+                self.others[self.n_others] = token;
+                self.n_others += 1;
+            } else {
+                self.overflow = true;
+            }
+        }
+    }
+
+    fn lists(&self, name: &str) -> bool {
+        self.others[..self.n_others]
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+    }
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
+    &bytes[start..end]
+}
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
+/// `te: trailers` is the exception, as gRPC and Envoy have it: it is end to end.
+fn is_hop_by_hop(name: &str, value: &[u8], tokens: &ConnectionTokens<'_>) -> bool {
+    name.eq_ignore_ascii_case("connection")
+        || name.eq_ignore_ascii_case("keep-alive")
+        || name.eq_ignore_ascii_case("proxy-connection")
+        || name.eq_ignore_ascii_case("upgrade")
+        || (name.eq_ignore_ascii_case("te") && !trim(value).eq_ignore_ascii_case(b"trailers"))
+        || (!name.eq_ignore_ascii_case("te") && tokens.lists(name))
+}
+
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = trim(value);
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// Offset of `part` inside `buf` (httparse hands out sub-slices of the buffer).
+fn offset(buf: &[u8], part: &[u8]) -> usize {
+    part.as_ptr() as usize - buf.as_ptr() as usize
+}
+
+/// Parses a request head at the start of `buf`: `Ok(None)` until it is complete.
+pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>, Handoff> {
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Handoff("many headers")),
+        Err(_) => return Err(Handoff("malformed head")),
+    };
+    if req.version != Some(1) {
+        return Err(Handoff("HTTP/1.0"));
+    }
+    let method = req.method.unwrap_or_default();
+    if method == "CONNECT" || !req.path.is_some_and(|p| p.starts_with('/')) {
+        return Err(Handoff("not an origin-form target"));
+    }
+    let mut tokens = ConnectionTokens::default();
+    let mut head = RequestHead {
+        len,
+        is_head: method == "HEAD",
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        ),
+        host: None,
+        content_length: 0,
+        close: false,
+        rewrite: false,
+    };
+    let mut seen_length = false;
+    for h in req.headers.iter() {
+        let name = h.name;
+        match name.len() {
+            4 if name.eq_ignore_ascii_case("host") => {
+                if head.host.is_some() {
+                    return Err(Handoff("two Host headers"));
+                }
+                let start = offset(buf, h.value);
+                head.host = Some((start, start + h.value.len()));
+            }
+            14 if name.eq_ignore_ascii_case("content-length") => {
+                let Some(n) = parse_length(h.value) else {
+                    return Err(Handoff("invalid Content-Length"));
+                };
+                if seen_length {
+                    return Err(Handoff("two Content-Length headers"));
+                }
+                seen_length = true;
+                if n > max_body as u64 {
+                    return Err(Handoff("large body"));
+                }
+                head.content_length = n as usize;
+            }
+            17 if name.eq_ignore_ascii_case("transfer-encoding") => {
+                return Err(Handoff("chunked body"));
+            }
+            6 if name.eq_ignore_ascii_case("expect") => return Err(Handoff("Expect")),
+            7 if name.eq_ignore_ascii_case("upgrade") => return Err(Handoff("Upgrade")),
+            12 if name.eq_ignore_ascii_case("content-type")
+                && h.value.starts_with(b"application/grpc") =>
+            {
+                return Err(Handoff("gRPC needs HTTP/2"));
+            }
+            10 if name.eq_ignore_ascii_case("connection") => {
+                tokens.add(h.value);
+                head.rewrite = true;
+            }
+            2 if name.eq_ignore_ascii_case("te") => {
+                head.rewrite |= !trim(h.value).eq_ignore_ascii_case(b"trailers");
+            }
+            10 if name.eq_ignore_ascii_case("keep-alive") => head.rewrite = true,
+            16 if name.eq_ignore_ascii_case("proxy-connection") => head.rewrite = true,
+            _ => {}
+        }
+    }
+    if tokens.overflow {
+        return Err(Handoff("long Connection header"));
+    }
+    head.close = tokens.close;
+    Ok(Some(head))
+}
+
+/// Writes the head at the start of `buf` into `out` without its hop-by-hop headers.
+pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>) {
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    // Parsed successfully once already (parse_request), so this cannot fail.
+    if req.parse_with_uninit_headers(buf, &mut headers).is_err() {
+        return;
+    }
+    out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut tokens = ConnectionTokens::default();
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            tokens.add(h.value);
+        }
+    }
+    for h in req.headers.iter() {
+        if !is_hop_by_hop(h.name, h.value, &tokens) {
+            push_header(out, h.name, h.value);
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Parses a response head at the start of `buf`: `Ok(None)` until it is complete.
+/// `request_is_head`: the response to a HEAD request has no body.
+pub fn parse_response(
+    buf: &[u8],
+    request_is_head: bool,
+) -> Result<Option<ResponseHead>, BadResponse> {
+    let mut headers =
+        [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut res,
+        buf,
+        &mut headers,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(BadResponse("too many headers")),
+        Err(_) => return Err(BadResponse("malformed head")),
+    };
+    let status = res.code.unwrap_or(0);
+    let http10 = res.version == Some(0);
+    let mut tokens = ConnectionTokens::default();
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut transfer_encoding = false;
+    let mut rewrite = http10;
+    for h in res.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = parse_length(h.value).ok_or(BadResponse("invalid Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(BadResponse("conflicting Content-Length headers"));
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_encoding = true;
+            // Only the last coding says how the body ends.
+            chunked = h
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| trim(last).eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case("connection") {
+            tokens.add(h.value);
+            rewrite = true;
+        } else if name.eq_ignore_ascii_case("keep-alive")
+            || name.eq_ignore_ascii_case("proxy-connection")
+            || name.eq_ignore_ascii_case("upgrade")
+        {
+            rewrite = true;
+        }
+    }
+    if tokens.overflow {
+        return Err(BadResponse("long Connection header"));
+    }
+    let no_body = request_is_head || (100..200).contains(&status) || status == 204 || status == 304;
+    let framing = if no_body {
+        Framing::Empty
+    } else if transfer_encoding {
+        // Transfer-Encoding wins over Content-Length, which then must not be forwarded.
+        rewrite |= length.is_some();
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
+    } else {
+        match length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => Framing::UntilClose,
+        }
+    };
+    let close = tokens.close || (http10 && !tokens.keep_alive) || framing == Framing::UntilClose;
+    Ok(Some(ResponseHead {
+        len,
+        status,
+        framing,
+        close,
+        rewrite,
+    }))
+}
+
+/// Writes the response head at the start of `buf` into `out` as HTTP/1.1, without
+/// hop-by-hop headers (and without Content-Length beside Transfer-Encoding); with
+/// `connection: close` when `close_client` (the proxy closes the client connection).
+pub fn rewrite_response(buf: &[u8], close_client: bool, out: &mut Vec<u8>) {
+    let mut headers =
+        [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    // Parsed successfully once already (parse_response), so this cannot fail.
+    if httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, buf, &mut headers)
+        .is_err()
+    {
+        return;
+    }
+    let status = res.code.unwrap_or(502);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    // httparse reads exactly three digits.
+    out.extend_from_slice(&[
+        b'0' + (status / 100 % 10) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+    ]);
+    out.push(b' ');
+    out.extend_from_slice(res.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut tokens = ConnectionTokens::default();
+    let mut transfer_encoding = false;
+    for h in res.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            tokens.add(h.value);
+        }
+        transfer_encoding |= h.name.eq_ignore_ascii_case("transfer-encoding");
+    }
+    for h in res.headers.iter() {
+        let drop = is_hop_by_hop(h.name, h.value, &tokens)
+            || (transfer_encoding && h.name.eq_ignore_ascii_case("content-length"));
+        if !drop {
+            push_header(out, h.name, h.value);
+        }
+    }
+    if close_client {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX_BODY: usize = 16 * 1024;
+
+    fn request(raw: &str) -> Result<Option<RequestHead>, Handoff> {
+        parse_request(raw.as_bytes(), MAX_BODY)
+    }
+
+    #[test]
+    fn parses_what_load_generators_send() {
+        let raw = "GET /a?b HTTP/1.1\r\nHost: web:80\r\n\r\n";
+        let head = request(raw).unwrap().unwrap();
+        assert_eq!(head.len, raw.len());
+        assert_eq!(head.host(raw.as_bytes()), Some("web:80"));
+        assert!(head.idempotent && !head.is_head && !head.close && !head.rewrite);
+        assert_eq!(request("GET / HTTP/1.1\r\nHost: a"), Ok(None));
+    }
+
+    #[test]
+    fn reads_bodies_and_connection_options() {
+        let head =
+            request("POST /x HTTP/1.1\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello")
+                .unwrap()
+                .unwrap();
+        assert_eq!(head.content_length, 5);
+        assert!(head.close && head.rewrite && !head.idempotent);
+    }
+
+    #[test]
+    fn hands_off_what_it_does_not_handle() {
+        for raw in [
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET http://web/ HTTP/1.1\r\nHost: web\r\n\r\n",
+            "CONNECT web:443 HTTP/1.1\r\n\r\n",
+            "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: 99999999\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: -1\r\n\r\n",
+            "PUT / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+            "POST /s HTTP/1.1\r\ncontent-type: application/grpc\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.1\r\nbad header\r\n\r\n",
+        ] {
+            assert!(request(raw).is_err(), "{raw:?} should go to hyper");
+        }
+    }
+
+    #[test]
+    fn rewrites_hop_by_hop_headers_away() {
+        let raw = "GET / HTTP/1.1\r\nHost: web\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nTE: gzip\r\nX-App: kept\r\n\r\n";
+        let head = request(raw).unwrap().unwrap();
+        assert!(head.rewrite);
+        let mut out = Vec::new();
+        rewrite_request(raw.as_bytes(), &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nHost: web\r\nX-App: kept\r\n\r\n"
+        );
+        let raw = "GET / HTTP/1.1\r\nte: trailers\r\n\r\n";
+        assert!(
+            !request(raw).unwrap().unwrap().rewrite,
+            "te: trailers is end to end"
+        );
+    }
+
+    fn response(raw: &str, head: bool) -> ResponseHead {
+        parse_response(raw.as_bytes(), head).unwrap().unwrap()
+    }
+
+    #[test]
+    fn frames_responses() {
+        let r = response("HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n", false);
+        assert_eq!(
+            (r.status, r.framing, r.close, r.rewrite),
+            (200, Framing::Length(11), false, false)
+        );
+        let r = response("HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n", true);
+        assert_eq!(r.framing, Framing::Empty, "HEAD");
+        let r = response("HTTP/1.1 204 No Content\r\n\r\n", false);
+        assert_eq!(r.framing, Framing::Empty);
+        let r = response(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(r.framing, Framing::Chunked);
+        let r = response(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+            false,
+        );
+        assert_eq!(r.framing, Framing::Chunked);
+        assert!(r.rewrite, "Content-Length beside chunked is dropped");
+        let r = response("HTTP/1.1 200 OK\r\n\r\n", false);
+        assert_eq!((r.framing, r.close), (Framing::UntilClose, true));
+        let r = response("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false);
+        assert!(r.close && r.rewrite);
+        let r = response(
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
+            false,
+        );
+        assert!(r.close && r.rewrite);
+        assert_eq!(
+            parse_response(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+                false
+            ),
+            Err(BadResponse("conflicting Content-Length headers"))
+        );
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n", false).is_err());
+    }
+
+    #[test]
+    fn rewrites_responses_as_http11() {
+        let raw = "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\ncontent-length: 1\r\n\r\n";
+        let mut out = Vec::new();
+        rewrite_response(raw.as_bytes(), true, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\ncontent-length: 1\r\nconnection: close\r\n\r\n"
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! The proxy's own HTTP/1.1 path: requests in, requests out, without hyper.
+//!
+//! Most mesh traffic is small HTTP/1.1 requests with small answers over keep-alive
+//! connections. For those, this path parses the request head in place, picks a
+//! backend, writes the head (as it arrived, unless it carries hop-by-hop headers) to
+//! a pooled backend connection, parses the response head the same way and relays the
+//! response, all inside the client connection's task: no header maps, no
+//! re-serialisation, no channels or tasks between the two connections.
+//!
+//! Anything else continues in hyper, on the same connection, from the first byte of
+//! the request that needed it (see [`head::Handoff`]): such a request was not acted
+//! on yet, so hyper sees exactly what the client sent.
+
+pub mod chunked;
+pub mod head;
+mod serve;
+
+pub use serve::{MAX_BODY, Outcome, read_more, serve};

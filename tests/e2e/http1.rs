@@ -1,0 +1,367 @@
+//! The proxy's own HTTP/1.1 path, seen from a client speaking raw HTTP/1.1: what it
+//! must get right that a well-behaved client library would hide (pipelining, framing,
+//! hop-by-hop headers, handing a connection over to hyper mid-way, backends that close
+//! pooled connections).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use tandem::process::Spawned;
+
+use crate::support::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+const STEP: Duration = Duration::from_secs(5);
+
+/// A client connection that writes raw bytes and reads whole responses.
+struct Raw {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct RawResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl Raw {
+    async fn connect(addr: SocketAddr) -> Self {
+        Self {
+            stream: TcpStream::connect(addr)
+                .await
+                .expect("connect to the proxy"),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write a request");
+    }
+
+    async fn fill(&mut self) {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tokio::time::timeout(STEP, self.stream.read(&mut chunk))
+            .await
+            .expect("the proxy answers in time")
+            .expect("read from the proxy");
+        assert!(n > 0, "the proxy closed the connection mid-response");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    /// Reads one response; `head` says whether it answers a HEAD request.
+    async fn response(&mut self, head: bool) -> RawResponse {
+        let (len, status, headers) = loop {
+            let mut parsed = [httparse::EMPTY_HEADER; 64];
+            let mut res = httparse::Response::new(&mut parsed);
+            if let httparse::Status::Complete(len) =
+                res.parse(&self.buf).expect("a valid response head")
+            {
+                let headers = res
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                break (len, res.code.unwrap(), headers);
+            }
+            self.fill().await;
+        };
+        self.buf.drain(..len);
+        let mut response = RawResponse {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if head || status == 204 || status == 304 || (100..200).contains(&status) {
+            return response;
+        }
+        if response
+            .header("transfer-encoding")
+            .is_some_and(|te| te.contains("chunked"))
+        {
+            response.body = self.chunked().await;
+        } else {
+            let n: usize = response
+                .header("content-length")
+                .expect("a delimited body")
+                .parse()
+                .unwrap();
+            while self.buf.len() < n {
+                self.fill().await;
+            }
+            response.body = self.buf.drain(..n).collect();
+        }
+        response
+    }
+
+    /// Decodes a chunked body (trailers skipped).
+    async fn chunked(&mut self) -> Vec<u8> {
+        let mut body = Vec::new();
+        loop {
+            let line_end = loop {
+                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                self.fill().await;
+            };
+            let line = String::from_utf8_lossy(&self.buf[..line_end]).into_owned();
+            let size = usize::from_str_radix(line.split(';').next().unwrap().trim(), 16)
+                .unwrap_or_else(|_| panic!("chunk size line {line:?}"));
+            self.buf.drain(..line_end + 2);
+            if size == 0 {
+                // Trailer lines, then the empty line.
+                loop {
+                    while !self.buf.windows(2).any(|w| w == b"\r\n") {
+                        self.fill().await;
+                    }
+                    let i = self.buf.windows(2).position(|w| w == b"\r\n").unwrap();
+                    self.buf.drain(..i + 2);
+                    if i == 0 {
+                        return body;
+                    }
+                }
+            }
+            while self.buf.len() < size + 2 {
+                self.fill().await;
+            }
+            body.extend(self.buf.drain(..size));
+            assert_eq!(&self.buf[..2], b"\r\n", "chunk data ends with CRLF");
+            self.buf.drain(..2);
+        }
+    }
+
+    /// True once the proxy closed the connection (with nothing more to read).
+    async fn closed(&mut self) -> bool {
+        let mut chunk = [0u8; 64];
+        matches!(
+            tokio::time::timeout(STEP, self.stream.read(&mut chunk)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+}
+
+/// Two backends and a proxy over them (the backends live as long as the returned Vec).
+async fn two_backends() -> (Vec<Spawned>, Spawned) {
+    let a = backend("instance-1").await;
+    let b = backend("instance-2").await;
+    let proxy = static_proxy(&[a.addr("http"), b.addr("http")], &[]).await;
+    (vec![a, b], proxy)
+}
+
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: web\r\n\r\n";
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_and_balanced_one_by_one() {
+    bounded(LIMIT, async {
+        let (_backends, proxy) = two_backends().await;
+        let mut client = Raw::connect(proxy.addr("proxy")).await;
+        // Four requests in one write, the last a HEAD.
+        let mut batch = GET.repeat(3);
+        batch.extend_from_slice(b"HEAD / HTTP/1.1\r\nHost: web\r\n\r\n");
+        client.send(&batch).await;
+        let mut seen = Vec::new();
+        for i in 0..4 {
+            let r = client.response(i == 3).await;
+            assert_eq!(r.status, 200, "request {i}");
+            if i < 3 {
+                assert_eq!(r.text().trim(), r.header("x-tandem-instance").unwrap());
+            }
+            seen.push(r.header("x-tandem-instance").unwrap().to_string());
+        }
+        for pair in seen.windows(2) {
+            assert_ne!(pair[0], pair[1], "consecutive requests alternate: {seen:?}");
+        }
+        // The HEAD answer had no body: the connection is still in step.
+        client.send(GET).await;
+        assert_eq!(client.response(false).await.status, 200);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_connection_moves_to_hyper_for_a_chunked_upload_and_keeps_balancing() {
+    bounded(LIMIT, async {
+        let (_backends, proxy) = two_backends().await;
+        let mut client = Raw::connect(proxy.addr("proxy")).await;
+        client.send(GET).await;
+        let first = client.response(false).await;
+        client
+            .send(b"POST /echo HTTP/1.1\r\nHost: web\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+            .await;
+        let echo = client.response(false).await;
+        assert_eq!((echo.status, echo.text().as_str()), (200, "hello world"));
+        client.send(GET).await;
+        let third = client.response(false).await;
+        let who: Vec<&str> = [&first, &echo, &third]
+            .iter()
+            .map(|r| r.header("x-tandem-instance").unwrap())
+            .collect();
+        assert_eq!(who[0], who[2], "the same balancer before and after: {who:?}");
+        assert_ne!(who[0], who[1], "{who:?}");
+        // A large upload also goes to hyper, and arrives whole.
+        let body = vec![b'x'; 1 << 20];
+        let mut request =
+            format!("POST /echo HTTP/1.1\r\nHost: web\r\ncontent-length: {}\r\n\r\n", body.len())
+                .into_bytes();
+        request.extend_from_slice(&body);
+        client.send(&request).await;
+        let echo = client.response(false).await;
+        assert_eq!(echo.body.len(), body.len());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_stop_at_the_proxy() {
+    bounded(LIMIT, async {
+        let (_backends, proxy) = two_backends().await;
+        let mut client = Raw::connect(proxy.addr("proxy")).await;
+        client
+            .send(b"GET /headers HTTP/1.1\r\nHost: web\r\nConnection: keep-alive, x-secret\r\nx-secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: gzip\r\nx-app: kept\r\n\r\n")
+            .await;
+        let seen = client.response(false).await.text().to_lowercase();
+        assert!(seen.contains("x-app: kept"), "{seen}");
+        for gone in ["x-secret", "keep-alive", "proxy-connection", "te:", "connection"] {
+            assert!(!seen.contains(gone), "{gone} reached the backend: {seen}");
+        }
+        // Small bodies with a Content-Length stay on the proxy's own path.
+        client
+            .send(b"POST /echo HTTP/1.1\r\nHost: web\r\ncontent-length: 4\r\n\r\nping")
+            .await;
+        assert_eq!(client.response(false).await.text(), "ping");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn responses_are_framed_exactly_whatever_their_shape() {
+    bounded(LIMIT, async {
+        let (_backends, proxy) = two_backends().await;
+        let mut client = Raw::connect(proxy.addr("proxy")).await;
+        for (path, status) in [
+            ("/status/204", 204),
+            ("/status/304", 304),
+            ("/status/404", 404),
+        ] {
+            client
+                .send(format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n").as_bytes())
+                .await;
+            assert_eq!(client.response(false).await.status, status, "{path}");
+        }
+        client
+            .send(b"GET /chunks/50 HTTP/1.1\r\nHost: web\r\n\r\n")
+            .await;
+        let chunked = client.response(false).await;
+        let expected: String = (0..50).map(|i| format!("chunk {i}\n")).collect();
+        assert_eq!(chunked.text(), expected);
+        let n = 3 * 1024 * 1024 + 7;
+        client
+            .send(format!("GET /bytes/{n} HTTP/1.1\r\nHost: web\r\n\r\n").as_bytes())
+            .await;
+        let large = client.response(false).await;
+        assert_eq!(large.body.len(), n);
+        assert!(large.body.iter().all(|b| *b == b'x'));
+        // Still in step after all of that.
+        client.send(GET).await;
+        assert_eq!(client.response(false).await.status, 200);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connection_close_and_malformed_requests_are_handled_like_a_server_would() {
+    bounded(LIMIT, async {
+        let (_backends, proxy) = two_backends().await;
+        let mut client = Raw::connect(proxy.addr("proxy")).await;
+        client
+            .send(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            .await;
+        let r = client.response(false).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("connection"), Some("close"));
+        assert!(
+            client.closed().await,
+            "the proxy closes after Connection: close"
+        );
+
+        let mut client = Raw::connect(proxy.addr("proxy")).await;
+        client
+            .send(b"GET / HTTP/1.1\r\nbad header line\r\n\r\n")
+            .await;
+        assert_eq!(client.response(false).await.status, 400);
+
+        let mut client = Raw::connect(proxy.addr("proxy")).await;
+        client.send(GET).await;
+        assert_eq!(
+            client.response(false).await.status,
+            200,
+            "the proxy is still up"
+        );
+    })
+    .await;
+}
+
+/// A backend that closes every connection right after its response, without saying
+/// so: each pooled connection the proxy keeps is dead by the time it is reused.
+async fn closing_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-tandem-instance: closing\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_backend_that_closes_its_connections_costs_no_get() {
+    bounded(LIMIT, async {
+        let addr = closing_backend().await;
+        let proxy = static_proxy(&[addr], &[]).await;
+        let mut client = Raw::connect(proxy.addr("proxy")).await;
+        for i in 0..100 {
+            client.send(GET).await;
+            let r = client.response(false).await;
+            assert_eq!((r.status, r.text().as_str()), (200, "ok"), "request {i}");
+        }
+    })
+    .await;
+}
