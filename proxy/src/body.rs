@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
+use h2::RecvStream;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
@@ -24,6 +25,11 @@ pub enum ProxyBody {
         body: Incoming,
         lease: Option<Lease>,
     },
+    /// An HTTP/2 stream's body (from a client or a backend), streamed through.
+    Http2 {
+        recv: RecvStream,
+        data_done: bool,
+    },
 }
 
 impl ProxyBody {
@@ -35,6 +41,15 @@ impl ProxyBody {
 impl From<Incoming> for ProxyBody {
     fn from(body: Incoming) -> Self {
         Self::Incoming(body)
+    }
+}
+
+impl From<RecvStream> for ProxyBody {
+    fn from(recv: RecvStream) -> Self {
+        Self::Http2 {
+            recv,
+            data_done: false,
+        }
     }
 }
 
@@ -61,6 +76,7 @@ impl Body for ProxyBody {
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
+            ProxyBody::Http2 { recv, data_done } => poll_http2(recv, data_done, cx),
         }
     }
 
@@ -70,6 +86,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(data) => data.is_none(),
             ProxyBody::Incoming(body) => body.is_end_stream(),
             ProxyBody::Pooled { body, .. } => body.is_end_stream(),
+            ProxyBody::Http2 { recv, .. } => recv.is_end_stream(),
         }
     }
 
@@ -81,7 +98,42 @@ impl Body for ProxyBody {
             }
             ProxyBody::Incoming(body) => body.size_hint(),
             ProxyBody::Pooled { body, .. } => body.size_hint(),
+            ProxyBody::Http2 { recv, .. } if recv.is_end_stream() => SizeHint::with_exact(0),
+            // Its content-length, if any, travels as a header.
+            ProxyBody::Http2 { .. } => SizeHint::default(),
         }
+    }
+}
+
+/// Data, then trailers. Window is given back as soon as a frame is taken: the body
+/// is not buffered here, so what it holds is what the other side has not yet taken.
+fn poll_http2(
+    recv: &mut RecvStream,
+    data_done: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    if !*data_done {
+        match ready!(recv.poll_data(cx)) {
+            Some(Ok(data)) => {
+                let _ = recv.flow_control().release_capacity(data.len());
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            Some(Err(e)) => return Poll::Ready(early_end(e)),
+            None => *data_done = true,
+        }
+    }
+    match ready!(recv.poll_trailers(cx)) {
+        Ok(trailers) => Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t)))),
+        Err(e) => Poll::Ready(early_end(e)),
+    }
+}
+
+/// A reset with NO_ERROR ends a body early without failing it (RFC 9113 §8.1: the
+/// server answered without needing the rest of the request).
+fn early_end(e: h2::Error) -> Option<Result<Frame<Bytes>, BoxError>> {
+    match e.reason() {
+        Some(h2::Reason::NO_ERROR) => None,
+        _ => Some(Err(e.into())),
     }
 }
 

@@ -6,7 +6,8 @@
 //! second and marks the idle ones (or all of them, at shutdown) for closing; a marked
 //! connection is woken through its own [`AtomicWaker`] and closes at the next request
 //! boundary: hyper's connections through a graceful shutdown ([`Managed`]), the
-//! HTTP/1 path by itself ([`ConnControl::closing`]). The registry's lock is taken when
+//! HTTP/1 and HTTP/2 paths by themselves ([`ConnControl::closing`]; HTTP/2 with a
+//! GOAWAY, letting open streams finish). The registry's lock is taken when
 //! a connection opens or closes and once per sweep, never per request.
 
 use std::collections::HashMap;

@@ -390,8 +390,8 @@ impl Forwarder {
     /// Generic over the body so tests can drive it without a socket.
     ///
     /// Not an `async fn`, nor is `forward`: an async fn keeps its by-value arguments
-    /// twice in its state (rust-lang/rust#62958), and hyper moves this future several
-    /// times per HTTP/2 stream, so every copy of a request saved here is saved there.
+    /// twice in its state (rust-lang/rust#62958), and this future is moved into place
+    /// for every HTTP/2 stream, so every copy of a request saved here is saved there.
     pub fn handle<B>(
         self: Arc<Self>,
         req: Request<B>,

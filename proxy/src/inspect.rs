@@ -268,6 +268,18 @@ impl Collector for Inspector {
             }
         }
 
+        let mut in_flight = encoder.encode_descriptor(
+            "tandem_proxy_requests_in_flight",
+            "Requests sent to a destination and waiting for a response's headers",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (d, _) in &sets {
+            let labels = [("destination", d.name())];
+            ConstGauge::new(d.stats.active.load(Relaxed) as i64)
+                .encode(in_flight.encode_family(&labels)?)?;
+        }
+
         let mut updates = encoder.encode_descriptor(
             "tandem_proxy_discovery_updates",
             "Discovery updates applied per destination",

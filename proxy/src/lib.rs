@@ -1,9 +1,10 @@
 //! tandem-proxy: the sidecar data plane.
 //!
 //! - [`server`] accepts connections (TLS, HTTP/1.1, HTTP/2) and hands each request to
-//! - [`http1`], the proxy's own HTTP/1.1 path, or hyper with [`forward`]: both route
-//!   the request to a [`destination`], ask the [`balancer`] for an endpoint and send
-//!   it over a pooled connection from [`upstream`].
+//! - [`http1`], the proxy's own HTTP/1.1 path (hyper for the requests it hands over),
+//!   or [`http2`], served with the h2 crate: both route the request to a
+//!   [`destination`] ([`forward`]), ask the [`balancer`] for an endpoint and send it
+//!   over a pooled connection from [`upstream`].
 //! - [`connections`] closes idle client connections, and all of them at shutdown.
 //! - [`discovery`] keeps each destination's backend set current from the control plane.
 //! - [`inspect`] serves `/config` and the per-destination metrics; [`metrics`] holds counters.
@@ -18,6 +19,7 @@ pub mod discovery;
 pub mod endpoint;
 pub mod forward;
 pub mod http1;
+pub mod http2;
 pub mod inspect;
 pub mod manager;
 pub mod metrics;

@@ -1,6 +1,7 @@
-//! The proxy listener: accepts connections, terminates TLS when configured, speaks
-//! HTTP/1.1 and HTTP/2 (prior-knowledge h2c on plain connections, ALPN under TLS) and
-//! hands every request to the [`Forwarder`].
+//! The proxy listener: accepts connections, terminates TLS when configured, tells
+//! HTTP/1.1 from HTTP/2 (prior-knowledge h2c on plain connections, ALPN under TLS)
+//! and serves each with its own path ([`crate::http1`], [`crate::http2`]); both hand
+//! every request to the [`Forwarder`].
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -8,9 +9,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::FutureExt;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tandem_common::Shutdown;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -23,8 +24,6 @@ use crate::metrics::{ProxyMetrics, ResultLabel};
 use crate::rewind::Rewind;
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// Room a client connection's read buffer starts with.
 const CLIENT_BUFFER: usize = 8 * 1024;
 
@@ -52,8 +51,8 @@ pub struct Server {
     pub idle_timeout: Duration,
 }
 
-/// hyper's connection settings, built once, for what the proxy's own HTTP/1 path
-/// does not take: HTTP/2, and the HTTP/1 requests it hands over.
+/// hyper's connection settings, built once, for the HTTP/1 requests the proxy's own
+/// HTTP/1 path hands over.
 ///
 /// HTTP/1 has no header-read timer: hyper would re-arm a runtime timer on every
 /// request of a keep-alive connection; the idle sweep ([`Connections::sweep`]) covers
@@ -61,19 +60,13 @@ pub struct Server {
 /// written with one `write` rather than a `writev` of head and body (`writev(false)`).
 struct Builders {
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
 }
 
 impl Builders {
     fn new() -> Self {
         let mut http1 = http1::Builder::new();
         http1.writev(false).keep_alive(true);
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2
-            .timer(TokioTimer::new())
-            .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
-        Self { http1, http2 }
+        Self { http1 }
     }
 }
 
@@ -136,7 +129,7 @@ impl Server {
                 Detected::Http1 => self.http1(io, buf, control, builders).await,
                 Detected::Http2 => {
                     let io = Rewind::new(io, buf.freeze());
-                    self.http2(io, control, builders).await;
+                    crate::http2::serve(&self.forwarder, control, io).await;
                 }
                 Detected::Closed => {}
             }
@@ -175,7 +168,7 @@ impl Server {
         };
         self.tls_result("ok");
         if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-            self.http2(tls, control, builders).await;
+            crate::http2::serve(&self.forwarder, control, tls).await;
         } else {
             let buf = BytesMut::with_capacity(CLIENT_BUFFER);
             self.http1(tls, buf, control, builders).await;
@@ -207,18 +200,6 @@ impl Server {
         let conn = builders.http1.serve_connection(io, self.service());
         if let Err(error) = Managed::new(conn, control.clone()).await {
             tracing::debug!(%error, "connection error");
-        }
-    }
-
-    async fn http2<IO>(&self, io: IO, control: &Arc<ConnControl>, builders: &Builders)
-    where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let conn = builders
-            .http2
-            .serve_connection(TokioIo::new(io), self.service());
-        if let Err(error) = Managed::new(conn, control.clone()).await {
-            tracing::debug!(%error, "HTTP/2 connection error");
         }
     }
 

@@ -3,8 +3,8 @@
 //! HTTP/1: a lock-free queue of idle connections. A request takes one (or dials a
 //! new one), and the connection goes back when the response body has been read to
 //! its end; a connection whose body was abandoned is closed instead.
-//! HTTP/2: one shared connection, multiplexing every request; re-dialled when it
-//! closes. Raw HTTP/1 ([`RawConn`]): sockets the proxy's own HTTP/1 path
+//! HTTP/2 ([`Http2Connection`]): one shared connection, multiplexing every request;
+//! re-dialled when it closes. Raw HTTP/1 ([`RawConn`]): sockets the proxy's own HTTP/1 path
 //! ([`crate::http1`]) speaks over, pooled the same way with their read buffers.
 //! None of the paths takes a lock per request.
 
@@ -16,14 +16,14 @@ use arc_swap::ArcSwapOption;
 use bytes::BytesMut;
 use crossbeam_queue::ArrayQueue;
 use futures_util::FutureExt;
-use futures_util::future::Either;
 use http::{Request, Response};
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
 use crate::clock;
+use crate::http2::client::{Http2Connection, Http2Error};
 
 /// How long a pooled HTTP/1 connection may take to become ready before it is given up.
 const READY_WAIT: Duration = Duration::from_millis(250);
@@ -60,17 +60,14 @@ pub enum UpstreamError {
     Connect(std::io::Error),
     #[error("connect: timed out after {0:?}")]
     ConnectTimeout(Duration),
-    #[error("{0} handshake: {1}")]
-    Handshake(&'static str, hyper::Error),
+    #[error("HTTP/1 handshake: {0}")]
+    Handshake(hyper::Error),
+    #[error("HTTP/2 handshake: {0}")]
+    Http2Handshake(h2::Error),
     #[error("{0}")]
     Request(hyper::Error),
-}
-
-impl UpstreamError {
-    /// True when nothing reached the endpoint, so the request can go elsewhere.
-    pub fn before_request(&self) -> bool {
-        !matches!(self, UpstreamError::Request(_))
-    }
+    #[error("{0}")]
+    Http2(Http2Error),
 }
 
 /// A failed send, with the request when it was not written (so it can go elsewhere).
@@ -116,7 +113,7 @@ pub struct Upstream {
     settings: Arc<UpstreamSettings>,
     idle: ArrayQueue<Idle>,
     idle_raw: ArrayQueue<IdleRaw>,
-    h2: ArcSwapOption<http2::SendRequest<ProxyBody>>,
+    h2: ArcSwapOption<Http2Connection>,
     /// Serialises HTTP/2 dials so a burst of requests opens one connection, not many.
     h2_dial: tokio::sync::Mutex<()>,
 }
@@ -142,13 +139,9 @@ impl Lease {
     }
 }
 
-enum Sender {
-    Http1(http1::SendRequest<ProxyBody>),
-    Http2(http2::SendRequest<ProxyBody>),
-}
-
+/// An HTTP/1 connection ready for one request.
 struct Connection {
-    sender: Sender,
+    sender: http1::SendRequest<ProxyBody>,
     /// Taken from the idle pool (it may have been closed by the server meanwhile).
     reused: bool,
 }
@@ -157,23 +150,15 @@ impl Connection {
     /// Hands `req` to the connection now; the future only waits for the response
     /// (so it does not also carry the request: see `Forwarder::handle`).
     fn send(
-        self,
+        mut self,
         upstream: &Arc<Upstream>,
         req: Request<ProxyBody>,
     ) -> impl Future<Output = SendResult> + use<'_> {
-        let (pooled, sending) = match self.sender {
-            Sender::Http1(mut sender) => {
-                let sending = sender.try_send_request(req);
-                (Some(sender), Either::Left(sending))
-            }
-            Sender::Http2(mut sender) => (None, Either::Right(sender.try_send_request(req))),
-        };
+        let sending = self.sender.try_send_request(req);
+        let sender = self.sender;
         // A combinator, not an `async` block, which would hold `sending` twice.
         sending.map(move |result| match result {
-            Ok(response) => Ok(match pooled {
-                Some(sender) => upstream.pooled_response(response, sender),
-                None => response.map(ProxyBody::Incoming),
-            }),
+            Ok(response) => Ok(upstream.pooled_response(response, sender)),
             Err(mut e) => {
                 let unsent = e.take_message();
                 Err(failed(UpstreamError::Request(e.into_error()), unsent))
@@ -259,56 +244,69 @@ impl Upstream {
     pub fn send(
         self: &Arc<Self>,
         version: HttpVersion,
-        mut req: Request<ProxyBody>,
+        req: Request<ProxyBody>,
     ) -> impl Future<Output = SendResult> + use<'_> {
         async move {
-            loop {
-                let conn = match self.connection(version).await {
-                    Ok(conn) => conn,
-                    Err(e) => return Err(failed(e, Some(req))),
-                };
-                let reused = conn.reused;
-                match conn.send(self, req).await {
-                    Ok(response) => return Ok(response),
-                    // A pooled connection the server closed a moment ago fails before the
-                    // request is written: try the next one (or a new one).
-                    Err(failure) if reused && failure.unsent.is_some() => {
-                        req = failure.unsent.expect("checked above");
-                    }
-                    Err(failure) => return Err(failure),
-                }
+            match version {
+                HttpVersion::Http1 => self.send_http1(req).await,
+                HttpVersion::Http2 => self.send_http2(req).await,
             }
         }
     }
 
-    /// A connection ready for one request: pooled when possible.
-    async fn connection(&self, version: HttpVersion) -> Result<Connection, UpstreamError> {
-        match version {
-            HttpVersion::Http1 => {
-                if let Some(sender) = self.checkout_idle().await {
-                    return Ok(Connection {
-                        sender: Sender::Http1(sender),
-                        reused: true,
-                    });
+    async fn send_http1(self: &Arc<Self>, mut req: Request<ProxyBody>) -> SendResult {
+        loop {
+            let conn = match self.connection_http1().await {
+                Ok(conn) => conn,
+                Err(e) => return Err(failed(e, Some(req))),
+            };
+            let reused = conn.reused;
+            match conn.send(self, req).await {
+                Ok(response) => return Ok(response),
+                // A pooled connection the server closed a moment ago fails before the
+                // request is written: try the next one (or a new one).
+                Err(failure) if reused && failure.unsent.is_some() => {
+                    req = failure.unsent.expect("checked above");
                 }
-                // Dialling is rare and its future large: boxed, it does not bloat every request.
-                let sender = Box::pin(self.dial_http1()).await?;
-                Ok(Connection {
-                    sender: Sender::Http1(sender),
-                    reused: false,
-                })
-            }
-            HttpVersion::Http2 => {
-                let sender = match self.live_http2() {
-                    Some(sender) => sender,
-                    None => Box::pin(self.dial_http2()).await?,
-                };
-                Ok(Connection {
-                    sender: Sender::Http2(sender),
-                    reused: false,
-                })
+                Err(failure) => return Err(failure),
             }
         }
+    }
+
+    async fn send_http2(&self, mut req: Request<ProxyBody>) -> SendResult {
+        loop {
+            let (conn, reused) = match self.live_http2() {
+                Some(conn) => (conn, true),
+                // Dialling is rare and its future large: boxed, it does not bloat every request.
+                None => match Box::pin(self.dial_http2()).await {
+                    Ok(conn) => (conn, false),
+                    Err(e) => return Err(failed(e, Some(req))),
+                },
+            };
+            match conn.send(req).await {
+                Ok(response) => return Ok(response),
+                // The connection ended since the last request (GOAWAY, a closed
+                // socket) and took nothing: dial a new one.
+                Err((_, Some(unsent))) if reused => req = unsent,
+                Err((error, unsent)) => return Err(failed(UpstreamError::Http2(error), unsent)),
+            }
+        }
+    }
+
+    /// An HTTP/1 connection ready for one request: pooled when possible.
+    async fn connection_http1(&self) -> Result<Connection, UpstreamError> {
+        if let Some(sender) = self.checkout_idle().await {
+            return Ok(Connection {
+                sender,
+                reused: true,
+            });
+        }
+        // Dialling is rare and its future large: boxed, it does not bloat every request.
+        let sender = Box::pin(self.dial_http1()).await?;
+        Ok(Connection {
+            sender,
+            reused: false,
+        })
     }
 
     fn pooled_response(
@@ -370,7 +368,7 @@ impl Upstream {
             .writev(false)
             .handshake(io)
             .await
-            .map_err(|e| UpstreamError::Handshake("HTTP/1", e))?;
+            .map_err(UpstreamError::Handshake)?;
         let addr = self.addr;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -380,33 +378,24 @@ impl Upstream {
         Ok(sender)
     }
 
-    async fn dial_http2(&self) -> Result<http2::SendRequest<ProxyBody>, UpstreamError> {
+    async fn dial_http2(&self) -> Result<Arc<Http2Connection>, UpstreamError> {
         let _dialing = self.h2_dial.lock().await;
         // Someone else may have connected while we waited.
-        if let Some(sender) = self.live_http2() {
-            return Ok(sender);
+        if let Some(conn) = self.live_http2() {
+            return Ok(conn);
         }
-        let io = TokioIo::new(self.dial().await?);
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(io)
+        let stream = self.dial().await?;
+        let conn = Http2Connection::handshake(stream, self.addr)
             .await
-            .map_err(|e| UpstreamError::Handshake("HTTP/2", e))?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%addr, %error, "upstream HTTP/2 connection ended");
-            }
-        });
-        self.h2.store(Some(Arc::new(sender.clone())));
-        Ok(sender)
+            .map_err(UpstreamError::Http2Handshake)?;
+        let conn = Arc::new(conn);
+        self.h2.store(Some(conn.clone()));
+        Ok(conn)
     }
 
-    fn live_http2(&self) -> Option<http2::SendRequest<ProxyBody>> {
+    fn live_http2(&self) -> Option<Arc<Http2Connection>> {
         let guard = self.h2.load();
-        let sender = guard.as_ref()?;
-        (!sender.is_closed()).then(|| (**sender).clone())
+        let conn = guard.as_ref()?;
+        (!conn.is_closed()).then(|| conn.clone())
     }
 }

@@ -8,6 +8,7 @@ mod demo;
 mod discovery_updates;
 mod errors;
 mod http1;
+mod http2;
 mod kubernetes;
 mod locality;
 mod resilience;

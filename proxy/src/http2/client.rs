@@ -1,0 +1,118 @@
+//! One multiplexed HTTP/2 connection to a backend.
+//!
+//! A request is handed to h2 and its response awaited from the caller's own task;
+//! only the connection's I/O (and its keep-alive PINGs) runs in a task of its own.
+
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+
+use bytes::Bytes;
+use h2::client::{self, Connection, SendRequest};
+use http::{Request, Response};
+use http_body::Body;
+use tokio::net::TcpStream;
+
+use super::keep_alive::KeepAlive;
+use super::pipe;
+use crate::body::ProxyBody;
+
+/// hyper's client defaults: room for a few large responses in flight at once.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+const MAX_HEADER_LIST: u32 = 64 * 1024;
+
+pub struct Http2Connection {
+    sender: SendRequest<Bytes>,
+    /// Set when the connection ended (or failed a request before sending it), so
+    /// the next request dials a new one.
+    closed: Arc<AtomicBool>,
+}
+
+/// Why a request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum Http2Error {
+    /// The connection would not take the request: it was not sent.
+    #[error("HTTP/2 connection unusable: {0}")]
+    NotSent(h2::Error),
+    #[error("HTTP/2: {0}")]
+    Failed(h2::Error),
+}
+
+impl Http2Connection {
+    /// Speaks HTTP/2 on `stream` (prior knowledge), and drives it from a new task.
+    pub async fn handshake(stream: TcpStream, addr: SocketAddr) -> Result<Self, h2::Error> {
+        let (sender, mut conn) = client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .enable_push(false)
+            .handshake::<_, Bytes>(stream)
+            .await?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let keep_alive = conn.ping_pong().map(KeepAlive::new);
+        tokio::spawn(drive(conn, keep_alive, closed.clone(), addr));
+        Ok(Self { sender, closed })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Sends `req`; a request body streams from a task of its own, since it may go on
+    /// after the response began (gRPC bidirectional streams).
+    ///
+    /// On [`Http2Error::NotSent`] the request comes back, to be sent elsewhere.
+    pub async fn send(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, (Http2Error, Option<Request<ProxyBody>>)> {
+        let mut sender = self.sender.clone();
+        // Waits while the backend's limit on concurrent streams is reached.
+        if let Err(error) = poll_fn(|cx| sender.poll_ready(cx)).await {
+            self.closed.store(true, Ordering::Release);
+            return Err((Http2Error::NotSent(error), Some(req)));
+        }
+        let (head, body) = req.into_parts();
+        let end = body.is_end_stream();
+        let (response, send) = sender
+            .send_request(Request::from_parts(head, ()), end)
+            .map_err(|e| (Http2Error::Failed(e), None))?;
+        if !end {
+            tokio::spawn(pipe::send_body(body, send));
+        }
+        match response.await {
+            Ok(response) => Ok(response.map(ProxyBody::from)),
+            Err(error) => Err((Http2Error::Failed(error), None)),
+        }
+    }
+}
+
+async fn drive(
+    mut conn: Connection<TcpStream, Bytes>,
+    mut keep_alive: Option<KeepAlive>,
+    closed: Arc<AtomicBool>,
+    addr: SocketAddr,
+) {
+    poll_fn(|cx| {
+        if let Poll::Ready(result) = std::pin::Pin::new(&mut conn).poll(cx) {
+            if let Err(error) = result {
+                tracing::debug!(%addr, %error, "upstream HTTP/2 connection ended");
+            }
+            return Poll::Ready(());
+        }
+        if let Some(keep_alive) = &mut keep_alive
+            && keep_alive.poll_dead(cx, || true).is_ready()
+        {
+            tracing::debug!(%addr, "upstream HTTP/2 connection dead: no PING answer");
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    })
+    .await;
+    closed.store(true, Ordering::Release);
+}

@@ -1,0 +1,197 @@
+//! The proxy's HTTP/2 path, with a plain h2 client: what a client notices when it
+//! cancels a stream, goes quiet, or is connected while the proxy shuts down, and
+//! what happens when an HTTP/2 backend restarts.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::{Request, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+use crate::support::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// An h2c connection to `addr`, and the task driving it (it ends when the connection does).
+async fn connect(addr: SocketAddr) -> (SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    (send, tokio::spawn(conn))
+}
+
+/// Starts `GET path` on the connection; returns the response future and stream.
+fn start_get(
+    send: &mut SendRequest<Bytes>,
+    path: &str,
+) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), h2::Error> {
+    let req = Request::get(format!("http://web{path}")).body(()).unwrap();
+    send.send_request(req, true)
+}
+
+/// `GET path`, read to the end: status, the answering instance, and the body.
+async fn get(send: &SendRequest<Bytes>, path: &str) -> Result<(StatusCode, String), h2::Error> {
+    let mut send = send.clone().ready().await?;
+    let (response, _) = start_get(&mut send, path)?;
+    let response = response.await?;
+    let status = response.status();
+    let instance = response
+        .headers()
+        .get("x-tandem-instance")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    Ok((status, instance))
+}
+
+/// Waits until the proxy reports a request waiting for its backend (`some`), or none.
+async fn wait_in_flight(admin: SocketAddr, some: bool) {
+    let what = if some {
+        "a request in flight"
+    } else {
+        "no request in flight"
+    };
+    eventually(Duration::from_secs(5), what, || async {
+        let metrics = admin_get(admin, "/metrics").await;
+        let busy = metrics
+            .lines()
+            .filter(|l| l.starts_with("tandem_proxy_requests_in_flight"))
+            .any(|l| !l.ends_with(" 0"));
+        (busy == some).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_reset_stream_is_cancelled_alone_and_the_connection_serves_on() {
+    bounded(LIMIT, async {
+        let a = backend("instance-1").await;
+        let proxy = static_proxy(&[a.addr("http")], &["--backend-protocol", "http2"]).await;
+        let (send, _driver) = connect(proxy.addr("proxy")).await;
+
+        // A slow request, cancelled by the client before its answer.
+        let mut slow = send.clone().ready().await.unwrap();
+        let (response, mut stream) = start_get(&mut slow, "/delay/30000").unwrap();
+        wait_in_flight(proxy.addr("admin"), true).await;
+        stream.send_reset(h2::Reason::CANCEL);
+        let cancelled = tokio::time::timeout(Duration::from_secs(5), response)
+            .await
+            .expect("the cancelled stream ends at once");
+        assert!(cancelled.is_err(), "a reset stream has no response");
+
+        // The same connection answers the next requests.
+        for _ in 0..3 {
+            let (status, instance) = get(&send, "/").await.expect("served after a reset");
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(instance, "instance-1");
+        }
+        // And the cancelled request is not left in flight upstream.
+        wait_in_flight(proxy.addr("admin"), false).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_with_goaway() {
+    bounded(LIMIT, async {
+        let a = backend("instance-1").await;
+        let proxy = static_proxy(&[a.addr("http")], &["--idle-timeout", "1s"]).await;
+        let (send, driver) = connect(proxy.addr("proxy")).await;
+        let (status, _) = get(&send, "/").await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        // Quiet from here on: the proxy says GOAWAY and closes; the client's
+        // connection ends without an error.
+        let ended = tokio::time::timeout(Duration::from_secs(10), driver)
+            .await
+            .expect("the proxy closes an idle HTTP/2 connection");
+        ended.unwrap().expect("closed cleanly, with GOAWAY");
+        assert!(
+            get(&send, "/").await.is_err(),
+            "no new streams after GOAWAY"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn shutdown_lets_open_streams_finish() {
+    bounded(LIMIT, async {
+        let a = backend("instance-1").await;
+        let mut proxy = static_proxy(&[a.addr("http")], &["--backend-protocol", "http2"]).await;
+        let (send, driver) = connect(proxy.addr("proxy")).await;
+        let in_flight = {
+            let send = send.clone();
+            tokio::spawn(async move { get(&send, "/delay/500").await })
+        };
+        wait_in_flight(proxy.addr("admin"), true).await;
+
+        let mut admin = TcpStream::connect(proxy.addr("admin")).await.unwrap();
+        admin
+            .write_all(b"POST /shutdown HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        admin.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 2"), "{answer}");
+
+        let (status, instance) = in_flight
+            .await
+            .unwrap()
+            .expect("the open stream finishes during shutdown");
+        assert_eq!((status, instance.as_str()), (StatusCode::OK, "instance-1"));
+        tokio::time::timeout(Duration::from_secs(10), driver)
+            .await
+            .expect("the connection is closed after its last stream")
+            .unwrap()
+            .expect("closed cleanly, with GOAWAY");
+        eventually(Duration::from_secs(10), "the proxy to exit", || {
+            let running = proxy.is_running();
+            async move { (!running).then_some(()) }
+        })
+        .await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_restarted_http2_backend_is_dialled_again() {
+    bounded(LIMIT, async {
+        let mut a = backend("instance-1").await;
+        let addr = a.addr("http");
+        let proxy = static_proxy(&[addr], &["--backend-protocol", "http2"]).await;
+        let (send, _driver) = connect(proxy.addr("proxy")).await;
+        assert_eq!(get(&send, "/").await.unwrap().0, StatusCode::OK);
+
+        // The backend goes away with the proxy's connection to it, and comes back
+        // on the same address.
+        a.kill().await;
+        let (status, _) = get(&send, "/").await.unwrap();
+        assert_eq!(
+            status,
+            StatusCode::BAD_GATEWAY,
+            "nothing to answer meanwhile"
+        );
+        let listen = addr.to_string();
+        let _again = backend_with("instance-1", &["--listen", &listen]).await;
+        eventually(
+            Duration::from_secs(10),
+            "requests to reach the restarted backend",
+            || {
+                let send = send.clone();
+                async move {
+                    let (status, _) = get(&send, "/").await.ok()?;
+                    (status == StatusCode::OK).then_some(())
+                }
+            },
+        )
+        .await;
+    })
+    .await
+}
