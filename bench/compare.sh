@@ -4,6 +4,7 @@
 #   bench/compare.sh            # 10 s per run
 #   DURATION=30 bench/compare.sh
 #   MODES="h1 h2c" bench/compare.sh   # only these loads (h1, h2c, h2tls)
+#   ROUNDS=1 bench/compare.sh          # one round instead of three
 #
 # Two `tandem backend` instances and the load generators run on CPU 1; the proxy
 # under test runs alone on CPU 0 with one thread/worker, so every proxy gets the
@@ -15,7 +16,11 @@
 # Loads: wrk (HTTP/1.1 keep-alive, 64 connections), h2load (h2c, and h2 over TLS;
 # 64 connections, 10 streams each). Reported: requests/s, p50/p99 latency, proxy
 # CPU per request (from /proc/PID/stat), peak RSS (VmHWM) and idle RSS, and each
-# figure's ratio to HAProxy's. Results are printed and written to bench/results/.
+# figure's ratio to HAProxy's. The runs are interleaved in ROUNDS rounds (every load
+# through every proxy, then again), and each figure is the median over the rounds
+# (peak RSS: the highest): on a shared virtual machine one run of the same binary can
+# differ from the next by 20%, and interleaving spreads that over all three proxies.
+# Results are printed and written to bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/lib.sh
@@ -24,6 +29,7 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
 MODES=${MODES:-h1 h2c h2tls}
 WARMUP=${WARMUP:-2}
+ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
@@ -201,6 +207,7 @@ run_load() {
 
 RESULTS="$WORK/results.tsv"
 : > "$RESULTS"
+for round in $(seq "$ROUNDS"); do
 for mode in $MODES; do
   for p in tandem haproxy nginx; do
     case $mode in h1) port=${PLAIN[$p]}; pid=${PID_OF[$p]};; h2c) port=${H2C[$p]}; pid=${H2C_PID_OF[$p]};; h2tls) port=${TLS[$p]}; pid=${TLS_PID_OF[$p]};; esac
@@ -211,21 +218,38 @@ for mode in $MODES; do
     cpu_us=$(awk -v a="$after" -v b="$before" -v r="$reqs" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (a - b) / hz * 1e6 / (r > 0 ? r : 1) }')
     peak=$(rss_kib "$pid" VmHWM)
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$p" "$rps" "$p50" "$p99" "$cpu_us" "$peak" "$reqs" >> "$RESULTS"
-    echo "done: $mode $p ($rps req/s)" >&2
+    echo "done: round $round/$ROUNDS $mode $p ($rps req/s)" >&2
   done
+done
 done
 
 # --- report ------------------------------------------------------------------------------
+# One row per (load, proxy), in the order first measured: the median of each figure
+# over the rounds, the highest peak RSS.
+median_rows() {
+  for mode in $MODES; do
+    for p in tandem haproxy nginx; do
+      local row=("$mode" "$p")
+      for col in 3 4 5 6; do
+        row+=("$(awk -F'\t' -v m="$mode" -v p="$p" -v c="$col" '$1 == m && $2 == p { print $c }' "$RESULTS" | sort -g |
+          awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }')")
+      done
+      row+=("$(awk -F'\t' -v m="$mode" -v p="$p" '$1 == m && $2 == p && $7 > max { max = $7 } END { print max }' "$RESULTS")")
+      (IFS=$'\t'; echo "${row[*]}")
+    done
+  done
+}
 report() {
   echo "# tandem-proxy vs HAProxy and nginx"
   echo
   echo "$(date -u +%Y-%m-%d), $(nproc) CPUs ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)),"
-  echo "proxy pinned to CPU $PROXY_CPU with 1 thread; backends and load on CPU $LOAD_CPU; ${DURATION}s per run, $CONNECTIONS connections."
+  echo "proxy pinned to CPU $PROXY_CPU with 1 thread; backends and load on CPU $LOAD_CPU; ${DURATION}s per run, $CONNECTIONS connections;"
+  echo "medians of $ROUNDS interleaved rounds (peak RSS: the highest)."
   echo "$(haproxy -v | head -1 | cut -d' ' -f1-3), $(nginx -v 2>&1 | cut -d' ' -f3), $("$PROXY_BIN" --version)"
   echo
   echo "| load | proxy | req/s | ×HAProxy | p50 ms | p99 ms | CPU µs/req | ×HAProxy | peak RSS MiB | idle RSS MiB |"
   echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-  awk -F'\t' -v idle_t="${IDLE[tandem]}" -v idle_h="${IDLE[haproxy]}" -v idle_n="${IDLE[nginx]}" '
+  median_rows | awk -F'\t' -v idle_t="${IDLE[tandem]}" -v idle_h="${IDLE[haproxy]}" -v idle_n="${IDLE[nginx]}" '
     { key = $1; rps[key, $2] = $3; cpu[key, $2] = $6; line[NR] = $0 }
     END {
       idle["tandem"] = idle_t; idle["haproxy"] = idle_h; idle["nginx"] = idle_n
@@ -237,7 +261,20 @@ report() {
           names[f[1]], f[2], f[3], (hr > 0 ? f[3] / hr : 0), f[4], f[5], f[6], (hc > 0 ? f[6] / hc : 0),
           f[7] / 1024, idle[f[2]] / 1024
       }
-    }' "$RESULTS"
+    }'
+  if [ "$ROUNDS" -gt 1 ]; then
+    echo
+    echo "Requests/s of each round (tandem / haproxy / nginx):"
+    echo
+    for mode in $MODES; do
+      printf -- '- %s:' "$mode"
+      for p in tandem haproxy nginx; do
+        printf ' %s' "$(awk -F'\t' -v m="$mode" -v p="$p" '$1 == m && $2 == p { printf "%s%.0f", sep, $3; sep = "," }' "$RESULTS")"
+        [ "$p" = nginx ] || printf ' /'
+      done
+      echo
+    done
+  fi
 }
 mkdir -p bench/results
 OUT="bench/results/$(date -u +%Y%m%d-%H%M%S).md"

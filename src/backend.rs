@@ -41,6 +41,10 @@ pub struct BackendArgs {
     /// Do not log each request (for load tests).
     #[arg(long)]
     pub quiet: bool,
+    /// HTTP/2 streams a client may have open at once on one connection
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS; hyper's default is 200).
+    #[arg(long, default_value_t = 200)]
+    pub max_concurrent_streams: u32,
 }
 
 struct Greeter {
@@ -185,7 +189,11 @@ pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
         }),
         args,
     });
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .max_concurrent_streams(backend.args.max_concurrent_streams);
+    let builder = Arc::new(builder);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,

@@ -94,6 +94,8 @@ impl Inspector {
                                 e["responses"] = b.state.stats.responses.total().into();
                                 e["failures"] = b.state.stats.failures.load(Relaxed).into();
                                 e["idle_connections"] = b.state.upstream.idle_connections().into();
+                                e["http2_connections"] =
+                                    b.state.upstream.http2_connections().into();
                                 e
                             })
                             .collect();

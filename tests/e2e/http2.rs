@@ -195,3 +195,30 @@ async fn a_restarted_http2_backend_is_dialled_again() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_burst_beyond_a_backends_stream_limit_waits_instead_of_failing() {
+    bounded(LIMIT, async {
+        let a = backend_with("instance-1", &["--max-concurrent-streams", "2"]).await;
+        let proxy = static_proxy(&[a.addr("http")], &["--backend-protocol", "http2"]).await;
+        let (send, _driver) = connect(proxy.addr("proxy")).await;
+        // Six requests at once, before the proxy has any connection to the backend,
+        // which allows two streams at a time: the proxy learns the limit before it
+        // sends (a request past it would be refused), and the rest wait their turn.
+        let burst: Vec<_> = (0..6)
+            .map(|_| {
+                let send = send.clone();
+                tokio::spawn(async move { get(&send, "/delay/200").await })
+            })
+            .collect();
+        for request in burst {
+            let (status, instance) = request.await.unwrap().expect("answered");
+            assert_eq!((status, instance.as_str()), (StatusCode::OK, "instance-1"));
+        }
+        let config: serde_json::Value =
+            serde_json::from_str(&admin_get(proxy.addr("admin"), "/config").await).unwrap();
+        let endpoint = &config["destinations"][0]["endpoints"][0];
+        assert_eq!(endpoint["http2_connections"], 1, "{endpoint}");
+    })
+    .await
+}

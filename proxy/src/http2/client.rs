@@ -14,8 +14,9 @@ use h2::client::{self, Connection, SendRequest};
 use http::{Request, Response};
 use http_body::Body;
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
-use super::keep_alive::KeepAlive;
+use super::keep_alive::{self, KeepAlive};
 use super::pipe;
 use crate::body::ProxyBody;
 
@@ -54,8 +55,14 @@ impl Http2Connection {
             .handshake::<_, Bytes>(stream)
             .await?;
         let closed = Arc::new(AtomicBool::new(false));
-        let keep_alive = conn.ping_pong().map(KeepAlive::new);
-        tokio::spawn(drive(conn, keep_alive, closed.clone(), addr));
+        let keep_alive = conn.ping_pong().map(KeepAlive::pinging_now);
+        let (settled, settling) = oneshot::channel();
+        tokio::spawn(drive(conn, keep_alive, settled, closed.clone(), addr));
+        // Until the backend's SETTINGS are read its stream limit is unknown (h2
+        // assumes none), and a burst of requests beyond it would be refused
+        // (REFUSED_STREAM) rather than wait in h2 for a stream: use the connection
+        // once they are in.
+        let _ = tokio::time::timeout(keep_alive::TIMEOUT, settling).await;
         Ok(Self { sender, closed })
     }
 
@@ -95,9 +102,11 @@ impl Http2Connection {
 async fn drive(
     mut conn: Connection<TcpStream, Bytes>,
     mut keep_alive: Option<KeepAlive>,
+    settled: oneshot::Sender<()>,
     closed: Arc<AtomicBool>,
     addr: SocketAddr,
 ) {
+    let mut settled = Some(settled);
     poll_fn(|cx| {
         if let Poll::Ready(result) = std::pin::Pin::new(&mut conn).poll(cx) {
             if let Err(error) = result {
@@ -110,6 +119,11 @@ async fn drive(
         {
             tracing::debug!(%addr, "upstream HTTP/2 connection dead: no PING answer");
             return Poll::Ready(());
+        }
+        if keep_alive.as_ref().is_none_or(KeepAlive::answered)
+            && let Some(settled) = settled.take()
+        {
+            let _ = settled.send(());
         }
         Poll::Pending
     })

@@ -18,6 +18,8 @@ pub struct KeepAlive {
     /// Until the next PING, or, while one is unanswered, until it is given up.
     timer: Pin<Box<Sleep>>,
     awaiting_pong: bool,
+    /// Whether the peer answered a PING yet.
+    answered: bool,
 }
 
 impl KeepAlive {
@@ -26,7 +28,24 @@ impl KeepAlive {
             ping_pong,
             timer: Box::pin(tokio::time::sleep(INTERVAL)),
             awaiting_pong: false,
+            answered: false,
         }
+    }
+
+    /// As [`new`](Self::new), with a first PING sent at once: the peer sends its
+    /// SETTINGS before anything else (RFC 9113 §3.4) and frames are read in order,
+    /// so once it is answered ([`answered`](Self::answered)) the peer's limits are known.
+    pub fn pinging_now(ping_pong: PingPong) -> Self {
+        let mut this = Self::new(ping_pong);
+        if this.ping_pong.send_ping(Ping::opaque()).is_ok() {
+            this.awaiting_pong = true;
+            this.rearm(TIMEOUT);
+        }
+        this
+    }
+
+    pub fn answered(&self) -> bool {
+        self.answered
     }
 
     /// Ready when the peer did not answer a PING in time: the connection is dead.
@@ -39,6 +58,7 @@ impl KeepAlive {
                 match self.ping_pong.poll_pong(cx) {
                     Poll::Ready(Ok(_)) => {
                         self.awaiting_pong = false;
+                        self.answered = true;
                         self.rearm(INTERVAL);
                         continue;
                     }
