@@ -443,7 +443,7 @@ impl Forwarder {
             let replay = (self.resilience.max_attempts > 1
                 && set.balancer.pickable() > 1
                 && http_body::Body::is_end_stream(req.body())
-                && is_idempotent(req.method()))
+                && is_idempotent(req.method().as_str()))
             .then(|| Replay::of(&req));
             let timeout = self.request_timeout(&set);
             let mut attempts = Attempts::default();
@@ -651,11 +651,11 @@ pub(crate) fn nothing_to_pick(destination: &Destination, e: PickError) -> ProxyE
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
 /// Envoy's idempotent methods: sending them twice has the effect of sending them once.
-pub(crate) fn is_idempotent(method: &http::Method) -> bool {
-    use http::Method;
+/// By name, so both request paths (a parsed `http::Method`, raw HTTP/1 bytes) ask it.
+pub(crate) fn is_idempotent(method: &str) -> bool {
     matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
     )
 }
 

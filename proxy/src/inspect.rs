@@ -262,6 +262,11 @@ impl Collector for Inspector {
                 "Requests refused at once because the destination had too many in flight",
                 |d: &Destination| d.stats.errors[ProxyErrorKind::Overflow as usize].load(Relaxed),
             ),
+            (
+                "tandem_proxy_discovery_updates",
+                "Discovery updates applied per destination",
+                |d: &Destination| d.stats.discovery_updates.load(Relaxed),
+            ),
         ] {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for (d, _) in &sets {
@@ -280,18 +285,6 @@ impl Collector for Inspector {
             let labels = [("destination", d.name())];
             ConstGauge::new(d.stats.active.load(Relaxed) as i64)
                 .encode(in_flight.encode_family(&labels)?)?;
-        }
-
-        let mut updates = encoder.encode_descriptor(
-            "tandem_proxy_discovery_updates",
-            "Discovery updates applied per destination",
-            None,
-            MetricType::Counter,
-        )?;
-        for (d, _) in &sets {
-            let labels = [("destination", d.name())];
-            ConstCounter::new(d.stats.discovery_updates.load(Relaxed))
-                .encode(updates.encode_family(&labels)?)?;
         }
         Ok(())
     }

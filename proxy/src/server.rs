@@ -51,23 +51,17 @@ pub struct Server {
     pub idle_timeout: Duration,
 }
 
-/// hyper's connection settings, built once, for the HTTP/1 requests the proxy's own
-/// HTTP/1 path hands over.
+/// hyper's HTTP/1 settings, built once per listener, for the requests the proxy's
+/// own HTTP/1 path hands over.
 ///
 /// HTTP/1 has no header-read timer: hyper would re-arm a runtime timer on every
 /// request of a keep-alive connection; the idle sweep ([`Connections::sweep`]) covers
 /// quiet and stalled clients without any per-request cost. Small messages are
 /// written with one `write` rather than a `writev` of head and body (`writev(false)`).
-struct Builders {
-    http1: http1::Builder,
-}
-
-impl Builders {
-    fn new() -> Self {
-        let mut http1 = http1::Builder::new();
-        http1.writev(false).keep_alive(true);
-        Self { http1 }
-    }
+fn hyper_http1() -> http1::Builder {
+    let mut http1 = http1::Builder::new();
+    http1.writev(false).keep_alive(true);
+    http1
 }
 
 /// The protocol a plain connection speaks, from its first bytes.
@@ -82,7 +76,7 @@ impl Server {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let connections = Arc::new(Connections::default());
         let sweeper = tokio::spawn(connections.clone().sweep(self.idle_timeout));
-        let builders = Arc::new(Builders::new());
+        let hyper = Arc::new(hyper_http1());
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -98,12 +92,12 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             let this = self.clone();
-            let builders = builders.clone();
+            let hyper = hyper.clone();
             let guard = connections.open();
             tokio::spawn(async move {
                 this.metrics.connections.inc();
                 this.metrics.open_connections.inc();
-                this.connection(stream, guard.control(), &builders).await;
+                this.connection(stream, guard.control(), &hyper).await;
                 this.metrics.open_connections.dec();
                 drop(guard);
                 tracing::trace!(%peer, "connection closed");
@@ -121,12 +115,17 @@ impl Server {
         sweeper.abort();
     }
 
-    async fn connection(&self, stream: TcpStream, control: &Arc<ConnControl>, builders: &Builders) {
+    async fn connection(
+        &self,
+        stream: TcpStream,
+        control: &Arc<ConnControl>,
+        hyper: &http1::Builder,
+    ) {
         let Some(acceptor) = &self.tls else {
             let mut io = Tracked::new(stream, control.clone());
             let mut buf = BytesMut::with_capacity(CLIENT_BUFFER);
             match detect(&mut io, &mut buf, control).await {
-                Detected::Http1 => self.http1(io, buf, control, builders).await,
+                Detected::Http1 => self.http1(io, buf, control, hyper).await,
                 Detected::Http2 => {
                     let io = Rewind::new(io, buf.freeze());
                     crate::http2::serve(&self.forwarder, control, io).await;
@@ -171,7 +170,7 @@ impl Server {
             crate::http2::serve(&self.forwarder, control, tls).await;
         } else {
             let buf = BytesMut::with_capacity(CLIENT_BUFFER);
-            self.http1(tls, buf, control, builders).await;
+            self.http1(tls, buf, control, hyper).await;
         }
     }
 
@@ -181,7 +180,7 @@ impl Server {
         io: IO,
         buf: BytesMut,
         control: &Arc<ConnControl>,
-        builders: &Builders,
+        hyper: &http1::Builder,
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -197,7 +196,7 @@ impl Server {
             }
         };
         let io = TokioIo::new(Rewind::new(io, buffered));
-        let conn = builders.http1.serve_connection(io, self.service());
+        let conn = hyper.serve_connection(io, self.service());
         if let Err(error) = Managed::new(conn, control.clone()).await {
             tracing::debug!(%error, "connection error");
         }

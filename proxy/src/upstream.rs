@@ -8,8 +8,9 @@
 //! streams wait in h2 for one to end (as in Linkerd). Opening more connections
 //! instead (as Envoy does) cost more CPU per request in every round of an
 //! interleaved A/B on the benchmark (2026-12-03): each connection then batches
-//! fewer frames per read and write. Raw HTTP/1 ([`RawConn`]): sockets the proxy's own HTTP/1 path
-//! ([`crate::http1`]) speaks over, pooled the same way with their read buffers.
+//! fewer frames per read and write.
+//! Raw HTTP/1 ([`RawConn`]): sockets the proxy's own HTTP/1 path ([`crate::http1`])
+//! speaks over, pooled the same way with their read buffers.
 //! None of the paths takes a lock per request.
 
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use arc_swap::ArcSwapOption;
 use bytes::BytesMut;
 use crossbeam_queue::ArrayQueue;
 use futures_util::FutureExt;
+use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -87,10 +89,44 @@ fn failed(error: UpstreamError, unsent: Option<Request<ProxyBody>>) -> Box<SendE
     Box::new(SendError { error, unsent })
 }
 
-struct Idle {
-    sender: http1::SendRequest<ProxyBody>,
-    /// Coarse seconds ([`clock::now`]): no clock read per request.
+/// An idle pooled connection, with when it went idle: coarse seconds
+/// ([`clock::now`]), so no clock is read per request.
+struct Idle<C> {
+    conn: C,
     since: u32,
+}
+
+/// Idle connections of one kind, in a lock-free queue.
+struct IdlePool<C>(ArrayQueue<Idle<C>>);
+
+impl<C> IdlePool<C> {
+    fn new(capacity: usize) -> Self {
+        Self(ArrayQueue::new(capacity.max(1)))
+    }
+
+    /// Pools `conn`; a full pool drops (closes) it instead.
+    fn put(&self, conn: C) {
+        let _ = self.0.push(Idle {
+            conn,
+            since: clock::now(),
+        });
+    }
+
+    /// The next connection idle for at most `max_idle` (older ones are closed: the
+    /// server may be closing them right now).
+    fn take(&self, max_idle: Duration) -> Option<C> {
+        while let Some(idle) = self.0.pop() {
+            let idle_for = Duration::from_secs(clock::now().saturating_sub(idle.since) as u64);
+            if idle_for <= max_idle {
+                return Some(idle.conn);
+            }
+        }
+        None
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// Room a raw connection's read buffer starts with: a typical response head and body.
@@ -105,18 +141,13 @@ pub struct RawConn {
     pub reused: bool,
 }
 
-struct IdleRaw {
-    stream: TcpStream,
-    buf: BytesMut,
-    since: u32,
-}
-
 /// The connections to one endpoint.
 pub struct Upstream {
     addr: SocketAddr,
     settings: Arc<UpstreamSettings>,
-    idle: ArrayQueue<Idle>,
-    idle_raw: ArrayQueue<IdleRaw>,
+    idle: IdlePool<http1::SendRequest<ProxyBody>>,
+    /// A raw connection is pooled with its read buffer.
+    idle_raw: IdlePool<(TcpStream, BytesMut)>,
     h2: ArcSwapOption<Http2Connection>,
     /// Serialises HTTP/2 dials so a burst of requests opens one connection, not many.
     h2_dial: tokio::sync::Mutex<()>,
@@ -131,15 +162,9 @@ pub struct Lease {
 impl Lease {
     /// Returns the connection to its pool (the response was read to the end).
     pub fn release(self) {
-        if self.sender.is_closed() {
-            return;
+        if !self.sender.is_closed() {
+            self.upstream.idle.put(self.sender);
         }
-        let idle = Idle {
-            sender: self.sender,
-            since: clock::now(),
-        };
-        // A full pool drops (closes) the surplus connection.
-        let _ = self.upstream.idle.push(idle);
     }
 }
 
@@ -175,8 +200,8 @@ impl Upstream {
     pub fn new(addr: SocketAddr, settings: Arc<UpstreamSettings>) -> Arc<Self> {
         Arc::new(Self {
             addr,
-            idle: ArrayQueue::new(settings.max_idle_per_endpoint.max(1)),
-            idle_raw: ArrayQueue::new(settings.max_idle_per_endpoint.max(1)),
+            idle: IdlePool::new(settings.max_idle_per_endpoint),
+            idle_raw: IdlePool::new(settings.max_idle_per_endpoint),
             settings,
             h2: ArcSwapOption::empty(),
             h2_dial: tokio::sync::Mutex::new(()),
@@ -194,23 +219,18 @@ impl Upstream {
 
     /// An idle raw connection that still looks open, if there is one.
     pub fn checkout_raw(&self) -> Option<RawConn> {
-        while let Some(idle) = self.idle_raw.pop() {
-            let idle_for = Duration::from_secs(clock::now().saturating_sub(idle.since) as u64);
-            if idle_for > self.settings.idle_timeout {
-                continue;
-            }
+        while let Some((stream, buf)) = self.idle_raw.take(self.settings.idle_timeout) {
             // Costs no syscall while the socket has not become readable: an idle
             // connection only does when the server closed it (or misbehaved).
             let mut probe = [0u8; 1];
-            match idle.stream.try_read(&mut probe) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    return Some(RawConn {
-                        stream: idle.stream,
-                        buf: idle.buf,
-                        reused: true,
-                    });
-                }
-                _ => continue,
+            if let Err(e) = stream.try_read(&mut probe)
+                && e.kind() == std::io::ErrorKind::WouldBlock
+            {
+                return Some(RawConn {
+                    stream,
+                    buf,
+                    reused: true,
+                });
             }
         }
         None
@@ -229,13 +249,7 @@ impl Upstream {
     pub fn release_raw(&self, conn: RawConn) {
         let mut buf = conn.buf;
         buf.clear();
-        let idle = IdleRaw {
-            stream: conn.stream,
-            buf,
-            since: clock::now(),
-        };
-        // A full pool drops (closes) the surplus connection.
-        let _ = self.idle_raw.push(idle);
+        self.idle_raw.put((conn.stream, buf));
     }
 
     /// Sends `req` over HTTP/1 or HTTP/2. On an error before the request was written,
@@ -243,56 +257,68 @@ impl Upstream {
     ///
     /// Getting a connection and sending on it are two sequential steps, so the
     /// request's future holds one or the other, never both (it is moved per request).
-    /// Not `async fn`, which would keep the request twice (rust-lang/rust#62958).
-    #[allow(clippy::manual_async_fn)]
+    /// None of these is an `async fn`, which would keep the request twice
+    /// (rust-lang/rust#62958): an `async move` block captures it once.
     pub fn send(
         self: &Arc<Self>,
         version: HttpVersion,
         req: Request<ProxyBody>,
     ) -> impl Future<Output = SendResult> + use<'_> {
+        match version {
+            HttpVersion::Http1 => Either::Left(self.send_http1(req)),
+            HttpVersion::Http2 => Either::Right(self.send_http2(req)),
+        }
+    }
+
+    #[allow(clippy::manual_async_fn)]
+    fn send_http1(
+        self: &Arc<Self>,
+        mut req: Request<ProxyBody>,
+    ) -> impl Future<Output = SendResult> + use<'_> {
         async move {
-            match version {
-                HttpVersion::Http1 => self.send_http1(req).await,
-                HttpVersion::Http2 => self.send_http2(req).await,
-            }
-        }
-    }
-
-    async fn send_http1(self: &Arc<Self>, mut req: Request<ProxyBody>) -> SendResult {
-        loop {
-            let conn = match self.connection_http1().await {
-                Ok(conn) => conn,
-                Err(e) => return Err(failed(e, Some(req))),
-            };
-            let reused = conn.reused;
-            match conn.send(self, req).await {
-                Ok(response) => return Ok(response),
-                // A pooled connection the server closed a moment ago fails before the
-                // request is written: try the next one (or a new one).
-                Err(failure) if reused && failure.unsent.is_some() => {
-                    req = failure.unsent.expect("checked above");
-                }
-                Err(failure) => return Err(failure),
-            }
-        }
-    }
-
-    async fn send_http2(&self, mut req: Request<ProxyBody>) -> SendResult {
-        loop {
-            let (conn, reused) = match self.live_http2() {
-                Some(conn) => (conn, true),
-                // Dialling is rare and its future large: boxed, it does not bloat every request.
-                None => match Box::pin(self.dial_http2()).await {
-                    Ok(conn) => (conn, false),
+            loop {
+                let conn = match self.connection_http1().await {
+                    Ok(conn) => conn,
                     Err(e) => return Err(failed(e, Some(req))),
-                },
-            };
-            match conn.send(req).await {
-                Ok(response) => return Ok(response),
-                // The connection ended since the last request (GOAWAY, a closed
-                // socket) and took nothing: dial a new one.
-                Err((_, Some(unsent))) if reused => req = unsent,
-                Err((error, unsent)) => return Err(failed(UpstreamError::Http2(error), unsent)),
+                };
+                let reused = conn.reused;
+                match conn.send(self, req).await {
+                    Ok(response) => return Ok(response),
+                    // A pooled connection the server closed a moment ago fails before the
+                    // request is written: try the next one (or a new one).
+                    Err(failure) if reused && failure.unsent.is_some() => {
+                        req = failure.unsent.expect("checked above");
+                    }
+                    Err(failure) => return Err(failure),
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::manual_async_fn)]
+    fn send_http2(
+        &self,
+        mut req: Request<ProxyBody>,
+    ) -> impl Future<Output = SendResult> + use<'_> {
+        async move {
+            loop {
+                let (conn, reused) = match self.live_http2() {
+                    Some(conn) => (conn, true),
+                    // Dialling is rare and its future large: boxed, it does not bloat every request.
+                    None => match Box::pin(self.dial_http2()).await {
+                        Ok(conn) => (conn, false),
+                        Err(e) => return Err(failed(e, Some(req))),
+                    },
+                };
+                match conn.send(req).await {
+                    Ok(response) => return Ok(response),
+                    // The connection ended since the last request (GOAWAY, a closed
+                    // socket) and took nothing: dial a new one.
+                    Err((_, Some(unsent))) if reused => req = unsent,
+                    Err((error, unsent)) => {
+                        return Err(failed(UpstreamError::Http2(error), unsent));
+                    }
+                }
             }
         }
     }
@@ -337,12 +363,10 @@ impl Upstream {
     }
 
     async fn checkout_idle(&self) -> Option<http1::SendRequest<ProxyBody>> {
-        while let Some(idle) = self.idle.pop() {
-            let idle_for = Duration::from_secs(clock::now().saturating_sub(idle.since) as u64);
-            if idle.sender.is_closed() || idle_for > self.settings.idle_timeout {
+        while let Some(mut sender) = self.idle.take(self.settings.idle_timeout) {
+            if sender.is_closed() {
                 continue;
             }
-            let mut sender = idle.sender;
             if sender.is_ready() {
                 return Some(sender);
             }

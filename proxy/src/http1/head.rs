@@ -27,7 +27,7 @@ pub struct RequestHead {
     pub len: usize,
     /// `HEAD`: the response has no body whatever its headers say.
     pub is_head: bool,
-    /// Sending it twice has the effect of sending it once (Envoy's list).
+    /// Sending it twice has the effect of sending it once ([`crate::forward::is_idempotent`]).
     pub idempotent: bool,
     /// Where the `Host` value is in the buffer.
     pub host: Option<(usize, usize)>,
@@ -165,10 +165,7 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>,
     let mut head = RequestHead {
         len,
         is_head: method == "HEAD",
-        idempotent: matches!(
-            method,
-            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-        ),
+        idempotent: crate::forward::is_idempotent(method),
         host: None,
         content_length: 0,
         close: false,

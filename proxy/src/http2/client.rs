@@ -74,27 +74,32 @@ impl Http2Connection {
     /// after the response began (gRPC bidirectional streams).
     ///
     /// On [`Http2Error::NotSent`] the request comes back, to be sent elsewhere.
-    pub async fn send(
+    /// Not an `async fn`, which would keep the request twice (rust-lang/rust#62958).
+    #[allow(clippy::manual_async_fn)]
+    pub fn send(
         &self,
         req: Request<ProxyBody>,
-    ) -> Result<Response<ProxyBody>, (Http2Error, Option<Request<ProxyBody>>)> {
-        let mut sender = self.sender.clone();
-        // Waits while the backend's limit on concurrent streams is reached.
-        if let Err(error) = poll_fn(|cx| sender.poll_ready(cx)).await {
-            self.closed.store(true, Ordering::Release);
-            return Err((Http2Error::NotSent(error), Some(req)));
-        }
-        let (head, body) = req.into_parts();
-        let end = body.is_end_stream();
-        let (response, send) = sender
-            .send_request(Request::from_parts(head, ()), end)
-            .map_err(|e| (Http2Error::Failed(e), None))?;
-        if !end {
-            tokio::spawn(pipe::send_body(body, send));
-        }
-        match response.await {
-            Ok(response) => Ok(response.map(ProxyBody::from)),
-            Err(error) => Err((Http2Error::Failed(error), None)),
+    ) -> impl Future<Output = Result<Response<ProxyBody>, (Http2Error, Option<Request<ProxyBody>>)>>
+    + use<'_> {
+        async move {
+            let mut sender = self.sender.clone();
+            // Waits while the backend's limit on concurrent streams is reached.
+            if let Err(error) = poll_fn(|cx| sender.poll_ready(cx)).await {
+                self.closed.store(true, Ordering::Release);
+                return Err((Http2Error::NotSent(error), Some(req)));
+            }
+            let (head, body) = req.into_parts();
+            let end = body.is_end_stream();
+            let (response, send) = sender
+                .send_request(Request::from_parts(head, ()), end)
+                .map_err(|e| (Http2Error::Failed(e), None))?;
+            if !end {
+                tokio::spawn(pipe::send_body(body, send));
+            }
+            match response.await {
+                Ok(response) => Ok(response.map(ProxyBody::from)),
+                Err(error) => Err((Http2Error::Failed(error), None)),
+            }
         }
     }
 }

@@ -96,40 +96,49 @@ where
 
 /// One request: forwarded, and its response sent back, unless the client resets
 /// the stream first (which drops, and so cancels, the request upstream).
-async fn stream(
+///
+/// Not an `async fn`, which would keep the request twice (rust-lang/rust#62958); the
+/// request's future lives in a block of its own, so its room is reused while the
+/// body streams.
+#[allow(clippy::manual_async_fn)]
+fn stream(
     forwarder: Arc<Forwarder>,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-) {
-    let mut handling = pin!(forwarder.handle(req));
-    let response = poll_fn(|cx| match handling.as_mut().poll(cx) {
-        Poll::Ready(response) => Poll::Ready(Some(response)),
-        Poll::Pending => match respond.poll_reset(cx) {
-            Poll::Ready(_) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        },
-    })
-    .await;
-    let Some(response) = response else {
-        tracing::trace!("the client reset the stream before its response");
-        return;
-    };
-    let (mut head, body) = response.into_parts();
-    let end = body.is_end_stream();
-    if !end
-        && let Some(len) = body.size_hint().exact()
-        && !head.headers.contains_key(header::CONTENT_LENGTH)
-    {
-        // The proxy's own answers: tell the client their length, as HTTP/1 does.
-        head.headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    }
-    match respond.send_response(Response::from_parts(head, ()), end) {
-        Ok(send) if !end => pipe::send_body(body, send).await,
-        Ok(_) => {}
-        Err(error) => {
-            tracing::debug!(%error, "HTTP/2 response not sent");
-            respond.send_reset(Reason::INTERNAL_ERROR);
+) -> impl Future<Output = ()> {
+    async move {
+        let response = {
+            let mut handling = pin!(forwarder.handle(req));
+            poll_fn(|cx| match handling.as_mut().poll(cx) {
+                Poll::Ready(response) => Poll::Ready(Some(response)),
+                Poll::Pending => match respond.poll_reset(cx) {
+                    Poll::Ready(_) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                },
+            })
+            .await
+        };
+        let Some(response) = response else {
+            tracing::trace!("the client reset the stream before its response");
+            return;
+        };
+        let (mut head, body) = response.into_parts();
+        let end = body.is_end_stream();
+        if !end
+            && let Some(len) = body.size_hint().exact()
+            && !head.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            // The proxy's own answers: tell the client their length, as HTTP/1 does.
+            head.headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        match respond.send_response(Response::from_parts(head, ()), end) {
+            Ok(send) if !end => pipe::send_body(body, send).await,
+            Ok(_) => {}
+            Err(error) => {
+                tracing::debug!(%error, "HTTP/2 response not sent");
+                respond.send_reset(Reason::INTERNAL_ERROR);
+            }
         }
     }
 }
