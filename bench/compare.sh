@@ -15,8 +15,9 @@
 # HTTP/1.1 upstream.
 # Loads: wrk (HTTP/1.1 keep-alive, 64 connections), h2load (h2c, and h2 over TLS;
 # 64 connections, 10 streams each). Reported: requests/s, p50/p99 latency, proxy
-# CPU per request (from /proc/PID/stat), peak RSS (VmHWM) and idle RSS, and each
-# figure's ratio to HAProxy's. The runs are interleaved in ROUNDS rounds (every load
+# CPU per request (from /proc/PID/stat), how busy each core was during the run
+# (/proc/stat: when the load core is near 100%, the load, not the proxy, sets the
+# requests/s), peak RSS (VmHWM) and idle RSS, and each figure's ratio to HAProxy's. The runs are interleaved in ROUNDS rounds (every load
 # through every proxy, then again), and each figure is the median over the rounds
 # (peak RSS: the highest): on a shared virtual machine one run of the same binary can
 # differ from the next by 20%, and interleaving spreads that over all three proxies.
@@ -212,12 +213,14 @@ for mode in $MODES; do
   for p in tandem haproxy nginx; do
     case $mode in h1) port=${PLAIN[$p]}; pid=${PID_OF[$p]};; h2c) port=${H2C[$p]}; pid=${H2C_PID_OF[$p]};; h2tls) port=${TLS[$p]}; pid=${TLS_PID_OF[$p]};; esac
     warm_up "$mode" "$port"
-    before=$(cpu_ticks "$pid")
+    before=$(cpu_ticks "$pid"); proxy_core_before=$(core_ticks "$PROXY_CPU"); load_core_before=$(core_ticks "$LOAD_CPU")
     read -r reqs rps p50 p99 < <(run_load "$mode" "$port")
-    after=$(cpu_ticks "$pid")
+    after=$(cpu_ticks "$pid"); proxy_core_after=$(core_ticks "$PROXY_CPU"); load_core_after=$(core_ticks "$LOAD_CPU")
     cpu_us=$(awk -v a="$after" -v b="$before" -v r="$reqs" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (a - b) / hz * 1e6 / (r > 0 ? r : 1) }')
     peak=$(rss_kib "$pid" VmHWM)
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$p" "$rps" "$p50" "$p99" "$cpu_us" "$peak" "$reqs" >> "$RESULTS"
+    proxy_busy=$(busy_pct "$proxy_core_before" "$proxy_core_after")
+    load_busy=$(busy_pct "$load_core_before" "$load_core_after")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$p" "$rps" "$p50" "$p99" "$cpu_us" "$peak" "$reqs" "$proxy_busy" "$load_busy" >> "$RESULTS"
     echo "done: round $round/$ROUNDS $mode $p ($rps req/s)" >&2
   done
 done
@@ -230,7 +233,7 @@ median_rows() {
   for mode in $MODES; do
     for p in tandem haproxy nginx; do
       local row=("$mode" "$p")
-      for col in 3 4 5 6; do
+      for col in 3 4 5 6 9 10; do
         row+=("$(awk -F'\t' -v m="$mode" -v p="$p" -v c="$col" '$1 == m && $2 == p { print $c }' "$RESULTS" | sort -g |
           awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }')")
       done
@@ -247,8 +250,8 @@ report() {
   echo "medians of $ROUNDS interleaved rounds (peak RSS: the highest)."
   echo "$(haproxy -v | head -1 | cut -d' ' -f1-3), $(nginx -v 2>&1 | cut -d' ' -f3), $("$PROXY_BIN" --version)"
   echo
-  echo "| load | proxy | req/s | ×HAProxy | p50 ms | p99 ms | CPU µs/req | ×HAProxy | peak RSS MiB | idle RSS MiB |"
-  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "| load | proxy | req/s | ×HAProxy | p50 ms | p99 ms | CPU µs/req | ×HAProxy | proxy core busy | load core busy | peak RSS MiB | idle RSS MiB |"
+  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   median_rows | awk -F'\t' -v idle_t="${IDLE[tandem]}" -v idle_h="${IDLE[haproxy]}" -v idle_n="${IDLE[nginx]}" '
     { key = $1; rps[key, $2] = $3; cpu[key, $2] = $6; line[NR] = $0 }
     END {
@@ -257,9 +260,9 @@ report() {
       for (i = 1; i <= NR; i++) {
         split(line[i], f, "\t")
         hr = rps[f[1], "haproxy"]; hc = cpu[f[1], "haproxy"]
-        printf "| %s | %s | %.0f | %.2f | %.3f | %.3f | %.2f | %.2f | %.1f | %.1f |\n",
+        printf "| %s | %s | %.0f | %.2f | %.3f | %.3f | %.2f | %.2f | %d%% | %d%% | %.1f | %.1f |\n",
           names[f[1]], f[2], f[3], (hr > 0 ? f[3] / hr : 0), f[4], f[5], f[6], (hc > 0 ? f[6] / hc : 0),
-          f[7] / 1024, idle[f[2]] / 1024
+          f[7], f[8], f[9] / 1024, idle[f[2]] / 1024
       }
     }'
   if [ "$ROUNDS" -gt 1 ]; then

@@ -13,6 +13,13 @@ wait_port() {
 # CPU ticks (user + system) of a process, from /proc/PID/stat (fields 14 and 15).
 cpu_ticks() { awk '{ s = $0; sub(/.*\) /, "", s); split(s, f, " "); print f[12] + f[13] }' "/proc/$1/stat"; }
 
+# Ticks of one CPU from /proc/stat: "busy total" (busy: user, nice, system, irq,
+# softirq, steal; total adds idle and iowait).
+core_ticks() { awk -v c="cpu$1" '$1 == c { b = $2 + $3 + $4 + $7 + $8 + $9; print b, b + $5 + $6 }' /proc/stat; }
+
+# busy_pct "BEFORE" "AFTER": the busy share, in percent, between two core_ticks readings.
+busy_pct() { awk -v b="$1" -v a="$2" 'BEGIN { split(b, x, " "); split(a, y, " "); t = y[2] - x[2]; printf "%.0f", (t > 0 ? (y[1] - x[1]) * 100 / t : 0) }'; }
+
 # A /proc/PID/status value in KiB: VmRSS (now) or VmHWM (peak).
 rss_kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
 

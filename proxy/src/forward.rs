@@ -191,6 +191,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, not the
 /// message, and HTTP/2 forbids them. `te: trailers` stays: gRPC needs it end to end.
 /// Most messages carry none, so one pass over the names decides whether to look closer.
+/// A message received over HTTP/2 is not passed here: h2 refuses one with such headers
+/// (or `te` other than `trailers`) as malformed before it reaches the proxy.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
@@ -437,7 +439,9 @@ impl Forwarder {
             let (destination, set) = self.backends(&destination).await?;
             let stats = &destination.stats;
             let _admitted = self.admit(&destination)?;
-            strip_hop_by_hop(req.headers_mut());
+            if req.version() != Version::HTTP_2 {
+                strip_hop_by_hop(req.headers_mut());
+            }
             // A request with no body and a safe-to-repeat method can be sent again when its
             // backend fails before answering; keep its head for that.
             let replay = (self.resilience.max_attempts > 1
@@ -464,7 +468,9 @@ impl Forwarder {
                 let failure = match sent {
                     Ok(mut response) => {
                         record_response(backend, response.status().as_u16(), start);
-                        strip_hop_by_hop(response.headers_mut());
+                        if response.version() != Version::HTTP_2 {
+                            strip_hop_by_hop(response.headers_mut());
+                        }
                         return Ok(response);
                     }
                     Err(failure) => failure,

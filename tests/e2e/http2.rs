@@ -222,3 +222,40 @@ async fn a_burst_beyond_a_backends_stream_limit_waits_instead_of_failing() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_client_with_a_small_window_gets_whole_large_responses() {
+    bounded(LIMIT, async {
+        // The proxy hands a body's last frame to h2 at once, whatever the client's
+        // window: h2 must still send it only as the client opens the window.
+        const LEN: usize = 300_000;
+        let a = backend("instance-1").await;
+        for protocol in ["http1", "http2"] {
+            let proxy = static_proxy(&[a.addr("http")], &["--backend-protocol", protocol]).await;
+            let tcp = TcpStream::connect(proxy.addr("proxy")).await.unwrap();
+            let (send, conn) = h2::client::Builder::new()
+                .initial_window_size(1024)
+                .initial_connection_window_size(1024)
+                .handshake::<_, Bytes>(tcp)
+                .await
+                .expect("h2c handshake");
+            let _driver = tokio::spawn(conn);
+            for _ in 0..3 {
+                let mut send = send.clone().ready().await.unwrap();
+                let (response, _) = start_get(&mut send, &format!("/bytes/{LEN}")).unwrap();
+                let response = response.await.unwrap();
+                assert_eq!(response.status(), StatusCode::OK);
+                let mut body = response.into_body();
+                let mut received = 0;
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.unwrap();
+                    assert!(chunk.iter().all(|&b| b == b'x'));
+                    received += chunk.len();
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                }
+                assert_eq!(received, LEN, "the whole body, over an {protocol} backend");
+            }
+        }
+    })
+    .await
+}

@@ -4,11 +4,12 @@
 //! h2 takes one only once the peer's window has room (hyper's rule too, see
 //! hyperium/hyper#4003: capacity is claimed only with data in hand, so a quiet body
 //! never pins connection window other streams need). The body is never buffered
-//! beyond the frame in hand.
+//! beyond the frame in hand. The body's last frame is the exception to the wait: it
+//! is handed over at once and h2 sends it when the window has room.
 
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use h2::{Reason, SendStream};
@@ -35,16 +36,12 @@ fn poll_pipe(
     cx: &mut Context<'_>,
 ) -> Poll<Result<(), BoxError>> {
     loop {
-        if let Poll::Ready(reset) = send.poll_reset(cx) {
-            // The peer no longer wants the body: stop reading it.
-            return Poll::Ready(Err(match reset {
-                Ok(reason) => format!("the peer reset the stream ({reason})").into(),
-                Err(e) => e.into(),
-            }));
-        }
         if held.is_some() {
             while send.capacity() == 0 {
-                match ready!(send.poll_capacity(cx)) {
+                let Poll::Ready(capacity) = send.poll_capacity(cx) else {
+                    return pending_unless_reset(send, cx);
+                };
+                match capacity {
                     Some(Ok(0)) => {}
                     Some(Ok(_)) => break,
                     Some(Err(e)) => return Poll::Ready(Err(e.into())),
@@ -58,12 +55,19 @@ fn poll_pipe(
             }
             continue;
         }
-        match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+        let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) else {
+            return pending_unless_reset(send, cx);
+        };
+        match frame {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
                     let end = body.is_end_stream();
-                    if data.is_empty() {
-                        // Needs no capacity (and may be the end-of-stream marker).
+                    if data.is_empty() || end {
+                        // An empty frame needs no capacity (and may be the end-of-stream
+                        // marker). The last frame goes to h2 at once, which sends it as
+                        // the window opens: nothing follows it, so h2 holding it costs no
+                        // more than holding it here, and a small response (most of them)
+                        // skips the capacity round trip.
                         send.send_data(data, end)?;
                         if end {
                             return Poll::Ready(Ok(()));
@@ -91,6 +95,23 @@ fn poll_pipe(
                 return Poll::Ready(Ok(()));
             }
         }
+    }
+}
+
+/// Pending, unless the peer reset the stream: then it no longer wants the body, and
+/// reading it stops. Asked only when there is nothing to send: sending on a reset
+/// stream fails by itself, so the common case (the body's frame already in hand) takes
+/// one lock of h2's less.
+fn pending_unless_reset(
+    send: &mut SendStream<Bytes>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), BoxError>> {
+    match send.poll_reset(cx) {
+        Poll::Ready(Ok(reason)) => {
+            Poll::Ready(Err(format!("the peer reset the stream ({reason})").into()))
+        }
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
+        Poll::Pending => Poll::Pending,
     }
 }
 

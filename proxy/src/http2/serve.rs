@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::keep_alive::KeepAlive;
 use super::pipe;
+use crate::body::ProxyBody;
 use crate::connections::ConnControl;
 use crate::forward::Forwarder;
 
@@ -125,6 +126,7 @@ fn stream(
         let (mut head, body) = response.into_parts();
         let end = body.is_end_stream();
         if !end
+            && matches!(body, ProxyBody::Full(_))
             && let Some(len) = body.size_hint().exact()
             && !head.headers.contains_key(header::CONTENT_LENGTH)
         {
