@@ -17,10 +17,11 @@
 # 64 connections, 10 streams each). Reported: requests/s, p50/p99 latency, proxy
 # CPU per request (from /proc/PID/stat), how busy each core was during the run
 # (/proc/stat: when the load core is near 100%, the load, not the proxy, sets the
-# requests/s), peak RSS (VmHWM) and idle RSS, and each figure's ratio to HAProxy's. The runs are interleaved in ROUNDS rounds (every load
-# through every proxy, then again), and each figure is the median over the rounds
-# (peak RSS: the highest): on a shared virtual machine one run of the same binary can
-# differ from the next by 20%, and interleaving spreads that over all three proxies.
+# requests/s), peak RSS (VmHWM) and idle RSS, and each figure's ratio to HAProxy's.
+# The runs are interleaved in ROUNDS rounds (every load through every proxy, then
+# again), and each figure is the median over the rounds (peak RSS: the highest): on a
+# shared virtual machine one run of the same binary can differ from the next by 20%,
+# and interleaving spreads that over all three proxies.
 # Results are printed and written to bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -190,11 +190,11 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, not the
 /// message, and HTTP/2 forbids them. `te: trailers` stays: gRPC needs it end to end.
-/// Most messages carry none, so one pass over the names decides whether to look closer.
-/// A message received over HTTP/2 is not passed here: h2 refuses one with such headers
+/// Most messages carry none, so one pass over the names decides whether to look closer,
+/// and a message `received_over` HTTP/2 needs none: h2 refuses one with such headers
 /// (or `te` other than `trailers`) as malformed before it reaches the proxy.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(is_hop_by_hop) {
+fn strip_hop_by_hop(received_over: Version, headers: &mut HeaderMap) {
+    if received_over == Version::HTTP_2 || !headers.keys().any(is_hop_by_hop) {
         return;
     }
     if let Some(connection) = headers.remove(header::CONNECTION)
@@ -439,9 +439,7 @@ impl Forwarder {
             let (destination, set) = self.backends(&destination).await?;
             let stats = &destination.stats;
             let _admitted = self.admit(&destination)?;
-            if req.version() != Version::HTTP_2 {
-                strip_hop_by_hop(req.headers_mut());
-            }
+            strip_hop_by_hop(req.version(), req.headers_mut());
             // A request with no body and a safe-to-repeat method can be sent again when its
             // backend fails before answering; keep its head for that.
             let replay = (self.resilience.max_attempts > 1
@@ -468,9 +466,7 @@ impl Forwarder {
                 let failure = match sent {
                     Ok(mut response) => {
                         record_response(backend, response.status().as_u16(), start);
-                        if response.version() != Version::HTTP_2 {
-                            strip_hop_by_hop(response.headers_mut());
-                        }
+                        strip_hop_by_hop(response.version(), response.headers_mut());
                         return Ok(response);
                     }
                     Err(failure) => failure,
@@ -779,7 +775,7 @@ mod tests {
             HeaderValue::from_static("chunked"),
         );
         h.insert("x-app", HeaderValue::from_static("kept"));
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(Version::HTTP_11, &mut h);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(h.contains_key("x-app") && h.contains_key(header::TE));
@@ -787,7 +783,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         h.insert("x-app", HeaderValue::from_static("kept"));
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(Version::HTTP_11, &mut h);
         assert!(
             !h.contains_key(header::TE),
             "only te: trailers is forwarded"
@@ -795,7 +791,7 @@ mod tests {
 
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(Version::HTTP_11, &mut h);
         assert_eq!(h.len(), 1, "end-to-end headers are untouched");
     }
 

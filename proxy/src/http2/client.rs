@@ -17,14 +17,13 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::keep_alive::{self, KeepAlive};
-use super::pipe;
+use super::{MAX_HEADER_LIST, pipe};
 use crate::body::ProxyBody;
 
 /// hyper's client defaults: room for a few large responses in flight at once.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
-const MAX_HEADER_LIST: u32 = 64 * 1024;
 
 pub struct Http2Connection {
     sender: SendRequest<Bytes>,
@@ -83,7 +82,9 @@ impl Http2Connection {
     + use<'_> {
         async move {
             let mut sender = self.sender.clone();
-            // Waits while the backend's limit on concurrent streams is reached.
+            // A fresh clone never waits here: this only finds a connection that
+            // ended, before the request is given away (so it can go elsewhere).
+            // A request beyond the backend's stream limit waits inside h2 instead.
             if let Err(error) = poll_fn(|cx| sender.poll_ready(cx)).await {
                 self.closed.store(true, Ordering::Release);
                 return Err((Http2Error::NotSent(error), Some(req)));

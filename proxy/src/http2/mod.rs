@@ -18,3 +18,6 @@ pub mod pipe;
 pub mod serve;
 
 pub use serve::serve;
+
+/// The largest header list accepted from a peer, either side (hyper's default).
+const MAX_HEADER_LIST: u32 = 64 * 1024;

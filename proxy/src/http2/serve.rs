@@ -17,7 +17,7 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::keep_alive::KeepAlive;
-use super::pipe;
+use super::{MAX_HEADER_LIST, pipe};
 use crate::body::ProxyBody;
 use crate::connections::ConnControl;
 use crate::forward::Forwarder;
@@ -27,7 +27,6 @@ const MAX_CONCURRENT_STREAMS: u32 = 1024;
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 1024 * 1024;
 const MAX_SEND_BUFFER: usize = 400 * 1024;
-const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// A client that opened the connection must finish the preface and SETTINGS by then.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -125,14 +124,12 @@ fn stream(
         };
         let (mut head, body) = response.into_parts();
         let end = body.is_end_stream();
-        if !end
-            && matches!(body, ProxyBody::Full(_))
-            && let Some(len) = body.size_hint().exact()
+        if let ProxyBody::Full(Some(data)) = &body
             && !head.headers.contains_key(header::CONTENT_LENGTH)
         {
             // The proxy's own answers: tell the client their length, as HTTP/1 does.
             head.headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
         }
         match respond.send_response(Response::from_parts(head, ()), end) {
             Ok(send) if !end => pipe::send_body(body, send).await,
