@@ -17,7 +17,9 @@
 # 64 connections, 10 streams each). Reported: requests/s, p50/p99 latency, proxy
 # CPU per request (from /proc/PID/stat), how busy each core was during the run
 # (/proc/stat: when the load core is near 100%, the load, not the proxy, sets the
-# requests/s), peak RSS (VmHWM) and idle RSS, and each figure's ratio to HAProxy's.
+# requests/s), the CPU the two backends spent per request (their share of the load
+# core, which the proxy's way of using upstream connections changes), peak RSS
+# (VmHWM) and idle RSS, and each figure's ratio to HAProxy's.
 # The runs are interleaved in ROUNDS rounds (every load through every proxy, then
 # again), and each figure is the median over the rounds (peak RSS: the highest): on a
 # shared virtual machine one run of the same binary can differ from the next by 20%,
@@ -66,6 +68,8 @@ taskset -c "$LOAD_CPU" "$TANDEM_BIN" backend --name instance-1 --listen "127.0.0
 PIDS+=($!)
 taskset -c "$LOAD_CPU" "$TANDEM_BIN" backend --name instance-2 --listen "127.0.0.1:$B2" --quiet >/dev/null &
 PIDS+=($!)
+BACKEND_PIDS=("${PIDS[@]}")
+backend_ticks() { local t=0 pid; for pid in "${BACKEND_PIDS[@]}"; do t=$((t + $(cpu_ticks "$pid"))); done; echo "$t"; }
 wait_port "$B1"; wait_port "$B2"
 
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
@@ -214,14 +218,15 @@ for mode in $MODES; do
   for p in tandem haproxy nginx; do
     case $mode in h1) port=${PLAIN[$p]}; pid=${PID_OF[$p]};; h2c) port=${H2C[$p]}; pid=${H2C_PID_OF[$p]};; h2tls) port=${TLS[$p]}; pid=${TLS_PID_OF[$p]};; esac
     warm_up "$mode" "$port"
-    before=$(cpu_ticks "$pid"); proxy_core_before=$(core_ticks "$PROXY_CPU"); load_core_before=$(core_ticks "$LOAD_CPU")
+    before=$(cpu_ticks "$pid"); backends_before=$(backend_ticks); proxy_core_before=$(core_ticks "$PROXY_CPU"); load_core_before=$(core_ticks "$LOAD_CPU")
     read -r reqs rps p50 p99 < <(run_load "$mode" "$port")
-    after=$(cpu_ticks "$pid"); proxy_core_after=$(core_ticks "$PROXY_CPU"); load_core_after=$(core_ticks "$LOAD_CPU")
+    after=$(cpu_ticks "$pid"); backends_after=$(backend_ticks); proxy_core_after=$(core_ticks "$PROXY_CPU"); load_core_after=$(core_ticks "$LOAD_CPU")
     cpu_us=$(awk -v a="$after" -v b="$before" -v r="$reqs" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (a - b) / hz * 1e6 / (r > 0 ? r : 1) }')
+    backends_us=$(awk -v a="$backends_after" -v b="$backends_before" -v r="$reqs" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (a - b) / hz * 1e6 / (r > 0 ? r : 1) }')
     peak=$(rss_kib "$pid" VmHWM)
     proxy_busy=$(busy_pct "$proxy_core_before" "$proxy_core_after")
     load_busy=$(busy_pct "$load_core_before" "$load_core_after")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$p" "$rps" "$p50" "$p99" "$cpu_us" "$peak" "$reqs" "$proxy_busy" "$load_busy" >> "$RESULTS"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$p" "$rps" "$p50" "$p99" "$cpu_us" "$peak" "$reqs" "$proxy_busy" "$load_busy" "$backends_us" >> "$RESULTS"
     echo "done: round $round/$ROUNDS $mode $p ($rps req/s)" >&2
   done
 done
@@ -234,7 +239,7 @@ median_rows() {
   for mode in $MODES; do
     for p in tandem haproxy nginx; do
       local row=("$mode" "$p")
-      for col in 3 4 5 6 9 10; do
+      for col in 3 4 5 6 9 10 11; do
         row+=("$(awk -F'\t' -v m="$mode" -v p="$p" -v c="$col" '$1 == m && $2 == p { print $c }' "$RESULTS" | sort -g |
           awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }')")
       done
@@ -251,8 +256,8 @@ report() {
   echo "medians of $ROUNDS interleaved rounds (peak RSS: the highest)."
   echo "$(haproxy -v | head -1 | cut -d' ' -f1-3), $(nginx -v 2>&1 | cut -d' ' -f3), $("$PROXY_BIN" --version)"
   echo
-  echo "| load | proxy | req/s | ×HAProxy | p50 ms | p99 ms | CPU µs/req | ×HAProxy | proxy core busy | load core busy | peak RSS MiB | idle RSS MiB |"
-  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "| load | proxy | req/s | ×HAProxy | p50 ms | p99 ms | CPU µs/req | ×HAProxy | proxy core busy | load core busy | backends CPU µs/req | peak RSS MiB | idle RSS MiB |"
+  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   median_rows | awk -F'\t' -v idle_t="${IDLE[tandem]}" -v idle_h="${IDLE[haproxy]}" -v idle_n="${IDLE[nginx]}" '
     { key = $1; rps[key, $2] = $3; cpu[key, $2] = $6; line[NR] = $0 }
     END {
@@ -261,9 +266,9 @@ report() {
       for (i = 1; i <= NR; i++) {
         split(line[i], f, "\t")
         hr = rps[f[1], "haproxy"]; hc = cpu[f[1], "haproxy"]
-        printf "| %s | %s | %.0f | %.2f | %.3f | %.3f | %.2f | %.2f | %d%% | %d%% | %.1f | %.1f |\n",
+        printf "| %s | %s | %.0f | %.2f | %.3f | %.3f | %.2f | %.2f | %d%% | %d%% | %.2f | %.1f | %.1f |\n",
           names[f[1]], f[2], f[3], (hr > 0 ? f[3] / hr : 0), f[4], f[5], f[6], (hc > 0 ? f[6] / hc : 0),
-          f[7], f[8], f[9] / 1024, idle[f[2]] / 1024
+          f[7], f[8], f[9], f[10] / 1024, idle[f[2]] / 1024
       }
     }'
   if [ "$ROUNDS" -gt 1 ]; then

@@ -1,6 +1,6 @@
 //! The proxy's HTTP/2 path, with a plain h2 client: what a client notices when it
-//! cancels a stream, goes quiet, or is connected while the proxy shuts down, and
-//! what happens when an HTTP/2 backend restarts.
+//! cancels a stream, goes quiet, or is connected while the proxy shuts down, what
+//! happens when an HTTP/2 backend restarts, and HTTP/1.1 clients carried over HTTP/2.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use crate::support::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
+const STEP: Duration = Duration::from_secs(5);
 
 /// An h2c connection to `addr`, and the task driving it (it ends when the connection does).
 async fn connect(addr: SocketAddr) -> (SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>) {
@@ -259,6 +260,54 @@ async fn a_client_with_a_small_window_gets_whole_large_responses() {
                     "the whole body, over an {protocol} backend"
                 );
                 assert!(body.iter().all(|&b| b == b'x'));
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn http1_clients_are_carried_over_http2_to_the_backends() {
+    bounded(LIMIT, async {
+        // As Linkerd does between proxies: HTTP/1.1 in, multiplexed HTTP/2 out.
+        let a = logging_backend("instance-1").await;
+        let b = logging_backend("instance-2").await;
+        let proxy = static_proxy(
+            &[a.addr("http"), b.addr("http")],
+            &["--backend-protocol", "http2"],
+        )
+        .await;
+        let mut conn = tandem::client::Connection::http1(proxy.addr("proxy"))
+            .await
+            .unwrap();
+        let seen = instances(&mut conn, "web", 4).await;
+        assert!(
+            seen.windows(2).all(|pair| pair[0] != pair[1]),
+            "balanced per request over one HTTP/1.1 client connection: {seen:?}"
+        );
+
+        let upload = Bytes::from(vec![b'u'; 100_000]);
+        let echoed = conn
+            .send("POST", "web", "/echo", upload.clone())
+            .await
+            .unwrap();
+        assert_eq!(echoed.status, StatusCode::OK);
+        assert_eq!(echoed.body, upload, "a request body, whole, both ways");
+
+        let chunks = conn.get("web", "/chunks/50").await.unwrap();
+        assert_eq!(chunks.status, StatusCode::OK);
+        assert_eq!(chunks.text().lines().count(), 50);
+        assert_eq!(chunks.text().lines().last(), Some("chunk 49"));
+
+        // Both backends saw HTTP/2, and only HTTP/2.
+        for backend in [&a, &b] {
+            let log = eventually(STEP, "the backend's request log", || async {
+                let log = backend.log_text();
+                (log.matches("served").count() >= 3).then_some(log)
+            })
+            .await;
+            for line in log.lines().filter(|l| l.contains("served")) {
+                assert!(line.ends_with("(HTTP/2.0)"), "not over HTTP/2: {line}");
             }
         }
     })

@@ -99,6 +99,16 @@ pub async fn backend_with(name: &str, extra: &[&str]) -> Spawned {
     start(name, &args, false).await
 }
 
+/// A backend that logs every request it serves, with the HTTP version it came in.
+pub async fn logging_backend(name: &str) -> Spawned {
+    start(
+        name,
+        &["backend", "--name", name, "--listen", "127.0.0.1:0"],
+        true,
+    )
+    .await
+}
+
 pub async fn control_plane(file: &Path) -> Spawned {
     control_plane_on(file, "127.0.0.1:0").await
 }
