@@ -54,11 +54,7 @@ need() {
 need
 [ "$(nproc)" -ge 2 ] || { echo "needs at least 2 CPUs (proxy on one, load on the other)" >&2; exit 1; }
 
-# The proxy on its own, last: built together with `tandem` (which links kube), it would
-# get the features kube-client switches on in shared crates (tracing's `log`: ~5% more
-# instructions per HTTP/2 request), which the shipped proxy (deploy/Dockerfile) has not.
-cargo build --release -p tandem >&2
-cargo build --release -p tandem-proxy >&2
+build_release
 TARGET=${CARGO_TARGET_DIR:-target}
 PROXY_BIN=$TARGET/release/tandem-proxy
 TANDEM_BIN=$TARGET/release/tandem
@@ -73,7 +69,6 @@ PIDS+=($!)
 taskset -c "$LOAD_CPU" "$TANDEM_BIN" backend --name instance-2 --listen "127.0.0.1:$B2" --quiet >/dev/null &
 PIDS+=($!)
 BACKEND_PIDS=("${PIDS[@]}")
-backend_ticks() { local t=0 pid; for pid in "${BACKEND_PIDS[@]}"; do t=$((t + $(cpu_ticks "$pid"))); done; echo "$t"; }
 wait_port "$B1"; wait_port "$B2"
 
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
@@ -222,11 +217,11 @@ for mode in $MODES; do
   for p in tandem haproxy nginx; do
     case $mode in h1) port=${PLAIN[$p]}; pid=${PID_OF[$p]};; h2c) port=${H2C[$p]}; pid=${H2C_PID_OF[$p]};; h2tls) port=${TLS[$p]}; pid=${TLS_PID_OF[$p]};; esac
     warm_up "$mode" "$port"
-    before=$(cpu_ticks "$pid"); backends_before=$(backend_ticks); proxy_core_before=$(core_ticks "$PROXY_CPU"); load_core_before=$(core_ticks "$LOAD_CPU")
+    before=$(cpu_ticks "$pid"); backends_before=$(cpu_ticks "${BACKEND_PIDS[@]}"); proxy_core_before=$(core_ticks "$PROXY_CPU"); load_core_before=$(core_ticks "$LOAD_CPU")
     read -r reqs rps p50 p99 < <(run_load "$mode" "$port")
-    after=$(cpu_ticks "$pid"); backends_after=$(backend_ticks); proxy_core_after=$(core_ticks "$PROXY_CPU"); load_core_after=$(core_ticks "$LOAD_CPU")
-    cpu_us=$(awk -v a="$after" -v b="$before" -v r="$reqs" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (a - b) / hz * 1e6 / (r > 0 ? r : 1) }')
-    backends_us=$(awk -v a="$backends_after" -v b="$backends_before" -v r="$reqs" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (a - b) / hz * 1e6 / (r > 0 ? r : 1) }')
+    after=$(cpu_ticks "$pid"); backends_after=$(cpu_ticks "${BACKEND_PIDS[@]}"); proxy_core_after=$(core_ticks "$PROXY_CPU"); load_core_after=$(core_ticks "$LOAD_CPU")
+    cpu_us=$(us_per_request "$before" "$after" "$reqs")
+    backends_us=$(us_per_request "$backends_before" "$backends_after" "$reqs")
     peak=$(rss_kib "$pid" VmHWM)
     proxy_busy=$(busy_pct "$proxy_core_before" "$proxy_core_after")
     load_busy=$(busy_pct "$load_core_before" "$load_core_after")

@@ -13,11 +13,7 @@ ROUNDS=${ROUNDS:-3}
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
 command -v wrk >/dev/null || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >&2; }
-# The proxy on its own, last: built together with `tandem` (which links kube), it would
-# get the features kube-client switches on in shared crates (tracing's `log`: ~5% more
-# instructions per HTTP/2 request), which the shipped proxy (deploy/Dockerfile) has not.
-cargo build --release -p tandem >&2
-cargo build --release -p tandem-proxy >&2
+build_release
 TARGET=${CARGO_TARGET_DIR:-target}
 
 bench_workdir tandem-tiers
@@ -64,7 +60,7 @@ for round in $(seq 1 "$ROUNDS"); do
     reqs=$(echo "$out" | awk '/requests in/ { print $1 }')
     rps=$(echo "$out" | awk '/Requests\/sec/ { print $2 }')
     RPS[$name]="${RPS[$name]:-} $rps"
-    CPU[$name]="${CPU[$name]:-} $(awk -v a="$after" -v b="$before" -v r="$reqs" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (a - b) / hz * 1e6 / r }')"
+    CPU[$name]="${CPU[$name]:-} $(us_per_request "$before" "$after" "$reqs")"
     echo "round $round $name: $rps req/s" >&2
   done
 done

@@ -16,12 +16,7 @@ async fn equal_weights_alternate_strictly() {
         let mesh = Mesh::start("alternate", &[1, 1]).await;
         let mut conn = mesh.connect().await;
         let seen = instances(&mut conn, "web", 20).await;
-        for pair in seen.windows(2) {
-            assert_ne!(
-                pair[0], pair[1],
-                "consecutive requests hit the same instance: {seen:?}"
-            );
-        }
+        assert_alternates(&seen, "sequential requests");
         assert_eq!(
             counts(&seen).into_values().collect::<Vec<_>>(),
             vec![10, 10]
@@ -58,9 +53,7 @@ async fn http2_requests_are_balanced_per_request_over_one_connection() {
             .await
             .expect("h2c connection");
         let seen = instances(&mut conn, "web.default:80", 20).await;
-        for pair in seen.windows(2) {
-            assert_ne!(pair[0], pair[1], "{seen:?}");
-        }
+        assert_alternates(&seen, "requests over one connection");
         // Concurrent streams on the same connection are balanced too.
         let mut calls = Vec::new();
         for _ in 0..10 {
@@ -106,9 +99,7 @@ async fn grpc_calls_are_balanced_per_call_over_one_channel() {
             assert_eq!(reply.message, format!("hello call {i}"));
             seen.push(reply.instance);
         }
-        for pair in seen.windows(2) {
-            assert_ne!(pair[0], pair[1], "gRPC calls must alternate: {seen:?}");
-        }
+        assert_alternates(&seen, "gRPC calls");
         // A server stream is one request: all its messages come from one instance.
         let mut stream = client
             .say_hello_stream(demo::HelloRequest {
@@ -137,9 +128,7 @@ async fn static_backends_need_no_control_plane() {
         let mut conn = Connection::http1(proxy.addr("proxy")).await.unwrap();
         // The Host is irrelevant in static mode.
         let seen = instances(&mut conn, "anything.example", 10).await;
-        for pair in seen.windows(2) {
-            assert_ne!(pair[0], pair[1], "{seen:?}");
-        }
+        assert_alternates(&seen, "requests over one connection");
     })
     .await
 }

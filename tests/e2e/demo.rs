@@ -57,9 +57,7 @@ async fn demo_shows_requests_alternating() {
     bounded(LIMIT, async {
         let (answered, stdout) = run_demo(&["--requests", "8"]).await;
         assert_eq!(answered.len(), 8, "{stdout}");
-        for pair in answered.windows(2) {
-            assert_ne!(pair[0], pair[1], "requests must alternate:\n{stdout}");
-        }
+        assert_alternates(&answered, &format!("the demo's requests:\n{stdout}"));
         assert!(
             stdout.contains("Summary: 8 requests, 8 answered, 0 failed"),
             "{stdout}"

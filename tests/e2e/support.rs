@@ -91,22 +91,24 @@ pub async fn backend(name: &str) -> Spawned {
 }
 
 pub async fn backend_with(name: &str, extra: &[&str]) -> Spawned {
-    let mut args = vec!["backend", "--name", name, "--quiet"];
-    if !extra.contains(&"--listen") {
-        args.extend(["--listen", "127.0.0.1:0"]);
-    }
-    args.extend_from_slice(extra);
-    start(name, &args, false).await
+    start_backend(name, extra, false).await
 }
 
 /// A backend that logs every request it serves, with the HTTP version it came in.
 pub async fn logging_backend(name: &str) -> Spawned {
-    start(
-        name,
-        &["backend", "--name", name, "--listen", "127.0.0.1:0"],
-        true,
-    )
-    .await
+    start_backend(name, &[], true).await
+}
+
+async fn start_backend(name: &str, extra: &[&str], logging: bool) -> Spawned {
+    let mut args = vec!["backend", "--name", name];
+    if !logging {
+        args.push("--quiet");
+    }
+    if !extra.contains(&"--listen") {
+        args.extend(["--listen", "127.0.0.1:0"]);
+    }
+    args.extend_from_slice(extra);
+    start(name, &args, logging).await
 }
 
 pub async fn control_plane(file: &Path) -> Spawned {
@@ -215,6 +217,16 @@ pub async fn instances(conn: &mut Connection, authority: &str, n: usize) -> Vec<
         seen.push(reply.instance().expect("x-tandem-instance").to_string());
     }
     seen
+}
+
+/// Panics if two consecutive answers came from the same instance; `context` says whose.
+pub fn assert_alternates<T: PartialEq + std::fmt::Debug>(seen: &[T], context: &str) {
+    for pair in seen.windows(2) {
+        assert_ne!(
+            pair[0], pair[1],
+            "consecutive answers from one instance ({context}): {seen:?}"
+        );
+    }
 }
 
 pub fn counts(seen: &[String]) -> BTreeMap<String, usize> {

@@ -83,9 +83,7 @@ async fn terminates_tls_with_alpn_and_survives_plaintext_clients() {
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
         let mut h2 = Connection::http2_over(tls).await.unwrap();
         let seen = instances(&mut h2, "web", 6).await;
-        for pair in seen.windows(2) {
-            assert_ne!(pair[0], pair[1], "{seen:?}");
-        }
+        assert_alternates(&seen, "h2 requests over TLS");
 
         // http/1.1 by ALPN, TLS 1.2.
         let tcp = TcpStream::connect(addr).await.unwrap();
