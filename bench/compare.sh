@@ -3,8 +3,10 @@
 #
 #   bench/compare.sh            # 10 s per run
 #   DURATION=30 bench/compare.sh
-#   MODES="h1 h2c" bench/compare.sh   # only these loads (h1, h2c, h2tls)
+#   MODES="h1 h2c" bench/compare.sh   # only these loads (h1, h2c, h2tls, h1-capped,
+#                                     # h2c-capped, h2tls-capped)
 #   ROUNDS=1 bench/compare.sh          # one round instead of three
+#   CAP_PERCENT=60 bench/compare.sh    # the capped loads' share of the proxy's core
 #
 # Two `tandem backend` instances and the load generators run on CPU 1; the proxy
 # under test runs alone on CPU 0 with one thread/worker, so every proxy gets the
@@ -20,6 +22,12 @@
 # requests/s), the CPU the two backends spent per request (their share of the load
 # core, which the proxy's way of using upstream connections changes), peak RSS
 # (VmHWM) and idle RSS, and each figure's ratio to HAProxy's.
+# The "-capped" loads are the same loads with each proxy held to CAP_PERCENT (50) of
+# its core by a cgroup CFS quota (10 ms periods): on two CPUs the load core saturates
+# at about the rate one proxy on a whole core serves, so the full-core loads can hide
+# what a proxy's CPU per request is worth; capped, the load core keeps headroom and
+# the proxy sets the rate. Throttling adds up to a period's wait to some requests, so
+# read their p99 as the quota's, not the proxy's.
 # The runs are interleaved in ROUNDS rounds (every load through every proxy, then
 # again), and each figure is the median over the rounds (peak RSS: the highest): on a
 # shared virtual machine one run of the same binary can differ from the next by 20%,
@@ -31,7 +39,8 @@ cd "$(dirname "$0")/.."
 . bench/lib.sh
 
 DURATION=${DURATION:-10}
-MODES=${MODES:-h1 h2c h2tls}
+MODES=${MODES:-h1 h2c h2tls h1-capped h2c-capped h2tls-capped}
+CAP_PERCENT=${CAP_PERCENT:-50}
 WARMUP=${WARMUP:-2}
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
@@ -60,6 +69,7 @@ PROXY_BIN=$TARGET/release/tandem-proxy
 TANDEM_BIN=$TARGET/release/tandem
 
 bench_workdir tandem-bench
+case " $MODES " in *-capped*) cpu_cap_init; cpu_cap_create tandem-bench-cap "$CAP_PERCENT" ;; esac
 
 
 # --- backends ------------------------------------------------------------------------
@@ -214,12 +224,15 @@ RESULTS="$WORK/results.tsv"
 : > "$RESULTS"
 for round in $(seq "$ROUNDS"); do
 for mode in $MODES; do
+  load=${mode%-capped}
   for p in tandem haproxy nginx; do
-    case $mode in h1) port=${PLAIN[$p]}; pid=${PID_OF[$p]};; h2c) port=${H2C[$p]}; pid=${H2C_PID_OF[$p]};; h2tls) port=${TLS[$p]}; pid=${TLS_PID_OF[$p]};; esac
-    warm_up "$mode" "$port"
+    case $load in h1) port=${PLAIN[$p]}; pid=${PID_OF[$p]};; h2c) port=${H2C[$p]}; pid=${H2C_PID_OF[$p]};; h2tls) port=${TLS[$p]}; pid=${TLS_PID_OF[$p]};; esac
+    [ "$load" = "$mode" ] || cpu_cap_move "$pid" tandem-bench-cap
+    warm_up "$load" "$port"
     before=$(cpu_ticks "$pid"); backends_before=$(cpu_ticks "${BACKEND_PIDS[@]}"); proxy_core_before=$(core_ticks "$PROXY_CPU"); load_core_before=$(core_ticks "$LOAD_CPU")
-    read -r reqs rps p50 p99 < <(run_load "$mode" "$port")
+    read -r reqs rps p50 p99 < <(run_load "$load" "$port")
     after=$(cpu_ticks "$pid"); backends_after=$(cpu_ticks "${BACKEND_PIDS[@]}"); proxy_core_after=$(core_ticks "$PROXY_CPU"); load_core_after=$(core_ticks "$LOAD_CPU")
+    [ "$load" = "$mode" ] || cpu_cap_move "$pid"
     cpu_us=$(us_per_request "$before" "$after" "$reqs")
     backends_us=$(us_per_request "$backends_before" "$backends_after" "$reqs")
     peak=$(rss_kib "$pid" VmHWM)
@@ -252,16 +265,18 @@ report() {
   echo
   echo "$(date -u +%Y-%m-%d), $(nproc) CPUs ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)),"
   echo "proxy pinned to CPU $PROXY_CPU with 1 thread; backends and load on CPU $LOAD_CPU; ${DURATION}s per run, $CONNECTIONS connections;"
-  echo "medians of $ROUNDS interleaved rounds (peak RSS: the highest)."
+  echo "medians of $ROUNDS interleaved rounds (peak RSS: the highest); \"capped\": the proxy held to $CAP_PERCENT% of its core (CFS quota)."
   echo "$(haproxy -v | head -1 | cut -d' ' -f1-3), $(nginx -v 2>&1 | cut -d' ' -f3), $("$PROXY_BIN" --version)"
   echo
   echo "| load | proxy | req/s | ×HAProxy | p50 ms | p99 ms | CPU µs/req | ×HAProxy | proxy core busy | load core busy | backends CPU µs/req | peak RSS MiB | idle RSS MiB |"
   echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-  median_rows | awk -F'\t' -v idle_t="${IDLE[tandem]}" -v idle_h="${IDLE[haproxy]}" -v idle_n="${IDLE[nginx]}" '
+  median_rows | awk -F'\t' -v cap="$CAP_PERCENT" -v idle_t="${IDLE[tandem]}" -v idle_h="${IDLE[haproxy]}" -v idle_n="${IDLE[nginx]}" '
     { key = $1; rps[key, $2] = $3; cpu[key, $2] = $6; line[NR] = $0 }
     END {
       idle["tandem"] = idle_t; idle["haproxy"] = idle_h; idle["nginx"] = idle_n
       names["h1"] = "HTTP/1.1 (wrk)"; names["h2c"] = "h2c (h2load)"; names["h2tls"] = "h2 + TLS (h2load)"
+      names["h1-capped"] = names["h1"] ", proxy capped at " cap "%"; names["h2c-capped"] = names["h2c"] ", capped at " cap "%"
+      names["h2tls-capped"] = names["h2tls"] ", capped at " cap "%"
       for (i = 1; i <= NR; i++) {
         split(line[i], f, "\t")
         hr = rps[f[1], "haproxy"]; hc = cpu[f[1], "haproxy"]

@@ -56,5 +56,40 @@ bench_workdir() {
 bench_cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  for dir in "${CPU_CAP_DIRS[@]}"; do rmdir "$dir" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
+
+# CPU caps: a cgroup whose CFS quota gives its processes a fraction of one core, so a
+# proxy can be measured where it, not the load on the other core, sets the rate.
+# cgroup v2 (cpu.max) where the cpu controller is there, else v1 (cpu.cfs_quota_us).
+CPU_CAP_DIRS=()
+CPU_CAP_ROOT=""
+cpu_cap_init() {
+  if grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+    CPU_CAP_ROOT=/sys/fs/cgroup
+    grep -qw cpu "$CPU_CAP_ROOT/cgroup.subtree_control" || echo +cpu > "$CPU_CAP_ROOT/cgroup.subtree_control"
+  elif [ -w /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
+    CPU_CAP_ROOT=/sys/fs/cgroup/cpu
+  else
+    echo "capped loads need the cgroup cpu controller (v2 cpu.max or v1 cpu.cfs_quota_us), writable (root); leave the -capped loads out of MODES" >&2
+    exit 1
+  fi
+}
+
+# cpu_cap_create NAME PERCENT: a cgroup NAME giving PERCENT% of one core (in 10 ms
+# periods), removed when the script exits.
+cpu_cap_create() {
+  local dir="$CPU_CAP_ROOT/$1.$$" quota=$(($2 * 100))
+  mkdir -p "$dir"
+  CPU_CAP_DIRS+=("$dir")
+  if [ -e "$dir/cpu.max" ]; then
+    echo "$quota 10000" > "$dir/cpu.max"
+  else
+    echo 10000 > "$dir/cpu.cfs_period_us"; echo "$quota" > "$dir/cpu.cfs_quota_us"
+  fi
+}
+
+# cpu_cap_move PID [NAME]: moves a process (every thread of it) into cap NAME, or,
+# without NAME, back to the top cgroup, uncapped.
+cpu_cap_move() { echo "$1" > "$CPU_CAP_ROOT${2:+/$2.$$}/cgroup.procs"; }

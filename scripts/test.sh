@@ -52,6 +52,9 @@ cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+say "the benchmark scripts parse"
+for script in bench/*.sh; do bash -n "$script"; done
+
 say "the proxy binary does not link kube"
 if cargo tree -p tandem-proxy -e normal --prefix none | grep -E '^(kube|k8s-openapi)' ; then
   echo "error: tandem-proxy depends on kube/k8s-openapi; the sidecar must stay small" >&2
