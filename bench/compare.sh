@@ -69,7 +69,7 @@ PROXY_BIN=$TARGET/release/tandem-proxy
 TANDEM_BIN=$TARGET/release/tandem
 
 bench_workdir tandem-bench
-case " $MODES " in *-capped*) cpu_cap_init; cpu_cap_create tandem-bench-cap "$CAP_PERCENT" ;; esac
+case " $MODES " in *-capped*) cpu_cap_init "$CAP_PERCENT" ;; esac
 
 
 # --- backends ------------------------------------------------------------------------
@@ -227,12 +227,12 @@ for mode in $MODES; do
   load=${mode%-capped}
   for p in tandem haproxy nginx; do
     case $load in h1) port=${PLAIN[$p]}; pid=${PID_OF[$p]};; h2c) port=${H2C[$p]}; pid=${H2C_PID_OF[$p]};; h2tls) port=${TLS[$p]}; pid=${TLS_PID_OF[$p]};; esac
-    [ "$load" = "$mode" ] || cpu_cap_move "$pid" tandem-bench-cap
+    [ "$load" = "$mode" ] || cpu_cap "$pid"
     warm_up "$load" "$port"
     before=$(cpu_ticks "$pid"); backends_before=$(cpu_ticks "${BACKEND_PIDS[@]}"); proxy_core_before=$(core_ticks "$PROXY_CPU"); load_core_before=$(core_ticks "$LOAD_CPU")
     read -r reqs rps p50 p99 < <(run_load "$load" "$port")
     after=$(cpu_ticks "$pid"); backends_after=$(cpu_ticks "${BACKEND_PIDS[@]}"); proxy_core_after=$(core_ticks "$PROXY_CPU"); load_core_after=$(core_ticks "$LOAD_CPU")
-    [ "$load" = "$mode" ] || cpu_cap_move "$pid"
+    [ "$load" = "$mode" ] || cpu_uncap "$pid"
     cpu_us=$(us_per_request "$before" "$after" "$reqs")
     backends_us=$(us_per_request "$backends_before" "$backends_after" "$reqs")
     peak=$(rss_kib "$pid" VmHWM)
@@ -275,8 +275,8 @@ report() {
     END {
       idle["tandem"] = idle_t; idle["haproxy"] = idle_h; idle["nginx"] = idle_n
       names["h1"] = "HTTP/1.1 (wrk)"; names["h2c"] = "h2c (h2load)"; names["h2tls"] = "h2 + TLS (h2load)"
-      names["h1-capped"] = names["h1"] ", proxy capped at " cap "%"; names["h2c-capped"] = names["h2c"] ", capped at " cap "%"
-      names["h2tls-capped"] = names["h2tls"] ", capped at " cap "%"
+      split("h1 h2c h2tls", loads, " ")
+      for (l in loads) names[loads[l] "-capped"] = names[loads[l]] ", capped at " cap "%"
       for (i = 1; i <= NR; i++) {
         split(line[i], f, "\t")
         hr = rps[f[1], "haproxy"]; hc = cpu[f[1], "haproxy"]

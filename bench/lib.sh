@@ -56,15 +56,18 @@ bench_workdir() {
 bench_cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  for dir in "${CPU_CAP_DIRS[@]}"; do rmdir "$dir" 2>/dev/null || true; done
+  [ -z "${CPU_CAP_DIR:-}" ] || rmdir "$CPU_CAP_DIR" 2>/dev/null || true
   rm -rf "$WORK"
 }
 
-# CPU caps: a cgroup whose CFS quota gives its processes a fraction of one core, so a
-# proxy can be measured where it, not the load on the other core, sets the rate.
+# A CPU cap: one cgroup whose CFS quota gives its processes a fraction of one core, so
+# a proxy can be measured where it, not the load on the other core, sets the rate.
 # cgroup v2 (cpu.max) where the cpu controller is there, else v1 (cpu.cfs_quota_us).
-CPU_CAP_DIRS=()
 CPU_CAP_ROOT=""
+CPU_CAP_DIR=""
+
+# cpu_cap_init PERCENT: creates the cap (PERCENT% of one core, in 10 ms periods); it is
+# removed when the script exits.
 cpu_cap_init() {
   if grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
     CPU_CAP_ROOT=/sys/fs/cgroup
@@ -75,21 +78,17 @@ cpu_cap_init() {
     echo "capped loads need the cgroup cpu controller (v2 cpu.max or v1 cpu.cfs_quota_us), writable (root); leave the -capped loads out of MODES" >&2
     exit 1
   fi
-}
-
-# cpu_cap_create NAME PERCENT: a cgroup NAME giving PERCENT% of one core (in 10 ms
-# periods), removed when the script exits.
-cpu_cap_create() {
-  local dir="$CPU_CAP_ROOT/$1.$$" quota=$(($2 * 100))
-  mkdir -p "$dir"
-  CPU_CAP_DIRS+=("$dir")
-  if [ -e "$dir/cpu.max" ]; then
-    echo "$quota 10000" > "$dir/cpu.max"
+  CPU_CAP_DIR="$CPU_CAP_ROOT/tandem-bench-cap.$$"
+  mkdir -p "$CPU_CAP_DIR"
+  local quota=$(($1 * 100))
+  if [ -e "$CPU_CAP_DIR/cpu.max" ]; then
+    echo "$quota 10000" > "$CPU_CAP_DIR/cpu.max"
   else
-    echo 10000 > "$dir/cpu.cfs_period_us"; echo "$quota" > "$dir/cpu.cfs_quota_us"
+    echo 10000 > "$CPU_CAP_DIR/cpu.cfs_period_us"; echo "$quota" > "$CPU_CAP_DIR/cpu.cfs_quota_us"
   fi
 }
 
-# cpu_cap_move PID [NAME]: moves a process (every thread of it) into cap NAME, or,
-# without NAME, back to the top cgroup, uncapped.
-cpu_cap_move() { echo "$1" > "$CPU_CAP_ROOT${2:+/$2.$$}/cgroup.procs"; }
+# cpu_cap PID / cpu_uncap PID: moves a process (every thread of it) under the cap, or
+# back to the top cgroup.
+cpu_cap() { echo "$1" > "$CPU_CAP_DIR/cgroup.procs"; }
+cpu_uncap() { echo "$1" > "$CPU_CAP_ROOT/cgroup.procs"; }
