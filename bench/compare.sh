@@ -7,6 +7,8 @@
 #                                     # h2c-capped, h2tls-capped)
 #   ROUNDS=1 bench/compare.sh          # one round instead of three
 #   CAP_PERCENT=60 bench/compare.sh    # the capped loads' share of the proxy's core
+#   TANDEM_H2_UPSTREAM=http1 bench/compare.sh   # Tandem's upstream protocol for the
+#                                                # HTTP/2 loads (default http2)
 #
 # Two `tandem backend` instances and the load generators run on CPU 1; the proxy
 # under test runs alone on CPU 0 with one thread/worker, so every proxy gets the
@@ -46,6 +48,7 @@ ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
+TANDEM_H2_UPSTREAM=${TANDEM_H2_UPSTREAM:-http2}
 
 need() {
   local missing=()
@@ -95,10 +98,10 @@ PLAIN[tandem]=$(free_port); H2C[tandem]=$(free_port); TLS[tandem]=$(free_port)
 taskset -c "$PROXY_CPU" "$PROXY_BIN" --backends "127.0.0.1:$B1,127.0.0.1:$B2" \
   --threads 1 --listen "127.0.0.1:${PLAIN[tandem]}" --admin 127.0.0.1:0 >/dev/null 2>"$WORK/tandem.log" &
 PID_OF[tandem]=$!; PIDS+=($!)
-taskset -c "$PROXY_CPU" "$PROXY_BIN" --backends "127.0.0.1:$B1,127.0.0.1:$B2" --backend-protocol http2 \
+taskset -c "$PROXY_CPU" "$PROXY_BIN" --backends "127.0.0.1:$B1,127.0.0.1:$B2" --backend-protocol "$TANDEM_H2_UPSTREAM" \
   --threads 1 --listen "127.0.0.1:${H2C[tandem]}" --admin 127.0.0.1:0 >/dev/null 2>"$WORK/tandem-h2c.log" &
 H2C_PID_OF[tandem]=$!; PIDS+=($!)
-taskset -c "$PROXY_CPU" "$PROXY_BIN" --backends "127.0.0.1:$B1,127.0.0.1:$B2" --backend-protocol http2 \
+taskset -c "$PROXY_CPU" "$PROXY_BIN" --backends "127.0.0.1:$B1,127.0.0.1:$B2" --backend-protocol "$TANDEM_H2_UPSTREAM" \
   --threads 1 --listen "127.0.0.1:${TLS[tandem]}" --admin 127.0.0.1:0 \
   --tls-cert "$WORK/cert.pem" --tls-key "$WORK/key.pem" >/dev/null 2>"$WORK/tandem-tls.log" &
 TLS_PID_OF[tandem]=$!; PIDS+=($!)
@@ -266,7 +269,8 @@ report() {
   echo "$(date -u +%Y-%m-%d), $(nproc) CPUs ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)),"
   echo "proxy pinned to CPU $PROXY_CPU with 1 thread; backends and load on CPU $LOAD_CPU; ${DURATION}s per run, $CONNECTIONS connections;"
   echo "medians of $ROUNDS interleaved rounds (peak RSS: the highest); \"capped\": the proxy held to $CAP_PERCENT% of its core (CFS quota)."
-  echo "$(haproxy -v | head -1 | cut -d' ' -f1-3), $(nginx -v 2>&1 | cut -d' ' -f3), $("$PROXY_BIN" --version)"
+  echo "$(haproxy -v | head -1 | cut -d' ' -f1-3), $(nginx -v 2>&1 | cut -d' ' -f3), $("$PROXY_BIN" --version);"
+  echo "upstream for the HTTP/2 loads: Tandem $TANDEM_H2_UPSTREAM, HAProxy h2, nginx http1."
   echo
   echo "| load | proxy | req/s | ×HAProxy | p50 ms | p99 ms | CPU µs/req | ×HAProxy | proxy core busy | load core busy | backends CPU µs/req | peak RSS MiB | idle RSS MiB |"
   echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"

@@ -9,6 +9,7 @@ use h2::RecvStream;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::http1::client::ResponseBody;
 use crate::upstream::Lease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -25,6 +26,9 @@ pub enum ProxyBody {
         body: Incoming,
         lease: Option<Lease>,
     },
+    /// An upstream HTTP/1 response body read over a raw connection
+    /// ([`crate::http1::client`]); boxed, it keeps the enum small.
+    Http1(Box<ResponseBody>),
     /// An HTTP/2 stream's body (from a client or a backend), streamed through.
     Http2 {
         recv: RecvStream,
@@ -76,6 +80,7 @@ impl Body for ProxyBody {
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
+            ProxyBody::Http1(body) => Pin::new(&mut **body).poll_frame(cx),
             ProxyBody::Http2 { recv, data_done } => poll_http2(recv, data_done, cx),
         }
     }
@@ -86,6 +91,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(data) => data.is_none(),
             ProxyBody::Incoming(body) => body.is_end_stream(),
             ProxyBody::Pooled { body, .. } => body.is_end_stream(),
+            ProxyBody::Http1(body) => body.is_end_stream(),
             ProxyBody::Http2 { recv, .. } => recv.is_end_stream(),
         }
     }
@@ -98,6 +104,7 @@ impl Body for ProxyBody {
             }
             ProxyBody::Incoming(body) => body.size_hint(),
             ProxyBody::Pooled { body, .. } => body.size_hint(),
+            ProxyBody::Http1(body) => body.size_hint(),
             ProxyBody::Http2 { recv, .. } if recv.is_end_stream() => SizeHint::with_exact(0),
             // Its content-length, if any, travels as a header.
             ProxyBody::Http2 { .. } => SizeHint::default(),

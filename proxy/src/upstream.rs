@@ -10,7 +10,9 @@
 //! interleaved A/B on the benchmark (2026-12-03): each connection then batches
 //! fewer frames per read and write.
 //! Raw HTTP/1 ([`RawConn`]): sockets the proxy's own HTTP/1 path ([`crate::http1`])
-//! speaks over, pooled the same way with their read buffers.
+//! speaks over, pooled the same way with their read buffers. Bodiless requests from
+//! elsewhere (HTTP/2 clients, hyper) to HTTP/1 backends use them too
+//! ([`crate::http1::client`]); hyper's client carries requests with a body.
 //! None of the paths takes a lock per request.
 
 use std::net::SocketAddr;
@@ -29,6 +31,8 @@ use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
 use crate::clock;
+use crate::http1::SendFailure;
+use crate::http1::client;
 use crate::http2::client::{Http2Connection, Http2Error};
 
 /// How long a pooled HTTP/1 connection may take to become ready before it is given up.
@@ -74,6 +78,8 @@ pub enum UpstreamError {
     Request(hyper::Error),
     #[error("{0}")]
     Http2(Http2Error),
+    #[error("{0}")]
+    Http1(Box<SendFailure>),
 }
 
 /// A failed send, with the request when it was not written (so it can go elsewhere).
@@ -83,9 +89,9 @@ pub struct SendError {
     pub unsent: Option<Request<ProxyBody>>,
 }
 
-type SendResult = Result<Response<ProxyBody>, Box<SendError>>;
+pub(crate) type SendResult = Result<Response<ProxyBody>, Box<SendError>>;
 
-fn failed(error: UpstreamError, unsent: Option<Request<ProxyBody>>) -> Box<SendError> {
+pub(crate) fn failed(error: UpstreamError, unsent: Option<Request<ProxyBody>>) -> Box<SendError> {
     Box::new(SendError { error, unsent })
 }
 
@@ -265,7 +271,10 @@ impl Upstream {
         req: Request<ProxyBody>,
     ) -> impl Future<Output = SendResult> + use<'_> {
         match version {
-            HttpVersion::Http1 => Either::Left(self.send_http1(req)),
+            HttpVersion::Http1 if client::fits(&req) => {
+                Either::Left(Either::Left(client::send(self, req)))
+            }
+            HttpVersion::Http1 => Either::Left(Either::Right(self.send_http1(req))),
             HttpVersion::Http2 => Either::Right(self.send_http2(req)),
         }
     }

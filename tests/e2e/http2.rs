@@ -310,3 +310,88 @@ async fn http1_clients_are_carried_over_http2_to_the_backends() {
     })
     .await
 }
+
+#[tokio::test]
+async fn http2_clients_reach_http1_backends_with_every_response_shape() {
+    bounded(LIMIT, async {
+        // The common mesh case: gRPC-era clients speak HTTP/2, the apps behind
+        // the proxy speak HTTP/1.1. Bodiless requests go over the proxy's own
+        // pooled HTTP/1 connections; each stream is still balanced on its own.
+        let a = logging_backend("instance-1").await;
+        let b = logging_backend("instance-2").await;
+        let proxy = static_proxy(
+            &[a.addr("http"), b.addr("http")],
+            &["--backend-protocol", "http1"],
+        )
+        .await;
+        let (send, _driver) = connect(proxy.addr("proxy")).await;
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let (status, instance) = get(&send, "/").await.unwrap();
+            assert_eq!(status, StatusCode::OK);
+            seen.push(instance);
+        }
+        assert_alternates(
+            &seen,
+            "streams of one HTTP/2 connection to HTTP/1.1 backends",
+        );
+
+        let one = |req: Request<()>| {
+            let send = send.clone();
+            async move {
+                let mut send = send.ready().await.unwrap();
+                let (response, _) = send.send_request(req, true).unwrap();
+                let response = response.await.unwrap();
+                let (head, body) = response.into_parts();
+                (head, read_body(body).await.unwrap())
+            }
+        };
+
+        // A chunked answer arrives decoded (HTTP/2 frames it itself).
+        let (head, body) = one(Request::get("http://web/chunks/50").body(()).unwrap()).await;
+        assert_eq!(head.status, StatusCode::OK);
+        assert!(!head.headers.contains_key("transfer-encoding"));
+        let text = String::from_utf8(body).unwrap();
+        assert_eq!(text.lines().count(), 50);
+        assert_eq!(text.lines().last(), Some("chunk 49"));
+
+        // A large one streams through whole.
+        let (_, body) = one(Request::get("http://web/bytes/1000000").body(()).unwrap()).await;
+        assert_eq!(body.len(), 1_000_000);
+        assert!(body.iter().all(|&b| b == b'x'));
+
+        // HEAD and 204 have no body, whatever their headers say.
+        let (head, body) = one(Request::head("http://web/").body(()).unwrap()).await;
+        assert_eq!(head.status, StatusCode::OK);
+        assert!(body.is_empty());
+        let (head, body) = one(Request::get("http://web/status/204").body(()).unwrap()).await;
+        assert_eq!(head.status, StatusCode::NO_CONTENT);
+        assert!(body.is_empty());
+
+        // HTTP/2 may split cookies in several fields; HTTP/1.1 gets them in one.
+        let req = Request::get("http://web/headers")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .header("x-custom", "kept")
+            .body(())
+            .unwrap();
+        let (_, body) = one(req).await;
+        let headers = String::from_utf8(body).unwrap();
+        assert!(headers.contains("cookie: a=1; b=2\n"), "{headers}");
+        assert!(headers.contains("host: web\n"), "{headers}");
+        assert!(headers.contains("x-custom: kept\n"), "{headers}");
+
+        // Both backends saw HTTP/1.1, and only HTTP/1.1.
+        for backend in [&a, &b] {
+            let log = eventually(STEP, "the backend's request log", || async {
+                let log = backend.log_text();
+                (log.matches("served").count() >= 4).then_some(log)
+            })
+            .await;
+            for line in log.lines().filter(|l| l.contains("served")) {
+                assert!(line.ends_with("(HTTP/1.1)"), "not over HTTP/1.1: {line}");
+            }
+        }
+    })
+    .await
+}

@@ -76,10 +76,27 @@ impl ChunkedBody {
     /// were: all of them, or fewer when the body ends inside `bytes` (then
     /// [`is_done`](Self::is_done) is true and the rest belongs to what follows).
     pub fn advance(&mut self, bytes: &[u8]) -> Result<usize, ChunkError> {
+        self.step(bytes, false)
+    }
+
+    /// Data bytes that follow at once, when inside a chunk's data (for decoding: the
+    /// caller takes up to this many as data, then passes them to [`advance`](Self::advance)).
+    pub fn data_left(&self) -> Option<u64> {
+        (self.state == State::Data).then_some(self.remaining)
+    }
+
+    /// Like [`advance`](Self::advance), but stops where chunk data begins, so what
+    /// it consumed is framing only (sizes, CRLFs, trailers).
+    pub fn advance_framing(&mut self, bytes: &[u8]) -> Result<usize, ChunkError> {
+        self.step(bytes, true)
+    }
+
+    fn step(&mut self, bytes: &[u8], stop_at_data: bool) -> Result<usize, ChunkError> {
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];
             match self.state {
+                State::Data if stop_at_data => return Ok(i),
                 State::Data => {
                     let take = ((bytes.len() - i) as u64).min(self.remaining) as usize;
                     self.remaining -= take as u64;

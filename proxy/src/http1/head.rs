@@ -10,6 +10,9 @@
 
 use std::mem::MaybeUninit;
 
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
 /// Header lines read per message on this path; a request with more goes to hyper.
 const MAX_HEADERS: usize = 64;
 /// Response heads may carry more (cookies, CSP, tracing).
@@ -106,6 +109,20 @@ impl<'b> ConnectionTokens<'b> {
             .iter()
             .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
     }
+}
+
+/// The Connection tokens of a response head, and whether it has Transfer-Encoding
+/// (its body is then chunked, and a Content-Length beside it does not count).
+fn response_connection<'b>(headers: &[httparse::Header<'b>]) -> (ConnectionTokens<'b>, bool) {
+    let mut tokens = ConnectionTokens::default();
+    let mut transfer_encoding = false;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("connection") {
+            tokens.add(h.value);
+        }
+        transfer_encoding |= h.name.eq_ignore_ascii_case("transfer-encoding");
+    }
+    (tokens, transfer_encoding)
 }
 
 fn trim(bytes: &[u8]) -> &[u8] {
@@ -365,14 +382,7 @@ pub fn rewrite_response(buf: &[u8], close_client: bool, out: &mut Vec<u8>) {
     out.push(b' ');
     out.extend_from_slice(res.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let mut tokens = ConnectionTokens::default();
-    let mut transfer_encoding = false;
-    for h in res.headers.iter() {
-        if h.name.eq_ignore_ascii_case("connection") {
-            tokens.add(h.value);
-        }
-        transfer_encoding |= h.name.eq_ignore_ascii_case("transfer-encoding");
-    }
+    let (tokens, transfer_encoding) = response_connection(res.headers);
     for h in res.headers.iter() {
         let drop = is_hop_by_hop(h.name, h.value, &tokens)
             || (transfer_encoding && h.name.eq_ignore_ascii_case("content-length"));
@@ -384,6 +394,46 @@ pub fn rewrite_response(buf: &[u8], close_client: bool, out: &mut Vec<u8>) {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// The status and end-to-end headers of the response head at the start of `head`, for
+/// a response that leaves this path as a header map (to an HTTP/2 client, or through
+/// hyper). Values are slices of `head`, not copies. The body is decoded on its way
+/// out, so Transfer-Encoding goes too (and Content-Length beside it).
+pub fn response_parts(head: &Bytes) -> Result<(StatusCode, HeaderMap), BadResponse> {
+    let mut headers =
+        [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    if !matches!(
+        httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut res,
+            head,
+            &mut headers
+        ),
+        Ok(httparse::Status::Complete(_))
+    ) {
+        return Err(BadResponse("malformed head"));
+    }
+    let status = res
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(BadResponse("invalid status code"))?;
+    let (tokens, transfer_encoding) = response_connection(res.headers);
+    let mut map = HeaderMap::with_capacity(res.headers.len());
+    for h in res.headers.iter() {
+        if is_hop_by_hop(h.name, h.value, &tokens)
+            || h.name.eq_ignore_ascii_case("transfer-encoding")
+            || (transfer_encoding && h.name.eq_ignore_ascii_case("content-length"))
+        {
+            continue;
+        }
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| BadResponse("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+            .map_err(|_| BadResponse("invalid header value"))?;
+        map.append(name, value);
+    }
+    Ok((status, map))
 }
 
 #[cfg(test)]

@@ -7,12 +7,18 @@
 //! response, all inside the client connection's task: no header maps, no
 //! re-serialisation, no channels or tasks between the two connections.
 //!
+//! [`client`] sends bodiless requests that arrived as header maps (HTTP/2 streams,
+//! requests hyper parsed) over the same pooled backend connections.
+//!
 //! Anything else continues in hyper, on the same connection, from the first byte of
 //! the request that needed it (see [`head::Handoff`]): such a request was not acted
 //! on yet, so hyper sees exactly what the client sent.
 
 pub mod chunked;
+pub mod client;
+mod exchange;
 pub mod head;
 mod serve;
 
+pub use exchange::SendFailure;
 pub use serve::{MAX_BODY, Outcome, read_more, serve};

@@ -13,26 +13,20 @@ use std::time::Instant;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::chunked::{ChunkError, ChunkedBody};
-use super::head::{self, BadResponse, Framing, Handoff, RequestHead, ResponseHead};
+use super::exchange::{BodyLeft, MAX_HEAD, MIN_READ, RELAY_CHUNK, read_head, send};
+use super::head::{self, Framing, Handoff, RequestHead, ResponseHead};
 use crate::connections::ConnControl;
 use crate::forward::{
     Attempts, Forwarder, ProxyError, nothing_to_pick, record_failure, record_response, retrying,
     timed_out, upstream_failed,
 };
-use crate::upstream::{RawConn, Upstream, UpstreamError};
+use crate::upstream::{RawConn, Upstream};
 
-/// A request head longer than this goes to hyper, which answers 431.
-const MAX_HEAD: usize = 64 * 1024;
 /// Request bodies up to this size are read whole before the request goes out (so a
 /// failed attempt can be sent again); larger ones go to hyper, which streams them.
 pub const MAX_BODY: usize = 16 * 1024;
 /// Room a client connection's buffer starts with.
 const CLIENT_BUFFER: usize = 8 * 1024;
-/// A read is started with at least this much room.
-const MIN_READ: usize = 1024;
-/// Response bodies are relayed in reads of up to this much.
-const RELAY_CHUNK: usize = 16 * 1024;
 
 pub enum Outcome<IO> {
     /// The connection is finished (either side closed it, or the proxy did).
@@ -138,72 +132,6 @@ struct ClientConn<'a> {
     response_out: Vec<u8>,
 }
 
-/// Why an attempt got no response.
-#[derive(Debug, thiserror::Error)]
-enum SendFailure {
-    #[error(transparent)]
-    Connect(UpstreamError),
-    #[error("writing the request: {0}")]
-    Write(io::Error),
-    #[error("reading the response: {0}")]
-    Read(io::Error),
-    #[error("the connection closed before a response")]
-    Closed,
-    #[error(transparent)]
-    BadResponse(BadResponse),
-}
-
-impl SendFailure {
-    /// Nothing reached the backend.
-    fn unsent(&self) -> bool {
-        matches!(self, SendFailure::Connect(_))
-    }
-
-    /// What a pooled connection does when the server closed it as the request went out.
-    fn stale(&self) -> bool {
-        matches!(self, SendFailure::Write(_) | SendFailure::Closed)
-    }
-}
-
-/// What is left of a response body.
-enum BodyLeft {
-    Done,
-    Length(u64),
-    Chunked(ChunkedBody),
-    UntilClose,
-}
-
-impl BodyLeft {
-    fn new(framing: Framing) -> Self {
-        match framing {
-            Framing::Empty => BodyLeft::Done,
-            Framing::Length(n) => BodyLeft::Length(n),
-            Framing::Chunked => BodyLeft::Chunked(ChunkedBody::new()),
-            Framing::UntilClose => BodyLeft::UntilClose,
-        }
-    }
-
-    /// How many of `bytes` (from their start) belong to the body.
-    fn consume(&mut self, bytes: &[u8]) -> Result<usize, ChunkError> {
-        let n = match self {
-            BodyLeft::Done => return Ok(0),
-            BodyLeft::UntilClose => return Ok(bytes.len()),
-            BodyLeft::Length(left) => {
-                let n = (*left).min(bytes.len() as u64);
-                *left -= n;
-                n as usize
-            }
-            BodyLeft::Chunked(chunked) => chunked.advance(bytes)?,
-        };
-        if matches!(self, BodyLeft::Length(0))
-            || matches!(self, BodyLeft::Chunked(c) if c.is_done())
-        {
-            *self = BodyLeft::Done;
-        }
-        Ok(n)
-    }
-}
-
 impl ClientConn<'_> {
     /// Forwards one request (`request`: its head and whole body) and relays the answer.
     async fn exchange<IO>(&mut self, client: &mut IO, request: &[u8], head: &RequestHead) -> Next
@@ -251,7 +179,7 @@ impl ClientConn<'_> {
                 }
             };
             let upstream = &backend.state.upstream;
-            let sending = send(upstream, outgoing, head);
+            let sending = send(upstream, outgoing, head.is_head, head.idempotent);
             let sent = match timeout {
                 None => sending.await,
                 Some(limit) => match tokio::time::timeout(limit, sending).await {
@@ -408,66 +336,4 @@ async fn write_all<IO: AsyncWrite + Unpin>(io: &mut IO, bytes: &[u8]) -> io::Res
     io.write_all(bytes).await?;
     // A no-op on TCP; TLS may hold the record back until flushed.
     io.flush().await
-}
-
-/// Sends `outgoing` over a pooled (or new) connection and reads the response head.
-async fn send(
-    upstream: &Upstream,
-    outgoing: &[u8],
-    request: &RequestHead,
-) -> Result<(RawConn, ResponseHead), SendFailure> {
-    loop {
-        let mut conn = match upstream.checkout_raw() {
-            Some(conn) => conn,
-            // Dialling is rare and its future large: boxed, it does not bloat every request.
-            None => Box::pin(upstream.dial_raw())
-                .await
-                .map_err(SendFailure::Connect)?,
-        };
-        let result = match conn.stream.write_all(outgoing).await {
-            Ok(()) => read_head(&mut conn, request.is_head).await,
-            Err(e) => Err(SendFailure::Write(e)),
-        };
-        match result {
-            Ok(response) => return Ok((conn, response)),
-            // A pooled connection the server closed as the request went out: it did not
-            // take the request. Sent again on another connection if it is idempotent
-            // (as Go's and browsers' clients do: a crash would look the same).
-            Err(failure) if conn.reused && failure.stale() && request.idempotent => {
-                tracing::trace!(%failure, "pooled connection was closed; retrying on another");
-            }
-            Err(failure) => return Err(failure),
-        }
-    }
-}
-
-/// Reads until `conn.buf` starts with a whole response head.
-async fn read_head(conn: &mut RawConn, request_is_head: bool) -> Result<ResponseHead, SendFailure> {
-    loop {
-        if !conn.buf.is_empty() {
-            match head::parse_response(&conn.buf, request_is_head) {
-                Ok(Some(response)) => return Ok(response),
-                Ok(None) if conn.buf.len() < MAX_HEAD => {}
-                Ok(None) => return Err(SendFailure::BadResponse(BadResponse("head too large"))),
-                Err(bad) => return Err(SendFailure::BadResponse(bad)),
-            }
-        }
-        if conn.buf.capacity() - conn.buf.len() < MIN_READ {
-            conn.buf.reserve(RELAY_CHUNK);
-        }
-        match conn.stream.read_buf(&mut conn.buf).await {
-            Ok(0) if conn.buf.is_empty() => return Err(SendFailure::Closed),
-            Ok(0) => {
-                return Err(SendFailure::Read(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the connection closed inside the response head",
-                )));
-            }
-            Ok(_) => {}
-            Err(e) if conn.buf.is_empty() && e.kind() == io::ErrorKind::ConnectionReset => {
-                return Err(SendFailure::Closed);
-            }
-            Err(e) => return Err(SendFailure::Read(e)),
-        }
-    }
 }
