@@ -82,7 +82,7 @@ fn write_head(req: &Request<ProxyBody>, out: &mut Vec<u8>) {
         .map(|h| h.as_bytes())
         .or_else(|| req.uri().authority().map(|a| a.as_str().as_bytes()));
     if let Some(host) = host {
-        push_header(out, b"host", host);
+        head::push_header(out, b"host", host);
     }
     let mut cookies_written = false;
     for (name, value) in headers {
@@ -96,7 +96,7 @@ fn write_head(req: &Request<ProxyBody>, out: &mut Vec<u8>) {
             }
             continue;
         }
-        push_header(out, name.as_str().as_bytes(), value.as_bytes());
+        head::push_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
     // A server may wait for a body of a POST that does not say it has none.
     if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
@@ -113,13 +113,6 @@ fn write_cookies(headers: &HeaderMap, out: &mut Vec<u8>) {
         }
         out.extend_from_slice(value.as_bytes());
     }
-    out.extend_from_slice(b"\r\n");
-}
-
-fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -201,17 +194,6 @@ impl ResponseBody {
     fn take_data(left: &mut BodyLeft, conn: &mut RawConn) -> Result<Option<Bytes>, ChunkError> {
         let buf = &mut conn.buf;
         let n = match left {
-            BodyLeft::Done => return Ok(None),
-            BodyLeft::UntilClose => buf.len(),
-            BodyLeft::Length(n) => {
-                let take = (*n).min(buf.len() as u64);
-                *n -= take;
-                let take = take as usize;
-                if *n == 0 {
-                    *left = BodyLeft::Done;
-                }
-                take
-            }
             BodyLeft::Chunked(chunked) => {
                 let framing = chunked.advance_framing(buf)?;
                 buf.advance(framing);
@@ -226,6 +208,8 @@ impl ResponseBody {
                 chunked.advance(&buf[..take])?;
                 take
             }
+            // Without chunk framing, every byte up to the end is data.
+            _ => left.consume(buf)?,
         };
         Ok((n > 0).then(|| buf.split_to(n).freeze()))
     }
@@ -306,9 +290,9 @@ impl Body for ResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.left {
-            BodyLeft::Length(n) if self.conn.is_some() => SizeHint::with_exact(n),
-            _ if self.conn.is_none() => SizeHint::with_exact(0),
+        match (&self.conn, &self.left) {
+            (None, _) => SizeHint::with_exact(0),
+            (Some(_), BodyLeft::Length(n)) => SizeHint::with_exact(*n),
             _ => SizeHint::default(),
         }
     }

@@ -261,14 +261,14 @@ pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>) {
     }
     for h in req.headers.iter() {
         if !is_hop_by_hop(h.name, h.value, &tokens) {
-            push_header(out, h.name, h.value);
+            push_header(out, h.name.as_bytes(), h.value);
         }
     }
     out.extend_from_slice(b"\r\n");
 }
 
-fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
+pub(super) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
@@ -387,7 +387,7 @@ pub fn rewrite_response(buf: &[u8], close_client: bool, out: &mut Vec<u8>) {
         let drop = is_hop_by_hop(h.name, h.value, &tokens)
             || (transfer_encoding && h.name.eq_ignore_ascii_case("content-length"));
         if !drop {
-            push_header(out, h.name, h.value);
+            push_header(out, h.name.as_bytes(), h.value);
         }
     }
     if close_client {
