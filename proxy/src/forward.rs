@@ -17,7 +17,7 @@ use crate::balancer::PickError;
 use crate::body::ProxyBody;
 use crate::destination::{Backend, BackendSet, Destination, Destinations, Resolution};
 use crate::metrics::{DestinationStats, ProxyErrorKind};
-use crate::upstream::HttpVersion;
+use crate::upstream::{HttpVersion, RequestSlot};
 
 /// How requests find their destination.
 pub enum Router {
@@ -431,14 +431,17 @@ impl Forwarder {
     fn forward(
         self: Arc<Self>,
         destination: Arc<Destination>,
-        mut req: Request<ProxyBody>,
+        req: Request<ProxyBody>,
         start: Instant,
         grpc: bool,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'static {
+        // The one place the request is kept until a backend takes it: the sends borrow it.
+        let mut slot: RequestSlot = Some(req);
         async move {
             let (destination, set) = self.backends(&destination).await?;
             let stats = &destination.stats;
             let _admitted = self.admit(&destination)?;
+            let req = slot.as_mut().expect("the request, not sent yet");
             strip_hop_by_hop(req.version(), req.headers_mut());
             // A request with no body and a safe-to-repeat method can be sent again when its
             // backend fails before answering; keep its head for that.
@@ -446,46 +449,45 @@ impl Forwarder {
                 && set.balancer.pickable() > 1
                 && http_body::Body::is_end_stream(req.body())
                 && is_idempotent(req.method().as_str()))
-            .then(|| Replay::of(&req));
+            .then(|| Replay::of(req));
             let timeout = self.request_timeout(&set);
             let mut attempts = Attempts::default();
             loop {
                 let backend = set.pick().map_err(|e| nothing_to_pick(&destination, e))?;
                 let version = backend.meta.protocol.version_for(grpc);
-                adapt(&mut req, version);
+                adapt(slot.as_mut().expect("a request to send"), version);
                 let upstream = &backend.state.upstream;
-                let sent = match timeout {
-                    None => upstream.send(version, req).await,
-                    Some(limit) => {
-                        match tokio::time::timeout(limit, upstream.send(version, req)).await {
-                            Ok(sent) => sent,
-                            Err(_) => return Err(timed_out(&destination, backend, limit)),
-                        }
-                    }
+                let sending = upstream.send(version, &mut slot);
+                // One await for both, so the two futures share their room.
+                let sending = match timeout {
+                    None => Either::Left(sending.map(Ok)),
+                    Some(limit) => Either::Right(tokio::time::timeout(limit, sending)),
                 };
-                let failure = match sent {
-                    Ok(mut response) => {
+                let error = match sending.await {
+                    Ok(Ok(mut response)) => {
                         record_response(backend, response.status().as_u16(), start);
                         strip_hop_by_hop(response.version(), response.headers_mut());
                         return Ok(response);
                     }
-                    Err(failure) => failure,
+                    Ok(Err(error)) => error,
+                    Err(_elapsed) => {
+                        let limit = timeout.expect("only a timeout elapses");
+                        return Err(timed_out(&destination, backend, limit));
+                    }
                 };
                 record_failure(backend);
-                let crate::upstream::SendError { error, unsent } = *failure;
-                let written = unsent.is_none();
-                let another = attempts.another(&self.resilience, &set, stats);
-                let next = match unsent {
-                    // Nothing reached the backend: safe to send anywhere.
-                    Some(unsent) if another => Some(unsent),
-                    _ if another => replay.as_ref().map(Replay::request),
-                    _ => None,
-                };
-                let Some(next) = next else {
+                // Still in the slot: nothing reached the backend, safe to send anywhere.
+                let written = slot.is_none();
+                if !attempts.another(&self.resilience, &set, stats) {
                     return Err(upstream_failed(&destination, backend, &error));
-                };
+                }
+                if written {
+                    slot = replay.as_ref().map(Replay::request);
+                    if slot.is_none() {
+                        return Err(upstream_failed(&destination, backend, &error));
+                    }
+                }
                 retrying(&destination, backend, &error, attempts.count(), written).await;
-                req = next;
             }
         }
     }

@@ -82,18 +82,14 @@ pub enum UpstreamError {
     Http1(Box<SendFailure>),
 }
 
-/// A failed send, with the request when it was not written (so it can go elsewhere).
-/// Boxed: the success path moves only the response through each await.
-pub struct SendError {
-    pub error: UpstreamError,
-    pub unsent: Option<Request<ProxyBody>>,
-}
+/// A request on its way to a backend. The sending futures borrow it rather than
+/// own it, so the request is kept once, in the caller's future, however deep the
+/// send goes (each owning layer would hold its own copy: rust-lang/rust#62958).
+/// It is taken from the slot once a backend may have seen it: a slot that still
+/// holds it after a failure means it was never sent, and may go elsewhere.
+pub type RequestSlot = Option<Request<ProxyBody>>;
 
-pub(crate) type SendResult = Result<Response<ProxyBody>, Box<SendError>>;
-
-pub(crate) fn failed(error: UpstreamError, unsent: Option<Request<ProxyBody>>) -> Box<SendError> {
-    Box::new(SendError { error, unsent })
-}
+pub(crate) type SendResult = Result<Response<ProxyBody>, UpstreamError>;
 
 /// An idle pooled connection, with when it went idle: coarse seconds
 /// ([`clock::now`]), so no clock is read per request.
@@ -184,19 +180,21 @@ struct Connection {
 impl Connection {
     /// Hands `req` to the connection now; the future only waits for the response
     /// (so it does not also carry the request: see `Forwarder::handle`).
-    fn send(
+    /// On a failure before the request was written, hyper hands it back into `slot`.
+    fn send<'a>(
         mut self,
-        upstream: &Arc<Upstream>,
-        req: Request<ProxyBody>,
-    ) -> impl Future<Output = SendResult> + use<'_> {
+        upstream: &'a Arc<Upstream>,
+        slot: &'a mut RequestSlot,
+    ) -> impl Future<Output = SendResult> + use<'a> {
+        let req = slot.take().expect("a request to send");
         let sending = self.sender.try_send_request(req);
         let sender = self.sender;
         // A combinator, not an `async` block, which would hold `sending` twice.
         sending.map(move |result| match result {
             Ok(response) => Ok(upstream.pooled_response(response, sender)),
             Err(mut e) => {
-                let unsent = e.take_message();
-                Err(failed(UpstreamError::Request(e.into_error()), unsent))
+                *slot = e.take_message();
+                Err(UpstreamError::Request(e.into_error()))
             }
         })
     }
@@ -258,75 +256,65 @@ impl Upstream {
         self.idle_raw.put((conn.stream, buf));
     }
 
-    /// Sends `req` over HTTP/1 or HTTP/2. On an error before the request was written,
-    /// the request is handed back so it can be sent elsewhere.
+    /// Sends the request in `slot` over HTTP/1 or HTTP/2. After an error the slot
+    /// still holds the request if it was not written, so it can be sent elsewhere.
     ///
     /// Getting a connection and sending on it are two sequential steps, so the
     /// request's future holds one or the other, never both (it is moved per request).
-    /// None of these is an `async fn`, which would keep the request twice
-    /// (rust-lang/rust#62958): an `async move` block captures it once.
-    pub fn send(
-        self: &Arc<Self>,
+    /// None of these is an `async fn`, which would keep its arguments twice
+    /// (rust-lang/rust#62958): an `async move` block captures them once.
+    pub fn send<'a>(
+        self: &'a Arc<Self>,
         version: HttpVersion,
-        req: Request<ProxyBody>,
-    ) -> impl Future<Output = SendResult> + use<'_> {
+        slot: &'a mut RequestSlot,
+    ) -> impl Future<Output = SendResult> + use<'a> {
         match version {
-            HttpVersion::Http1 if client::fits(&req) => {
-                Either::Left(Either::Left(client::send(self, req)))
+            HttpVersion::Http1 if slot.as_ref().is_some_and(client::fits) => {
+                Either::Left(Either::Left(client::send(self, slot)))
             }
-            HttpVersion::Http1 => Either::Left(Either::Right(self.send_http1(req))),
-            HttpVersion::Http2 => Either::Right(self.send_http2(req)),
+            HttpVersion::Http1 => Either::Left(Either::Right(self.send_http1(slot))),
+            HttpVersion::Http2 => Either::Right(self.send_http2(slot)),
         }
     }
 
     #[allow(clippy::manual_async_fn)]
-    fn send_http1(
-        self: &Arc<Self>,
-        mut req: Request<ProxyBody>,
-    ) -> impl Future<Output = SendResult> + use<'_> {
+    fn send_http1<'a>(
+        self: &'a Arc<Self>,
+        slot: &'a mut RequestSlot,
+    ) -> impl Future<Output = SendResult> + use<'a> {
         async move {
             loop {
-                let conn = match self.connection_http1().await {
-                    Ok(conn) => conn,
-                    Err(e) => return Err(failed(e, Some(req))),
-                };
+                let conn = self.connection_http1().await?;
                 let reused = conn.reused;
-                match conn.send(self, req).await {
+                match conn.send(self, slot).await {
                     Ok(response) => return Ok(response),
                     // A pooled connection the server closed a moment ago fails before the
                     // request is written: try the next one (or a new one).
-                    Err(failure) if reused && failure.unsent.is_some() => {
-                        req = failure.unsent.expect("checked above");
-                    }
-                    Err(failure) => return Err(failure),
+                    Err(_) if reused && slot.is_some() => {}
+                    Err(error) => return Err(error),
                 }
             }
         }
     }
 
     #[allow(clippy::manual_async_fn)]
-    fn send_http2(
-        &self,
-        mut req: Request<ProxyBody>,
-    ) -> impl Future<Output = SendResult> + use<'_> {
+    fn send_http2<'a>(
+        &'a self,
+        slot: &'a mut RequestSlot,
+    ) -> impl Future<Output = SendResult> + use<'a> {
         async move {
             loop {
                 let (conn, reused) = match self.live_http2() {
                     Some(conn) => (conn, true),
                     // Dialling is rare and its future large: boxed, it does not bloat every request.
-                    None => match Box::pin(self.dial_http2()).await {
-                        Ok(conn) => (conn, false),
-                        Err(e) => return Err(failed(e, Some(req))),
-                    },
+                    None => (Box::pin(self.dial_http2()).await?, false),
                 };
-                match conn.send(req).await {
+                match conn.send(slot).await {
                     Ok(response) => return Ok(response),
                     // The connection ended since the last request (GOAWAY, a closed
                     // socket) and took nothing: dial a new one.
-                    Err((_, Some(unsent))) if reused => req = unsent,
-                    Err((error, unsent)) => {
-                        return Err(failed(UpstreamError::Http2(error), unsent));
-                    }
+                    Err(_) if reused && slot.is_some() => {}
+                    Err(error) => return Err(UpstreamError::Http2(error)),
                 }
             }
         }

@@ -20,7 +20,7 @@ use super::exchange::{self, BodyLeft, MIN_READ, RELAY_CHUNK, SendFailure};
 use super::head::{self, BadResponse, Framing, ResponseHead};
 use crate::body::{BoxError, ProxyBody};
 use crate::forward::is_idempotent;
-use crate::upstream::{RawConn, SendError, Upstream, UpstreamError, failed};
+use crate::upstream::{RawConn, RequestSlot, Upstream, UpstreamError};
 
 /// Room the request head starts with: a typical head fits without growing.
 const HEAD_CAPACITY: usize = 512;
@@ -36,17 +36,18 @@ pub fn fits(req: &Request<ProxyBody>) -> bool {
             .is_none_or(|length| length.as_bytes() == b"0")
 }
 
-/// Sends `req` (for which [`fits`] holds) and reads the response head; the body
-/// follows as the response's body is read. On a failure to connect, the request is
-/// handed back so it can be sent elsewhere.
+/// Sends the request in `slot` (for which [`fits`] holds) and reads the response
+/// head; the body follows as the response's body is read. On a failure to connect,
+/// the request is left in the slot so it can be sent elsewhere.
 ///
-/// Not an `async fn`, which would keep the request twice (see [`Upstream::send`]).
-pub fn send(
-    upstream: &Arc<Upstream>,
-    req: Request<ProxyBody>,
-) -> impl Future<Output = Result<Response<ProxyBody>, Box<SendError>>> + use<'_> {
+/// Not an `async fn`, which would keep its arguments twice (see [`Upstream::send`]).
+pub fn send<'a>(
+    upstream: &'a Arc<Upstream>,
+    slot: &'a mut RequestSlot,
+) -> impl Future<Output = Result<Response<ProxyBody>, UpstreamError>> + use<'a> {
+    let req = slot.as_ref().expect("a request to send");
     let mut outgoing = Vec::with_capacity(HEAD_CAPACITY);
-    write_head(&req, &mut outgoing);
+    write_head(req, &mut outgoing);
     let is_head = req.method() == Method::HEAD;
     let idempotent = is_idempotent(req.method().as_str());
     async move {
@@ -56,8 +57,12 @@ pub fn send(
             Err(failure) => Err(failure),
         };
         result.map_err(|failure| match failure {
-            SendFailure::Connect(error) => failed(error, Some(req)),
-            other => failed(UpstreamError::Http1(Box::new(other)), None),
+            SendFailure::Connect(error) => error,
+            other => {
+                // Written, so not to be sent elsewhere.
+                *slot = None;
+                UpstreamError::Http1(Box::new(other))
+            }
         })
     }
 }
@@ -354,10 +359,7 @@ mod tests {
         )
         .await;
         let upstream = upstream(addr);
-        let response = send(&upstream, get("/"))
-            .await
-            .map_err(|e| e.error)
-            .unwrap();
+        let response = send(&upstream, &mut Some(get("/"))).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["x-a"], "1");
         assert!(!response.headers().contains_key(header::TRANSFER_ENCODING));
@@ -371,10 +373,7 @@ mod tests {
     async fn a_body_until_close_ends_with_the_connection() {
         let (addr, _backend) = backend(b"HTTP/1.1 200 OK\r\n\r\nall of it", true).await;
         let upstream = upstream(addr);
-        let response = send(&upstream, get("/"))
-            .await
-            .map_err(|e| e.error)
-            .unwrap();
+        let response = send(&upstream, &mut Some(get("/"))).await.unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"all of it");
         assert_eq!(upstream.idle_connections(), 0);
@@ -385,10 +384,7 @@ mod tests {
         let (addr, _backend) =
             backend(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", true).await;
         let upstream = upstream(addr);
-        let response = send(&upstream, get("/"))
-            .await
-            .map_err(|e| e.error)
-            .unwrap();
+        let response = send(&upstream, &mut Some(get("/"))).await.unwrap();
         let error = response.into_body().collect().await.expect_err("an error");
         assert!(error.to_string().contains("closed"), "{error}");
         assert_eq!(upstream.idle_connections(), 0);
@@ -405,7 +401,7 @@ mod tests {
             .header(header::TE, "trailers")
             .body(ProxyBody::Empty)
             .unwrap();
-        let response = send(&upstream, req).await.map_err(|e| e.error).unwrap();
+        let response = send(&upstream, &mut Some(req)).await.unwrap();
         assert_eq!(response.status(), StatusCode::NO_CONTENT);
         assert_eq!(upstream.idle_connections(), 1);
         drop(upstream);
@@ -422,13 +418,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let Err(failure) = send(&upstream(addr), get("/")).await else {
-            panic!("a refused connection must fail");
-        };
-        assert!(
-            failure.unsent.is_some(),
-            "nothing was sent: it may go elsewhere"
-        );
+        let mut slot = Some(get("/"));
+        let sent = send(&upstream(addr), &mut slot).await;
+        assert!(sent.is_err(), "a refused connection must fail");
+        assert!(slot.is_some(), "nothing was sent: it may go elsewhere");
     }
 
     #[test]

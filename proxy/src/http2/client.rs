@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 use super::keep_alive::{self, KeepAlive};
 use super::{MAX_HEADER_LIST, pipe};
 use crate::body::ProxyBody;
+use crate::upstream::RequestSlot;
 
 /// hyper's client defaults: room for a few large responses in flight at once.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
@@ -69,17 +70,15 @@ impl Http2Connection {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Sends `req`; a request body streams from a task of its own, since it may go on
-    /// after the response began (gRPC bidirectional streams).
+    /// Sends the request in `slot`; a request body streams from a task of its own,
+    /// since it may go on after the response began (gRPC bidirectional streams).
     ///
-    /// On [`Http2Error::NotSent`] the request comes back, to be sent elsewhere.
-    /// Not an `async fn`, which would keep the request twice (rust-lang/rust#62958).
+    /// On [`Http2Error::NotSent`] the request is left in the slot, to be sent elsewhere.
     #[allow(clippy::manual_async_fn)]
-    pub fn send(
-        &self,
-        req: Request<ProxyBody>,
-    ) -> impl Future<Output = Result<Response<ProxyBody>, (Http2Error, Option<Request<ProxyBody>>)>>
-    + use<'_> {
+    pub fn send<'a>(
+        &'a self,
+        slot: &'a mut RequestSlot,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, Http2Error>> + use<'a> {
         async move {
             let mut sender = self.sender.clone();
             // A fresh clone never waits here: this only finds a connection that
@@ -87,19 +86,19 @@ impl Http2Connection {
             // A request beyond the backend's stream limit waits inside h2 instead.
             if let Err(error) = poll_fn(|cx| sender.poll_ready(cx)).await {
                 self.closed.store(true, Ordering::Release);
-                return Err((Http2Error::NotSent(error), Some(req)));
+                return Err(Http2Error::NotSent(error));
             }
-            let (head, body) = req.into_parts();
+            let (head, body) = slot.take().expect("a request to send").into_parts();
             let end = body.is_end_stream();
             let (response, send) = sender
                 .send_request(Request::from_parts(head, ()), end)
-                .map_err(|e| (Http2Error::Failed(e), None))?;
+                .map_err(Http2Error::Failed)?;
             if !end {
                 tokio::spawn(pipe::send_body(body, send));
             }
             match response.await {
                 Ok(response) => Ok(response.map(ProxyBody::from)),
-                Err(error) => Err((Http2Error::Failed(error), None)),
+                Err(error) => Err(Http2Error::Failed(error)),
             }
         }
     }

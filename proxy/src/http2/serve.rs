@@ -2,14 +2,15 @@
 //! all driven from the connection's task.
 
 use std::future::poll_fn;
-use std::pin::pin;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use h2::server::{self, SendResponse};
 use h2::{Reason, RecvStream};
 use http::{HeaderValue, Request, Response, header};
@@ -97,47 +98,77 @@ where
 /// One request: forwarded, and its response sent back, unless the client resets
 /// the stream first (which drops, and so cancels, the request upstream).
 ///
-/// Not an `async fn`, which would keep the request twice (rust-lang/rust#62958); the
-/// request's future lives in a block of its own, so its room is reused while the
-/// body streams.
-#[allow(clippy::manual_async_fn)]
+/// Two phases chained rather than one `async` block: a block keeps the request it
+/// captured for its whole life, beside the forwarding future that owns it too, and
+/// keeps the forwarding future's room while the body streams. Chained, the one
+/// phase's room is the other's, and this future (moved into place for every
+/// stream) is the size of the larger phase alone.
 fn stream(
     forwarder: Arc<Forwarder>,
     req: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+) -> impl Future<Output = ()> {
+    UntilReset {
+        handling: forwarder.handle(req),
+        respond: Some(respond),
+    }
+    .then(|answered| match answered {
+        Some((response, respond)) => Either::Left(send_response(response, respond)),
+        None => {
+            tracing::trace!("the client reset the stream before its response");
+            Either::Right(std::future::ready(()))
+        }
+    })
+}
+
+pin_project_lite::pin_project! {
+    /// A request's handling, given up when the client resets the stream.
+    struct UntilReset<F> {
+        #[pin]
+        handling: F,
+        // Handed on with the response; `None` only once it was.
+        respond: Option<SendResponse<Bytes>>,
+    }
+}
+
+impl<F: Future<Output = Response<ProxyBody>>> Future for UntilReset<F> {
+    type Output = Option<(Response<ProxyBody>, SendResponse<Bytes>)>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(response) = this.handling.poll(cx) {
+            let respond = this.respond.take().expect("polled after its response");
+            return Poll::Ready(Some((response, respond)));
+        }
+        let respond = this.respond.as_mut().expect("polled after its response");
+        match respond.poll_reset(cx) {
+            Poll::Ready(_) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Sends the response's head now; the future returned sends its body.
+fn send_response(
+    response: Response<ProxyBody>,
     mut respond: SendResponse<Bytes>,
 ) -> impl Future<Output = ()> {
-    async move {
-        let response = {
-            let mut handling = pin!(forwarder.handle(req));
-            poll_fn(|cx| match handling.as_mut().poll(cx) {
-                Poll::Ready(response) => Poll::Ready(Some(response)),
-                Poll::Pending => match respond.poll_reset(cx) {
-                    Poll::Ready(_) => Poll::Ready(None),
-                    Poll::Pending => Poll::Pending,
-                },
-            })
-            .await
-        };
-        let Some(response) = response else {
-            tracing::trace!("the client reset the stream before its response");
-            return;
-        };
-        let (mut head, body) = response.into_parts();
-        let end = body.is_end_stream();
-        if let ProxyBody::Full(Some(data)) = &body
-            && !head.headers.contains_key(header::CONTENT_LENGTH)
-        {
-            // The proxy's own answers: tell the client their length, as HTTP/1 does.
-            head.headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
-        }
-        match respond.send_response(Response::from_parts(head, ()), end) {
-            Ok(send) if !end => pipe::send_body(body, send).await,
-            Ok(_) => {}
-            Err(error) => {
-                tracing::debug!(%error, "HTTP/2 response not sent");
-                respond.send_reset(Reason::INTERNAL_ERROR);
-            }
+    let (mut head, body) = response.into_parts();
+    let end = body.is_end_stream();
+    if let ProxyBody::Full(Some(data)) = &body
+        && !head.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        // The proxy's own answers: tell the client their length, as HTTP/1 does.
+        head.headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
+    }
+    match respond.send_response(Response::from_parts(head, ()), end) {
+        Ok(send) if !end => Either::Left(pipe::send_body(body, send)),
+        Ok(_) => Either::Right(std::future::ready(())),
+        Err(error) => {
+            tracing::debug!(%error, "HTTP/2 response not sent");
+            respond.send_reset(Reason::INTERNAL_ERROR);
+            Either::Right(std::future::ready(()))
         }
     }
 }
