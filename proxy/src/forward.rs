@@ -476,16 +476,16 @@ impl Forwarder {
                     }
                 };
                 record_failure(backend);
-                // Still in the slot: nothing reached the backend, safe to send anywhere.
+                // Still in the slot: nothing reached the backend, safe to send anywhere;
+                // a written request goes again only if it can be replayed.
                 let written = slot.is_none();
-                if !attempts.another(&self.resilience, &set, stats) {
+                let again = attempts.another(&self.resilience, &set, stats)
+                    && (!written || {
+                        slot = replay.as_ref().map(Replay::request);
+                        slot.is_some()
+                    });
+                if !again {
                     return Err(upstream_failed(&destination, backend, &error));
-                }
-                if written {
-                    slot = replay.as_ref().map(Replay::request);
-                    if slot.is_none() {
-                        return Err(upstream_failed(&destination, backend, &error));
-                    }
                 }
                 retrying(&destination, backend, &error, attempts.count(), written).await;
             }
