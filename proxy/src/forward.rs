@@ -17,7 +17,7 @@ use crate::balancer::PickError;
 use crate::body::ProxyBody;
 use crate::destination::{Backend, BackendSet, Destination, Destinations, Resolution};
 use crate::metrics::{DestinationStats, ProxyErrorKind};
-use crate::upstream::{HttpVersion, RequestSlot};
+use crate::upstream::{self, HttpVersion, RequestSlot};
 
 /// How requests find their destination.
 pub enum Router {
@@ -444,18 +444,23 @@ impl Forwarder {
             let req = slot.as_mut().expect("the request, not sent yet");
             strip_hop_by_hop(req.version(), req.headers_mut());
             // A request with no body and a safe-to-repeat method can be sent again when its
-            // backend fails before answering; keep its head for that.
-            let replay = (self.resilience.max_attempts > 1
+            // backend fails before answering. A copy of its head is made only for a
+            // transport that takes the request away (the raw HTTP/1 client leaves it).
+            let replayable = self.resilience.max_attempts > 1
                 && set.balancer.pickable() > 1
                 && http_body::Body::is_end_stream(req.body())
-                && is_idempotent(req.method().as_str()))
-            .then(|| Replay::of(req));
+                && is_idempotent(req.method().as_str());
+            let mut replay: Option<Replay> = None;
             let timeout = self.request_timeout(&set);
             let mut attempts = Attempts::default();
             loop {
                 let backend = set.pick().map_err(|e| nothing_to_pick(&destination, e))?;
                 let version = backend.meta.protocol.version_for(grpc);
-                adapt(slot.as_mut().expect("a request to send"), version);
+                let req = slot.as_mut().expect("a request to send");
+                adapt(req, version);
+                if replayable && replay.is_none() && upstream::takes_request(version, &slot) {
+                    replay = slot.as_ref().map(Replay::of);
+                }
                 let upstream = &backend.state.upstream;
                 let sending = upstream.send(version, &mut slot);
                 // One await for both, so the two futures share their room.
@@ -476,14 +481,16 @@ impl Forwarder {
                     }
                 };
                 record_failure(backend);
-                // Still in the slot: nothing reached the backend, safe to send anywhere;
-                // a written request goes again only if it can be replayed.
-                let written = slot.is_none();
+                // Unwritten: safe to send anywhere; written: only if it can be replayed.
+                let written = error.written(&slot);
                 let again = attempts.another(&self.resilience, &set, stats)
-                    && (!written || {
-                        slot = replay.as_ref().map(Replay::request);
-                        slot.is_some()
-                    });
+                    && (!written
+                        || replayable && {
+                            if slot.is_none() {
+                                slot = replay.as_ref().map(Replay::request);
+                            }
+                            slot.is_some()
+                        });
                 if !again {
                     return Err(upstream_failed(&destination, backend, &error));
                 }

@@ -64,6 +64,13 @@ impl Default for UpstreamSettings {
     }
 }
 
+/// Whether sending the request in `slot` with `version` hands it on, out of the
+/// slot: all but the raw HTTP/1 client's bodiless requests, which it writes from
+/// where they are. A caller that wants to resend such a request keeps a copy.
+pub fn takes_request(version: HttpVersion, slot: &RequestSlot) -> bool {
+    version != HttpVersion::Http1 || !slot.as_ref().is_some_and(client::fits)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("connect: {0}")]
@@ -85,9 +92,20 @@ pub enum UpstreamError {
 /// A request on its way to a backend. The sending futures borrow it rather than
 /// own it, so the request is kept once, in the caller's future, however deep the
 /// send goes (each owning layer would hold its own copy: rust-lang/rust#62958).
-/// It is taken from the slot once a backend may have seen it: a slot that still
-/// holds it after a failure means it was never sent, and may go elsewhere.
+/// A transport that hands the request on (hyper, h2) takes it from the slot once a
+/// backend may have seen it; the raw HTTP/1 client writes it from the slot and
+/// leaves it there. [`UpstreamError::written`] says whether a failed one went out.
 pub type RequestSlot = Option<Request<ProxyBody>>;
+
+impl UpstreamError {
+    /// Whether the backend may have seen the request, given what the send left in
+    /// `slot`: taken by a transport, or written by the raw client (which keeps it).
+    /// An unwritten request may go to any endpoint; a written one only if it can
+    /// safely be sent twice.
+    pub fn written(&self, slot: &RequestSlot) -> bool {
+        slot.is_none() || matches!(self, UpstreamError::Http1(_))
+    }
+}
 
 pub(crate) type SendResult = Result<Response<ProxyBody>, UpstreamError>;
 
@@ -269,8 +287,9 @@ impl Upstream {
         slot: &'a mut RequestSlot,
     ) -> impl Future<Output = SendResult> + use<'a> {
         match version {
-            HttpVersion::Http1 if slot.as_ref().is_some_and(client::fits) => {
-                Either::Left(Either::Left(client::send(self, slot)))
+            HttpVersion::Http1 if !takes_request(version, slot) => {
+                let req = slot.as_ref().expect("a request to send");
+                Either::Left(Either::Left(client::send(self, req)))
             }
             HttpVersion::Http1 => Either::Left(Either::Right(self.send_http1(slot))),
             HttpVersion::Http2 => Either::Right(self.send_http2(slot)),

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde_json::Value;
 use tandem::client::Connection;
+use tokio::io::AsyncReadExt;
 use tokio::sync::Mutex;
 
 use crate::support::*;
@@ -62,16 +64,24 @@ async fn a_backend_killed_under_load_costs_no_client_request() {
         .await;
         let admin = proxy.addr("admin");
 
-        // A steady load of GETs from 3 clients.
+        // A steady load of GETs from 3 clients, the last over HTTP/2 (its requests take
+        // another path to the same HTTP/1 backends).
         let stop = Arc::new(AtomicBool::new(false));
         let failures = Arc::new(Mutex::new(Vec::<String>::new()));
         let answered = Arc::new(Mutex::new(Vec::<(Instant, String)>::new()));
         let mut load = Vec::new();
-        for _ in 0..3 {
+        for client in 0..3 {
             let (stop, failures, answered) = (stop.clone(), failures.clone(), answered.clone());
             let addr = proxy.addr("proxy");
+            let connect = move || async move {
+                if client == 2 {
+                    Connection::http2(addr).await.unwrap()
+                } else {
+                    Connection::http1(addr).await.unwrap()
+                }
+            };
             load.push(tokio::spawn(async move {
-                let mut conn = Connection::http1(addr).await.unwrap();
+                let mut conn = connect().await;
                 for _ in 0..100_000 {
                     if stop.load(Ordering::Relaxed) {
                         break;
@@ -87,7 +97,7 @@ async fn a_backend_killed_under_load_costs_no_client_request() {
                             .push(format!("{} {}", r.status, r.text())),
                         Err(e) => {
                             failures.lock().await.push(format!("{e:#}"));
-                            conn = Connection::http1(addr).await.unwrap();
+                            conn = connect().await;
                         }
                     }
                 }
@@ -359,6 +369,62 @@ async fn active_health_checks_take_failing_endpoints_out_without_client_traffic(
         assert!(responses <= 1, "only the first request could have reached it: {responses}");
         let seen = instances(&mut conn, "web", 20).await;
         assert!(seen.iter().all(|i| i == "good"), "{seen:?}");
+    })
+    .await
+}
+
+/// A backend that reads each request head and hangs up without answering: the
+/// request reached it, so only one that is safe to send twice may go elsewhere.
+async fn hang_up_backend() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_request_a_backend_dropped_goes_elsewhere_only_if_safe_to_repeat() {
+    bounded(LIMIT, async {
+        let good = backend("instance-1").await;
+        let dropper = hang_up_backend().await;
+        let proxy = static_proxy(&[good.addr("http"), dropper], &[]).await;
+        let addr = proxy.addr("proxy");
+
+        // Two POSTs in a row: one is picked for the dropper, and fails as it must.
+        let mut h2 = Connection::http2(addr).await.unwrap();
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            let reply = h2.send("POST", "web", "/", Bytes::new()).await.unwrap();
+            statuses.push(reply.status.as_u16());
+        }
+        statuses.sort();
+        assert_eq!(statuses, [200, 502], "a POST is never sent twice");
+
+        // GETs, over HTTP/2 and HTTP/1 (two paths to the same backends), all answered.
+        let mut h1 = Connection::http1(addr).await.unwrap();
+        for i in 0..20 {
+            let conn = if i % 2 == 0 { &mut h2 } else { &mut h1 };
+            let reply = conn.get("web", "/").await.unwrap();
+            assert_eq!(
+                (reply.status.as_u16(), reply.instance()),
+                (200, Some("instance-1")),
+                "GET {i}: {}",
+                reply.text()
+            );
+        }
     })
     .await
 }

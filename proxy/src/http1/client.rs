@@ -20,7 +20,7 @@ use super::exchange::{self, BodyLeft, MIN_READ, RELAY_CHUNK, SendFailure};
 use super::head::{self, BadResponse, Framing, ResponseHead};
 use crate::body::{BoxError, ProxyBody};
 use crate::forward::is_idempotent;
-use crate::upstream::{RawConn, RequestSlot, Upstream, UpstreamError};
+use crate::upstream::{RawConn, Upstream, UpstreamError};
 
 /// Room the request head starts with: a typical head fits without growing.
 const HEAD_CAPACITY: usize = 512;
@@ -36,16 +36,16 @@ pub fn fits(req: &Request<ProxyBody>) -> bool {
             .is_none_or(|length| length.as_bytes() == b"0")
 }
 
-/// Sends the request in `slot` (for which [`fits`] holds) and reads the response
-/// head; the body follows as the response's body is read. On a failure to connect,
-/// the request is left in the slot so it can be sent elsewhere.
+/// Sends `req` (for which [`fits`] holds) and reads the response head; the body
+/// follows as the response's body is read. The request is only read (its head is
+/// written out at once), so it stays with the caller to be sent again after a
+/// failure; [`UpstreamError::written`] says whether the backend may have seen it.
 ///
-/// Not an `async fn`, which would keep its arguments twice (see [`Upstream::send`]).
+/// Not an `async fn`, which would keep its arguments (see [`Upstream::send`]).
 pub fn send<'a>(
     upstream: &'a Arc<Upstream>,
-    slot: &'a mut RequestSlot,
+    req: &Request<ProxyBody>,
 ) -> impl Future<Output = Result<Response<ProxyBody>, UpstreamError>> + use<'a> {
-    let req = slot.as_ref().expect("a request to send");
     let mut outgoing = Vec::with_capacity(HEAD_CAPACITY);
     write_head(req, &mut outgoing);
     let is_head = req.method() == Method::HEAD;
@@ -58,11 +58,7 @@ pub fn send<'a>(
         };
         result.map_err(|failure| match failure {
             SendFailure::Connect(error) => error,
-            other => {
-                // Written, so not to be sent elsewhere.
-                *slot = None;
-                UpstreamError::Http1(Box::new(other))
-            }
+            written => UpstreamError::Http1(Box::new(written)),
         })
     }
 }
@@ -359,7 +355,7 @@ mod tests {
         )
         .await;
         let upstream = upstream(addr);
-        let response = send(&upstream, &mut Some(get("/"))).await.unwrap();
+        let response = send(&upstream, &get("/")).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["x-a"], "1");
         assert!(!response.headers().contains_key(header::TRANSFER_ENCODING));
@@ -373,7 +369,7 @@ mod tests {
     async fn a_body_until_close_ends_with_the_connection() {
         let (addr, _backend) = backend(b"HTTP/1.1 200 OK\r\n\r\nall of it", true).await;
         let upstream = upstream(addr);
-        let response = send(&upstream, &mut Some(get("/"))).await.unwrap();
+        let response = send(&upstream, &get("/")).await.unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"all of it");
         assert_eq!(upstream.idle_connections(), 0);
@@ -384,7 +380,7 @@ mod tests {
         let (addr, _backend) =
             backend(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", true).await;
         let upstream = upstream(addr);
-        let response = send(&upstream, &mut Some(get("/"))).await.unwrap();
+        let response = send(&upstream, &get("/")).await.unwrap();
         let error = response.into_body().collect().await.expect_err("an error");
         assert!(error.to_string().contains("closed"), "{error}");
         assert_eq!(upstream.idle_connections(), 0);
@@ -401,7 +397,7 @@ mod tests {
             .header(header::TE, "trailers")
             .body(ProxyBody::Empty)
             .unwrap();
-        let response = send(&upstream, &mut Some(req)).await.unwrap();
+        let response = send(&upstream, &req).await.unwrap();
         assert_eq!(response.status(), StatusCode::NO_CONTENT);
         assert_eq!(upstream.idle_connections(), 1);
         drop(upstream);
@@ -414,14 +410,43 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_connection_hands_the_request_back() {
+    async fn a_refused_connection_is_not_written() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let mut slot = Some(get("/"));
-        let sent = send(&upstream(addr), &mut slot).await;
-        assert!(sent.is_err(), "a refused connection must fail");
-        assert!(slot.is_some(), "nothing was sent: it may go elsewhere");
+        let slot = Some(get("/"));
+        let Err(error) = send(&upstream(addr), slot.as_ref().unwrap()).await else {
+            panic!("no response can come");
+        };
+        assert!(
+            !error.written(&slot),
+            "nothing was sent: it may go elsewhere"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_hangs_up_after_the_request_has_seen_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the request arrives before the hang-up");
+        });
+        let slot = Some(get("/"));
+        let Err(error) = send(&upstream(addr), slot.as_ref().unwrap()).await else {
+            panic!("no response can come");
+        };
+        backend.await.unwrap();
+        assert!(
+            error.written(&slot),
+            "written: only an idempotent request goes again"
+        );
+        assert!(
+            slot.is_some(),
+            "kept, so it can be sent again without a copy"
+        );
     }
 
     #[test]
