@@ -483,16 +483,14 @@ impl Forwarder {
                 record_failure(backend);
                 // Unwritten: safe to send anywhere; written: only if it can be replayed.
                 let written = error.written(&slot);
-                let again = attempts.another(&self.resilience, &set, stats)
-                    && (!written
-                        || replayable && {
-                            if slot.is_none() {
-                                slot = replay.as_ref().map(Replay::request);
-                            }
-                            slot.is_some()
-                        });
+                let again =
+                    attempts.another(&self.resilience, &set, stats) && (!written || replayable);
                 if !again {
                     return Err(upstream_failed(&destination, backend, &error));
+                }
+                if slot.is_none() {
+                    // Taken by its transport, so copied before the send.
+                    slot = replay.as_ref().map(Replay::request);
                 }
                 retrying(&destination, backend, &error, attempts.count(), written).await;
             }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use tandem::process::Spawned;
 
@@ -324,29 +324,8 @@ async fn connection_close_and_malformed_requests_are_handled_like_a_server_would
 /// A backend that closes every connection right after its response, without saying
 /// so: each pooled connection the proxy keeps is dead by the time it is reused.
 async fn closing_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-tandem-instance: closing\r\n\r\nok")
-                    .await;
-            });
-        }
-    });
-    addr
+    raw_backend(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-tandem-instance: closing\r\n\r\nok")
+        .await
 }
 
 #[tokio::test]

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 use tandem::client::Connection;
-use tokio::io::AsyncReadExt;
 use tokio::sync::Mutex;
 
 use crate::support::*;
@@ -373,33 +372,13 @@ async fn active_health_checks_take_failing_endpoints_out_without_client_traffic(
     .await
 }
 
-/// A backend that reads each request head and hangs up without answering: the
-/// request reached it, so only one that is safe to send twice may go elsewhere.
-async fn hang_up_backend() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn a_request_a_backend_dropped_goes_elsewhere_only_if_safe_to_repeat() {
     bounded(LIMIT, async {
         let good = backend("instance-1").await;
-        let dropper = hang_up_backend().await;
+        // Reads each request head and hangs up: the request reached it, so only one
+        // that is safe to send twice may go elsewhere.
+        let dropper = raw_backend(b"").await;
         let proxy = static_proxy(&[good.addr("http"), dropper], &[]).await;
         let addr = proxy.addr("proxy");
 

@@ -99,6 +99,30 @@ pub async fn logging_backend(name: &str) -> Spawned {
     start_backend(name, &[], true).await
 }
 
+/// A backend in the test itself, below HTTP: it reads each request head, writes
+/// `reply` as it is (nothing, to hang up unanswered) and closes the connection.
+pub async fn raw_backend(reply: &'static [u8]) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = stream.write_all(reply).await;
+            });
+        }
+    });
+    addr
+}
+
 async fn start_backend(name: &str, extra: &[&str], logging: bool) -> Spawned {
     let mut args = vec!["backend", "--name", name];
     if !logging {
