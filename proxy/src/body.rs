@@ -5,11 +5,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use h2::RecvStream;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::http1::client::ResponseBody;
+use crate::http2::{self, RecvStream};
 use crate::upstream::Lease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -112,8 +112,8 @@ impl Body for ProxyBody {
     }
 }
 
-/// Data, then trailers. Window is given back as soon as a frame is taken: the body
-/// is not buffered here, so what it holds is what the other side has not yet taken.
+/// Data, then trailers. Window is given back as each frame is taken: the body is
+/// not buffered here, so what it holds is what the other side has not yet taken.
 fn poll_http2(
     recv: &mut RecvStream,
     data_done: &mut bool,
@@ -122,7 +122,6 @@ fn poll_http2(
     if !*data_done {
         match ready!(recv.poll_data(cx)) {
             Some(Ok(data)) => {
-                let _ = recv.flow_control().release_capacity(data.len());
                 return Poll::Ready(Some(Ok(Frame::data(data))));
             }
             Some(Err(e)) => return Poll::Ready(early_end(e)),
@@ -137,9 +136,9 @@ fn poll_http2(
 
 /// A reset with NO_ERROR ends a body early without failing it (RFC 9113 §8.1: the
 /// server answered without needing the rest of the request).
-fn early_end(e: h2::Error) -> Option<Result<Frame<Bytes>, BoxError>> {
-    match e.reason() {
-        Some(h2::Reason::NO_ERROR) => None,
+fn early_end(e: http2::Error) -> Option<Result<Frame<Bytes>, BoxError>> {
+    match e {
+        http2::Error::Reset(http2::Reason::NO_ERROR) => None,
         _ => Some(Err(e.into())),
     }
 }

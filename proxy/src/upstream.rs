@@ -68,7 +68,12 @@ impl Default for UpstreamSettings {
 /// slot: all but the raw HTTP/1 client's bodiless requests, which it writes from
 /// where they are. A caller that wants to resend such a request keeps a copy.
 pub fn takes_request(version: HttpVersion, slot: &RequestSlot) -> bool {
-    version != HttpVersion::Http1 || !slot.as_ref().is_some_and(client::fits)
+    match version {
+        HttpVersion::Http1 => !slot.as_ref().is_some_and(client::fits),
+        HttpVersion::Http2 => !slot
+            .as_ref()
+            .is_some_and(|req| http_body::Body::is_end_stream(req.body())),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,8 +84,6 @@ pub enum UpstreamError {
     ConnectTimeout(Duration),
     #[error("HTTP/1 handshake: {0}")]
     Handshake(hyper::Error),
-    #[error("HTTP/2 handshake: {0}")]
-    Http2Handshake(h2::Error),
     #[error("{0}")]
     Request(hyper::Error),
     #[error("{0}")]
@@ -103,7 +106,11 @@ impl UpstreamError {
     /// An unwritten request may go to any endpoint; a written one only if it can
     /// safely be sent twice.
     pub fn written(&self, slot: &RequestSlot) -> bool {
-        slot.is_none() || matches!(self, UpstreamError::Http1(_))
+        slot.is_none()
+            || matches!(
+                self,
+                UpstreamError::Http1(_) | UpstreamError::Http2(Http2Error::Failed(_))
+            )
     }
 }
 
@@ -332,7 +339,7 @@ impl Upstream {
                     Ok(response) => return Ok(response),
                     // The connection ended since the last request (GOAWAY, a closed
                     // socket) and took nothing: dial a new one.
-                    Err(_) if reused && slot.is_some() => {}
+                    Err(Http2Error::NotSent(_)) if reused => {}
                     Err(error) => return Err(UpstreamError::Http2(error)),
                 }
             }
@@ -429,10 +436,7 @@ impl Upstream {
             return Ok(conn);
         }
         let stream = self.dial().await?;
-        let conn = Http2Connection::handshake(stream, self.addr)
-            .await
-            .map_err(UpstreamError::Http2Handshake)?;
-        let conn = Arc::new(conn);
+        let conn = Arc::new(Http2Connection::handshake(stream, self.addr).await);
         self.h2.store(Some(conn.clone()));
         Ok(conn)
     }

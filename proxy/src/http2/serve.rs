@@ -7,27 +7,33 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use h2::server::{self, SendResponse};
-use h2::{Reason, RecvStream};
 use http::{HeaderValue, Request, Response, header};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::connection::Connection;
 use super::keep_alive::KeepAlive;
+use super::session::Config;
+use super::streams::{RecvStream, SendResponse};
 use super::{MAX_HEADER_LIST, pipe};
 use crate::body::ProxyBody;
 use crate::connections::ConnControl;
 use crate::forward::Forwarder;
 
-const MAX_CONCURRENT_STREAMS: u32 = 1024;
-/// hyper's server defaults, which clients and benchmarks are used to.
-const STREAM_WINDOW: u32 = 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 1024 * 1024;
-const MAX_SEND_BUFFER: usize = 400 * 1024;
+fn config() -> Config {
+    Config {
+        max_concurrent_streams: 1024,
+        // hyper's server defaults, which clients and benchmarks are used to.
+        stream_window: 1024 * 1024,
+        connection_window: 1024 * 1024,
+        max_header_list: MAX_HEADER_LIST,
+        max_send_buffer: super::MAX_SEND_BUFFER,
+    }
+}
+
 /// A client that opened the connection must finish the preface and SETTINGS by then.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -37,57 +43,53 @@ pub async fn serve<IO>(forwarder: &Arc<Forwarder>, control: &ConnControl, io: IO
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let handshake = server::Builder::new()
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_send_buffer_size(MAX_SEND_BUFFER)
-        .max_header_list_size(MAX_HEADER_LIST)
-        .handshake::<_, Bytes>(io);
-    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(error)) => {
-            tracing::debug!(%error, "HTTP/2 handshake failed");
+    let mut conn = Connection::server(io, config());
+    let handshake = poll_fn(|cx| {
+        let over = conn.poll_read(cx).is_ready();
+        let _ = conn.poll_flush(cx);
+        if over {
+            Poll::Ready(false)
+        } else if conn.session().lock().got_settings {
+            Poll::Ready(true)
+        } else {
+            Poll::Pending
+        }
+    });
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::debug!("HTTP/2 handshake failed");
             return;
         }
         Err(_) => {
             tracing::debug!("HTTP/2 handshake timed out");
             return;
         }
-    };
-    let mut keep_alive = conn.ping_pong().map(KeepAlive::new);
+    }
+    let mut keep_alive = KeepAlive::new();
     let mut streams = FuturesUnordered::new();
     let mut closing = false;
     poll_fn(|cx| {
         if !closing && control.closing(cx) {
             closing = true;
-            conn.graceful_shutdown();
+            conn.session().lock().go_away();
         }
-        // Drives the connection's I/O, and starts a stream for every new request.
-        let over = loop {
-            match conn.poll_accept(cx) {
-                Poll::Ready(Some(Ok((req, respond)))) => {
-                    streams.push(stream(forwarder.clone(), req, respond));
-                }
-                Poll::Ready(Some(Err(error))) => {
-                    tracing::debug!(%error, "HTTP/2 connection error");
-                    break true;
-                }
-                // Closed by the client, or drained after GOAWAY.
-                Poll::Ready(None) => break true,
-                Poll::Pending => break false,
-            }
-        };
-        if over {
+        // Reads what came, and starts a stream for every new request.
+        let over = conn.poll_read(cx).is_ready();
+        while let Some((req, respond)) = conn.accept() {
+            streams.push(stream(forwarder.clone(), req, respond));
+        }
+        // Every stream woken makes progress; what they write leaves in the flush
+        // below, so one wake-up's responses leave in one write.
+        while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+        let flushed = conn.poll_flush(cx).is_ready();
+        if over || (flushed && streams.is_empty() && conn.finished()) {
             return Poll::Ready(());
         }
-        // Every stream woken makes progress; h2 writes what they queued on the
-        // connection's next turn, so one wake-up's responses leave in one write.
-        while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
-        if let Some(keep_alive) = &mut keep_alive
-            && keep_alive.poll_dead(cx, || conn.has_streams()).is_ready()
+        if keep_alive
+            .poll_dead(cx, conn.session(), || !streams.is_empty())
+            .is_ready()
         {
-            conn.abrupt_shutdown(Reason::NO_ERROR);
             return Poll::Ready(());
         }
         Poll::Pending
@@ -106,7 +108,7 @@ where
 fn stream(
     forwarder: Arc<Forwarder>,
     req: Request<RecvStream>,
-    respond: SendResponse<Bytes>,
+    respond: SendResponse,
 ) -> impl Future<Output = ()> {
     UntilReset {
         handling: forwarder.handle(req),
@@ -127,12 +129,12 @@ pin_project_lite::pin_project! {
         #[pin]
         handling: F,
         // Handed on with the response; `None` only once it was.
-        respond: Option<SendResponse<Bytes>>,
+        respond: Option<SendResponse>,
     }
 }
 
 impl<F: Future<Output = Response<ProxyBody>>> Future for UntilReset<F> {
-    type Output = Option<(Response<ProxyBody>, SendResponse<Bytes>)>;
+    type Output = Option<(Response<ProxyBody>, SendResponse)>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -141,18 +143,12 @@ impl<F: Future<Output = Response<ProxyBody>>> Future for UntilReset<F> {
             return Poll::Ready(Some((response, respond)));
         }
         let respond = this.respond.as_mut().expect("polled after its response");
-        match respond.poll_reset(cx) {
-            Poll::Ready(_) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
+        respond.poll_reset(cx).map(|_| None)
     }
 }
 
 /// Sends the response's head now; the future returned sends its body.
-fn send_response(
-    response: Response<ProxyBody>,
-    mut respond: SendResponse<Bytes>,
-) -> impl Future<Output = ()> {
+fn send_response(response: Response<ProxyBody>, respond: SendResponse) -> impl Future<Output = ()> {
     let (mut head, body) = response.into_parts();
     let end = body.is_end_stream();
     if let ProxyBody::Full(Some(data)) = &body
@@ -162,12 +158,11 @@ fn send_response(
         head.headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
     }
-    match respond.send_response(Response::from_parts(head, ()), end) {
-        Ok(send) if !end => Either::Left(pipe::send_body(body, send)),
-        Ok(_) => Either::Right(std::future::ready(())),
+    match respond.send_response(&head, end) {
+        Ok(Some(send)) => Either::Left(pipe::send_body(body, send)),
+        Ok(None) => Either::Right(std::future::ready(())),
         Err(error) => {
             tracing::debug!(%error, "HTTP/2 response not sent");
-            respond.send_reset(Reason::INTERNAL_ERROR);
             Either::Right(std::future::ready(()))
         }
     }

@@ -1,0 +1,212 @@
+//! The I/O of one HTTP/2 connection: reads frames into its [`Session`] and writes
+//! out what the session's streams produced. Runs in one task; the streams' handles
+//! may be anywhere.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use http::Request;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::error::ConnectionError;
+use super::frame::{self, Head, Reason};
+use super::session::{Accepted, Config, Fatal, Role, Session};
+use super::streams::{Client, RecvStream, SendResponse};
+
+/// Room the read buffer keeps: a whole frame of the largest size the proxy allows.
+const READ_BUFFER: usize = frame::DEFAULT_MAX_FRAME_SIZE as usize + frame::HEADER_LEN;
+/// A write buffer grown past this by a burst is let go once written.
+const WRITE_BUFFER_KEPT: usize = 64 * 1024;
+
+pub struct Connection<IO> {
+    io: IO,
+    session: Arc<Session>,
+    rbuf: BytesMut,
+    /// What is being written: the session's output, swapped out whole.
+    wbuf: Vec<u8>,
+    written: usize,
+    /// A server has yet to see the client's preface.
+    preface: bool,
+    /// Requests the client opened, not yet taken by [`Connection::accept`].
+    accepted: VecDeque<Accepted>,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
+    /// The server end of a connection whose client will send the preface.
+    pub fn server(io: IO, config: Config) -> Self {
+        Self::new(io, Session::new(Role::Server, config), true)
+    }
+
+    /// The client end (prior knowledge): the preface and SETTINGS go out on the
+    /// first flush; requests go through the [`Client`].
+    pub fn client(io: IO, config: Config) -> (Self, Client) {
+        let session = Session::new(Role::Client, config);
+        let client = Client::new(session.clone());
+        (Self::new(io, session, false), client)
+    }
+
+    fn new(io: IO, session: Arc<Session>, preface: bool) -> Self {
+        Self {
+            io,
+            session,
+            rbuf: BytesMut::with_capacity(READ_BUFFER),
+            wbuf: Vec::new(),
+            written: 0,
+            preface,
+            accepted: VecDeque::new(),
+        }
+    }
+
+    pub fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
+    /// Reads and handles what the peer sent, until the socket has no more. Ready
+    /// when the connection is over for reading (closed, or failed).
+    ///
+    /// Call [`poll_flush`](Self::poll_flush) after this (and after polling the
+    /// streams): until then, what streams write is left for that flush to send.
+    pub fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        {
+            let mut inner = self.session.lock();
+            inner.polling = true;
+            match &inner.conn_waker {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                _ => inner.conn_waker = Some(cx.waker().clone()),
+            }
+            if inner.error.is_some() {
+                return Poll::Ready(());
+            }
+        }
+        loop {
+            if !self.handle_frames() {
+                return Poll::Ready(());
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < frame::HEADER_LEN {
+                self.rbuf.reserve(READ_BUFFER);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    self.session.lock().lost(ConnectionError::Closed);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    self.session.lock().lost(ConnectionError::Io(e));
+                    return Poll::Ready(());
+                }
+            }
+        }
+    }
+
+    /// Handles every whole frame in the read buffer, under one lock. False once the
+    /// connection failed.
+    fn handle_frames(&mut self) -> bool {
+        if self.rbuf.len() < frame::HEADER_LEN {
+            return true;
+        }
+        let mut inner = self.session.lock();
+        if self.preface {
+            if self.rbuf.len() < frame::PREFACE.len() {
+                return true;
+            }
+            if &self.rbuf[..frame::PREFACE.len()] != frame::PREFACE {
+                inner.fail(Fatal(
+                    Reason::PROTOCOL_ERROR,
+                    "no HTTP/2 connection preface".into(),
+                ));
+                return false;
+            }
+            self.rbuf.advance(frame::PREFACE.len());
+            self.preface = false;
+        }
+        while self.rbuf.len() >= frame::HEADER_LEN {
+            let head = Head::parse(&self.rbuf[..frame::HEADER_LEN]);
+            if head.len > frame::DEFAULT_MAX_FRAME_SIZE as usize {
+                inner.fail(Fatal(
+                    Reason::FRAME_SIZE_ERROR,
+                    format!("a frame of {} bytes", head.len),
+                ));
+                return false;
+            }
+            let whole = frame::HEADER_LEN + head.len;
+            if self.rbuf.len() < whole {
+                self.rbuf.reserve(whole - self.rbuf.len());
+                break;
+            }
+            let mut payload = self.rbuf.split_to(whole);
+            payload.advance(frame::HEADER_LEN);
+            if let Err(fatal) = inner.on_frame(head, payload.freeze()) {
+                inner.fail(fatal);
+                return false;
+            }
+        }
+        self.accepted.extend(inner.accepted.drain(..));
+        inner.error.is_none()
+    }
+
+    /// Writes out everything the session has for the peer. Ready when all of it is
+    /// written (or the connection failed, which the session then knows).
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            while self.written < self.wbuf.len() {
+                match Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.written..]) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(0)) => {
+                        let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                        self.session.lock().lost(ConnectionError::Io(e));
+                        return Poll::Ready(());
+                    }
+                    Poll::Ready(Ok(n)) => self.written += n,
+                    Poll::Ready(Err(e)) => {
+                        self.session.lock().lost(ConnectionError::Io(e));
+                        return Poll::Ready(());
+                    }
+                }
+            }
+            self.written = 0;
+            self.wbuf.clear();
+            if self.wbuf.capacity() > WRITE_BUFFER_KEPT {
+                self.wbuf = Vec::new();
+            }
+            let mut inner = self.session.lock();
+            inner.schedule();
+            if inner.out.is_empty() {
+                inner.polling = false;
+                drop(inner);
+                // TLS keeps records until flushed; a TCP socket has nothing to do.
+                return match Pin::new(&mut self.io).poll_flush(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(_) => Poll::Ready(()),
+                };
+            }
+            std::mem::swap(&mut inner.out, &mut self.wbuf);
+        }
+    }
+
+    /// A request the client opened (server), with where its response goes.
+    pub fn accept(&mut self) -> Option<(Request<RecvStream>, SendResponse)> {
+        let Accepted {
+            key,
+            head,
+            end_stream,
+        } = self.accepted.pop_front()?;
+        let body = if end_stream {
+            RecvStream::empty()
+        } else {
+            RecvStream::new(self.session.clone(), key)
+        };
+        let respond = SendResponse::new(self.session.clone(), key);
+        Some((Request::from_parts(head, body), respond))
+    }
+
+    /// Whether the connection is done: failed or closed, or drained after GOAWAY
+    /// (server) or after its client handle went (client).
+    pub fn finished(&self) -> bool {
+        self.accepted.is_empty() && self.session.lock().finished()
+    }
+}

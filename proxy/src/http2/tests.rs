@@ -1,0 +1,316 @@
+//! The HTTP/2 implementation against another one (the `h2` crate, which hyper,
+//! tonic and most of the Rust ecosystem use) and against raw frames, over in-memory
+//! pipes.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+use super::connection::Connection;
+use super::error::Error;
+use super::frame::{self, Reason};
+use super::session::{Config, Session};
+use super::streams::{Client, RecvStream, SendResponse};
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn config() -> Config {
+    Config {
+        max_concurrent_streams: 100,
+        stream_window: 65_535,
+        connection_window: 65_535,
+        max_header_list: 16 * 1024,
+        max_send_buffer: 16 * 1024,
+    }
+}
+
+async fn read_all(body: &mut RecvStream) -> Result<Vec<u8>, Error> {
+    let mut all = Vec::new();
+    while let Some(chunk) = poll_fn(|cx| body.poll_data(cx)).await {
+        all.extend_from_slice(&chunk?);
+    }
+    Ok(all)
+}
+
+/// Our server on `io`: every request gets its body back, with its trailers, and an
+/// `x-length` header saying how long it was.
+fn echo_server(io: DuplexStream) {
+    tokio::spawn(async move {
+        let mut conn = Connection::server(io, config());
+        poll_fn(|cx| {
+            let over = conn.poll_read(cx).is_ready();
+            while let Some((req, respond)) = conn.accept() {
+                tokio::spawn(echo(req, respond));
+            }
+            let _ = conn.poll_flush(cx);
+            if over { Poll::Ready(()) } else { Poll::Pending }
+        })
+        .await;
+    });
+}
+
+async fn echo(req: Request<RecvStream>, respond: SendResponse) {
+    let (_, mut body) = req.into_parts();
+    let Ok(data) = read_all(&mut body).await else {
+        return;
+    };
+    let trailers = poll_fn(|cx| body.poll_trailers(cx)).await.ok().flatten();
+    let mut head = Response::new(()).into_parts().0;
+    head.headers
+        .insert("x-length", HeaderValue::from(data.len()));
+    let Ok(Some(mut send)) = respond.send_response(&head, false) else {
+        return;
+    };
+    for chunk in data.chunks(10_000) {
+        if poll_fn(|cx| send.poll_ready(cx)).await.is_err() {
+            return;
+        }
+        let _ = send.send_data(Bytes::copy_from_slice(chunk), false);
+    }
+    let _ = poll_fn(|cx| send.poll_ready(cx)).await;
+    match trailers {
+        Some(trailers) => drop(send.send_trailers(trailers)),
+        None => drop(send.send_data(Bytes::new(), true)),
+    }
+}
+
+/// Our client on `io`, its connection driven by a task of its own.
+fn client_on(io: DuplexStream) -> (Client, Arc<Session>) {
+    let (mut conn, client) = Connection::client(io, config());
+    let session = conn.session().clone();
+    tokio::spawn(async move {
+        poll_fn(|cx| {
+            let over = conn.poll_read(cx).is_ready();
+            let _ = conn.poll_flush(cx);
+            if over || conn.finished() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    });
+    (client, session)
+}
+
+async fn h2_client(io: DuplexStream) -> h2::client::SendRequest<Bytes> {
+    let (send, conn) = h2::client::handshake(io).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    send
+}
+
+async fn h2_read(mut body: h2::RecvStream) -> Result<(Vec<u8>, Option<HeaderMap>), h2::Error> {
+    let mut all = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        all.extend_from_slice(&chunk);
+    }
+    Ok((all, body.trailers().await?))
+}
+
+#[tokio::test]
+async fn bodies_beyond_every_window_and_trailers_go_both_ways() {
+    tokio::time::timeout(LIMIT, async {
+        let (ours, theirs) = tokio::io::duplex(8 * 1024);
+        echo_server(ours);
+        let mut client = h2_client(theirs).await;
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let req = Request::post("http://example/echo").body(()).unwrap();
+        let (response, mut send) = client.send_request(req, false).unwrap();
+        let sending = body.clone();
+        tokio::spawn(async move {
+            for chunk in sending.chunks(16_000) {
+                send.reserve_capacity(chunk.len());
+                while send.capacity() < chunk.len() {
+                    poll_fn(|cx| send.poll_capacity(cx)).await.unwrap().unwrap();
+                }
+                send.send_data(Bytes::copy_from_slice(chunk), false)
+                    .unwrap();
+            }
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            send.send_trailers(trailers).unwrap();
+        });
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["x-length"], "300000");
+        let (echoed, trailers) = h2_read(response.into_body()).await.unwrap();
+        assert!(echoed == body, "the body came back changed");
+        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+        // And the connection goes on.
+        client = client.ready().await.unwrap();
+        let (response, _) = client
+            .send_request(Request::get("http://example/").body(()).unwrap(), true)
+            .unwrap();
+        assert_eq!(response.await.unwrap().headers()["x-length"], "0");
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn a_body_shorter_than_its_content_length_is_reset_alone() {
+    tokio::time::timeout(LIMIT, async {
+        let (ours, theirs) = tokio::io::duplex(8 * 1024);
+        echo_server(ours);
+        let client = h2_client(theirs).await;
+        let req = Request::post("http://example/")
+            .header("content-length", "10")
+            .body(())
+            .unwrap();
+        let (response, mut send) = client.clone().send_request(req, false).unwrap();
+        send.send_data(Bytes::from_static(b"short"), true).unwrap();
+        let error = response.await.expect_err("reset");
+        assert_eq!(error.reason(), Some(h2::Reason::PROTOCOL_ERROR));
+        let mut client = client.ready().await.unwrap();
+        let (response, _) = client
+            .send_request(Request::get("http://example/").body(()).unwrap(), true)
+            .unwrap();
+        assert_eq!(response.await.unwrap().status(), StatusCode::OK);
+    })
+    .await
+    .expect("in time");
+}
+
+/// Reads frames from a raw peer until one of `kind` arrives.
+async fn frame_of(io: &mut DuplexStream, kind: u8) -> (frame::Head, Vec<u8>) {
+    loop {
+        let mut head = [0u8; frame::HEADER_LEN];
+        io.read_exact(&mut head).await.expect("a frame");
+        let head = frame::Head::parse(&head);
+        let mut payload = vec![0; head.len];
+        io.read_exact(&mut payload).await.expect("its payload");
+        if head.kind == kind {
+            return (head, payload);
+        }
+    }
+}
+
+#[tokio::test]
+async fn protocol_errors_end_the_connection_with_goaway() {
+    tokio::time::timeout(LIMIT, async {
+        let cases: [(&str, Vec<u8>, Reason); 4] = [
+            (
+                "DATA on stream 0",
+                raw(frame::DATA, 0, 0, b"x"),
+                Reason::PROTOCOL_ERROR,
+            ),
+            (
+                "a frame above the size limit",
+                raw(frame::PING, 0, 0, &[0; 17_000]),
+                Reason::FRAME_SIZE_ERROR,
+            ),
+            (
+                "a header block that does not decode",
+                raw(frame::HEADERS, frame::END_HEADERS, 1, &[0xff]),
+                Reason::COMPRESSION_ERROR,
+            ),
+            (
+                "a window beyond 2^31-1",
+                raw(frame::WINDOW_UPDATE, 0, 0, &0x7fff_ffffu32.to_be_bytes()),
+                Reason::FLOW_CONTROL_ERROR,
+            ),
+        ];
+        for (case, bad, reason) in cases {
+            let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+            echo_server(ours);
+            theirs.write_all(frame::PREFACE).await.unwrap();
+            theirs
+                .write_all(&raw(frame::SETTINGS, 0, 0, &[]))
+                .await
+                .unwrap();
+            theirs.write_all(&bad).await.unwrap();
+            let (_, goaway) = frame_of(&mut theirs, frame::GOAWAY).await;
+            let code = u32::from_be_bytes(goaway[4..8].try_into().unwrap());
+            assert_eq!(Reason(code), reason, "{case}");
+        }
+    })
+    .await
+    .expect("in time");
+}
+
+fn raw(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    frame::put_head(&mut out, payload.len(), kind, flags, stream);
+    out.extend_from_slice(payload);
+    out
+}
+
+#[tokio::test]
+async fn requests_beyond_a_backends_stream_limit_wait_their_turn() {
+    tokio::time::timeout(LIMIT, async {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        // The backend: h2, one stream at a time, answering each request with its path.
+        tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new()
+                .max_concurrent_streams(1)
+                .handshake::<_, Bytes>(theirs)
+                .await
+                .unwrap();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    let mut send = respond.send_response(Response::new(()), false).unwrap();
+                    send.send_data(Bytes::from(req.uri().path().to_string()), true)
+                        .unwrap();
+                });
+            }
+        });
+        let (client, session) = client_on(ours);
+        // As the proxy does (`client.rs`): the limit is known once SETTINGS are in.
+        while !session.lock().got_settings {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut responses = Vec::new();
+        for i in 0..5 {
+            let req = Request::get(format!("http://backend/{i}"))
+                .body(())
+                .unwrap();
+            let (response, body) = client
+                .send_request(req.method(), req.uri(), req.headers(), true)
+                .unwrap();
+            assert!(body.is_none());
+            responses.push(response);
+        }
+        for (i, response) in responses.into_iter().enumerate() {
+            let (_, mut body) = response.await.unwrap().into_parts();
+            assert_eq!(
+                read_all(&mut body).await.unwrap(),
+                format!("/{i}").into_bytes()
+            );
+        }
+        drop(client);
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn a_refused_stream_is_reported_as_not_processed() {
+    tokio::time::timeout(LIMIT, async {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(theirs).await.unwrap();
+            while let Some(Ok((_, mut respond))) = conn.accept().await {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+            }
+        });
+        let (client, _) = client_on(ours);
+        let req = Request::get("http://backend/").body(()).unwrap();
+        let (response, _) = client
+            .send_request(req.method(), req.uri(), req.headers(), true)
+            .unwrap();
+        let Err(error) = response.await else {
+            panic!("a refused stream gave a response");
+        };
+        assert!(error.not_processed(), "{error}");
+    })
+    .await
+    .expect("in time");
+}
