@@ -339,7 +339,7 @@ impl Upstream {
                     Ok(response) => return Ok(response),
                     // The connection ended since the last request (GOAWAY, a closed
                     // socket) and took nothing: dial a new one.
-                    Err(Http2Error::NotSent(_)) if reused => {}
+                    Err(Http2Error::NotSent(_)) if reused && conn.is_closed() => {}
                     Err(error) => return Err(UpstreamError::Http2(error)),
                 }
             }

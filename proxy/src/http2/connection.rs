@@ -18,6 +18,8 @@ use super::streams::{Client, RecvStream, SendResponse};
 
 /// Room the read buffer keeps: a whole frame of the largest size the proxy allows.
 const READ_BUFFER: usize = frame::DEFAULT_MAX_FRAME_SIZE as usize + frame::HEADER_LEN;
+/// Output waiting for the socket beyond which no more frames are read.
+const MAX_BACKLOG: usize = 1024 * 1024;
 /// A write buffer grown past this by a burst is let go once written.
 const WRITE_BUFFER_KEPT: usize = 64 * 1024;
 
@@ -32,6 +34,8 @@ pub struct Connection<IO> {
     preface: bool,
     /// Requests the client opened, not yet taken by [`Connection::accept`].
     accepted: VecDeque<Accepted>,
+    /// Reading waits for the output to be written.
+    read_paused: bool,
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
@@ -57,6 +61,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             written: 0,
             preface,
             accepted: VecDeque::new(),
+            read_paused: false,
         }
     }
 
@@ -84,6 +89,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         loop {
             if !self.handle_frames() {
                 return Poll::Ready(());
+            }
+            if self.read_paused {
+                // `poll_flush` wakes the task once the output is written.
+                return Poll::Pending;
             }
             if self.rbuf.capacity() - self.rbuf.len() < frame::HEADER_LEN {
                 self.rbuf.reserve(READ_BUFFER);
@@ -124,7 +133,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             self.rbuf.advance(frame::PREFACE.len());
             self.preface = false;
         }
-        while self.rbuf.len() >= frame::HEADER_LEN {
+        while self.rbuf.len() >= frame::HEADER_LEN && inner.out.len() <= MAX_BACKLOG {
             let head = Head::parse(&self.rbuf[..frame::HEADER_LEN]);
             if head.len > frame::DEFAULT_MAX_FRAME_SIZE as usize {
                 inner.fail(Fatal(
@@ -145,7 +154,20 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 return false;
             }
         }
-        self.accepted.extend(inner.accepted.drain(..));
+        // A request the client already reset is not started (rapid reset: a flood
+        // of them must cost no backend anything).
+        while let Some(accepted) = inner.accepted.pop_front() {
+            if inner.streams[accepted.key].reset.is_some() {
+                inner.discard(accepted.key);
+            } else {
+                self.accepted.push_back(accepted);
+            }
+        }
+        if inner.out.len() > MAX_BACKLOG {
+            // The peer asks for answers (PINGs, SETTINGS, resets) faster than it
+            // reads them: read on once they are written.
+            self.read_paused = true;
+        }
         inner.error.is_none()
     }
 
@@ -178,6 +200,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             if inner.out.is_empty() {
                 inner.polling = false;
                 drop(inner);
+                if std::mem::take(&mut self.read_paused) {
+                    cx.waker().wake_by_ref();
+                }
                 // TLS keeps records until flushed; a TCP socket has nothing to do.
                 return match Pin::new(&mut self.io).poll_flush(cx) {
                     Poll::Pending => Poll::Pending,

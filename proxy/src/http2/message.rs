@@ -70,7 +70,7 @@ impl Block {
                 self.malformed = Some("an unknown pseudo-header");
                 return;
             }
-            Field::Invalid => {
+            Field::Invalid | Field::InvalidValue(_) => {
                 self.malformed = Some("an invalid header name or value");
                 return;
             }

@@ -49,6 +49,8 @@ pub struct Config {
 
 /// The decoder's table: the protocol's default, which needs no SETTINGS.
 const HEADER_TABLE_SIZE: usize = 4096;
+/// Open streams a client may reset in one second before it is told to calm down.
+const MAX_PEER_RESETS_PER_SECOND: u32 = 1000;
 /// Header block bytes buffered across CONTINUATION frames before the peer is told
 /// to calm down.
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
@@ -87,6 +89,8 @@ impl Session {
             error: None,
             handle_dropped: false,
             pong: false,
+            table_update_due: false,
+            peer_resets: (0, 0),
             config,
         };
         if role == Role::Client {
@@ -211,6 +215,18 @@ impl Stream {
     }
 }
 
+/// Starts a HEADERS frame in `out` (see [`frame::start_headers`]), its block opening
+/// with a dynamic table size update to 0 if one is due: the encoder never uses the
+/// table, but a peer that shrinks it below the default may insist on hearing so
+/// (RFC 7541 §4.2; nghttp2 does).
+fn begin_block(out: &mut Vec<u8>, update_due: &mut bool) -> usize {
+    let start = frame::start_headers(out);
+    if std::mem::take(update_due) {
+        out.push(0x20);
+    }
+    start
+}
+
 /// The big-endian 32-bit number at `at` in `payload` (which is long enough).
 fn be_u32(payload: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([
@@ -274,6 +290,10 @@ pub struct Inner {
     pub handle_dropped: bool,
     /// A PING of ours was answered since this was last cleared.
     pub pong: bool,
+    /// The peer shrank its decoder's table: the next header block says ours is 0.
+    table_update_due: bool,
+    /// Streams the peer reset while open, in the current second ([`clock::now`]).
+    peer_resets: (u32, u32),
 }
 
 impl Inner {
@@ -413,11 +433,21 @@ impl Inner {
             return Ok(());
         }
         if stream.recv_dropped && !stream.recv_closed {
-            // Counted against the stream (which stays open), given back to the connection.
-            let end_stream = head.has(frame::END_STREAM);
-            stream.recv_closed = end_stream;
-            self.release_connection(len as u32);
-            if end_stream {
+            // No one reads it, and the stream stays open for the other direction:
+            // the window goes back at once, so the peer is not held up.
+            if len as i64 > stream.recv_window {
+                self.release_connection(len as u32);
+                self.reset(
+                    key,
+                    Reason::FLOW_CONTROL_ERROR,
+                    "DATA beyond the stream window",
+                );
+                return Ok(());
+            }
+            stream.recv_window -= len as i64;
+            self.release(key, len as u32);
+            if head.has(frame::END_STREAM) {
+                self.streams[key].recv_closed = true;
                 self.closed_if_done(key);
             }
             return Ok(());
@@ -570,7 +600,7 @@ impl Inner {
         }
         if decoded.too_large(self.config.max_header_list as usize) {
             // RFC 9113 §10.5.1 suggests 431 for a server.
-            let start = frame::start_headers(&mut self.out);
+            let start = self.begin_block();
             encoder::response(
                 &mut self.out,
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -681,6 +711,14 @@ impl Inner {
         if stream.reset.is_some() {
             return;
         }
+        if decoded.too_large(self.config.max_header_list as usize) {
+            self.reset(
+                key,
+                Reason::PROTOCOL_ERROR,
+                "trailers beyond the list limit",
+            );
+            return;
+        }
         if stream.recv_closed || !end_stream {
             self.reset(
                 key,
@@ -722,8 +760,12 @@ impl Inner {
         };
         let stream = &mut self.streams[key];
         if stream.reset.is_none() {
+            let was_open = !stream.closed();
             stream.reset = Some(Error::Reset(reason));
             self.end_stream(key);
+            if was_open && self.role == Role::Server {
+                self.count_peer_reset()?;
+            }
         }
         Ok(())
     }
@@ -791,8 +833,10 @@ impl Inner {
                 frame::SETTINGS_MAX_CONCURRENT_STREAMS => {
                     self.peer_max_streams = value;
                 }
-                // The table size only matters to an encoder that indexes; the list
-                // size is advisory; unknown settings are ignored.
+                frame::SETTINGS_HEADER_TABLE_SIZE if (value as usize) < HEADER_TABLE_SIZE => {
+                    self.table_update_due = true;
+                }
+                // The list size is advisory; unknown settings are ignored.
                 _ => {}
             }
         }
@@ -830,7 +874,8 @@ impl Inner {
         self.goaway_received = Some((last, reason));
         if self.role == Role::Client {
             // Streams above `last` were not processed and may go elsewhere; so may
-            // those still waiting to open.
+            // those still waiting to open (which now never will).
+            self.waiting.clear();
             let unprocessed: Vec<usize> = self
                 .streams
                 .iter()
@@ -838,10 +883,12 @@ impl Inner {
                 .map(|(key, _)| key)
                 .collect();
             for key in unprocessed {
-                self.streams[key].reset = Some(Error::GoAway(reason));
-                self.end_stream(key);
+                // Ending one stream may settle (and forget) others.
+                if let Some(stream) = self.streams.get_mut(key) {
+                    stream.reset = Some(Error::GoAway(reason));
+                    self.end_stream(key);
+                }
             }
-            self.waiting.clear();
         }
         Ok(())
     }
@@ -888,6 +935,26 @@ impl Inner {
         Ok(())
     }
 
+    /// Counts a client's reset of an open stream: opening streams and resetting them
+    /// at once costs the proxy (and its backends) work and the client nothing, so a
+    /// client doing it fast is told to go away (CVE-2023-44487, "rapid reset").
+    fn count_peer_reset(&mut self) -> Result<(), Fatal> {
+        let now = crate::clock::now();
+        let (second, count) = &mut self.peer_resets;
+        if *second != now {
+            *second = now;
+            *count = 0;
+        }
+        *count += 1;
+        if *count > MAX_PEER_RESETS_PER_SECOND {
+            return fatal(
+                Reason::ENHANCE_YOUR_CALM,
+                "too many streams reset by the client",
+            );
+        }
+        Ok(())
+    }
+
     /// A connection error of the peer's: GOAWAY, and every stream ends with it.
     pub fn fail(&mut self, Fatal(reason, why): Fatal) {
         if self.error.is_some() {
@@ -910,6 +977,10 @@ impl Inner {
     fn end_all(&mut self, error: Error) {
         self.error = Some(error);
         for (_, stream) in self.streams.iter_mut() {
+            if stream.id == 0 && stream.reset.is_none() {
+                // Never sent: the backend did not see it.
+                stream.reset = Some(Error::GoAway(Reason::NO_ERROR));
+            }
             if let Some(waker) = stream.recv_waker.take() {
                 waker.wake();
             }
@@ -967,7 +1038,7 @@ impl Inner {
                     frame::put_data(&mut self.out, stream.id, &[], true);
                     stream.send_closed = true;
                 } else if let Some(trailers) = stream.pending_trailers.take() {
-                    let start = frame::start_headers(&mut self.out);
+                    let start = begin_block(&mut self.out, &mut self.table_update_due);
                     encoder::trailers(&mut self.out, &trailers);
                     frame::finish_headers(&mut self.out, start, stream.id, true, max_frame);
                     stream.send_closed = true;
@@ -996,6 +1067,11 @@ impl Inner {
                 return Progress::Done;
             }
         }
+    }
+
+    /// Starts a HEADERS frame: see [`begin_block`].
+    fn begin_block(&mut self) -> usize {
+        begin_block(&mut self.out, &mut self.table_update_due)
     }
 
     // --- the streams' side ------------------------------------------------------------
@@ -1037,12 +1113,12 @@ impl Inner {
         if let Some(error) = self.stream_error(key) {
             return Err(error);
         }
-        let stream = &mut self.streams[key];
-        let start = frame::start_headers(&mut self.out);
+        let id = self.streams[key].id;
+        let start = self.begin_block();
         encoder::response(&mut self.out, head.status, &head.headers);
-        frame::finish_headers(&mut self.out, start, stream.id, end, self.peer_max_frame);
+        frame::finish_headers(&mut self.out, start, id, end, self.peer_max_frame);
         if end {
-            stream.send_closed = true;
+            self.streams[key].send_closed = true;
             self.closed_if_done(key);
         }
         self.notify();
@@ -1074,7 +1150,7 @@ impl Inner {
         let stream = &mut self.streams[key];
         stream.head_request = method == Method::HEAD;
         if self.waiting.is_empty() && self.active < self.peer_max_streams {
-            let start = frame::start_headers(&mut self.out);
+            let start = self.begin_block();
             encoder::request(&mut self.out, method, uri, headers);
             self.open(key, start, end);
         } else {
@@ -1100,12 +1176,32 @@ impl Inner {
         stream.send_closed = end;
         if stream.pending.is_some() {
             self.push_pending(key);
+            // Its sender waited for the stream to open: it may send the next chunk.
+            if let Some(stream) = self.streams.get_mut(key)
+                && stream.pending.is_none()
+                && let Some(waker) = stream.send_waker.take()
+            {
+                waker.wake();
+            }
         }
     }
 
     /// Opens waiting client streams while the backend's limit allows.
     fn open_waiting(&mut self) {
+        if self.goaway_received.is_some() {
+            return;
+        }
         while self.active < self.peer_max_streams && self.error.is_none() {
+            if self.next_stream > frame::MAX_WINDOW {
+                // Stream ids are used up: what waits goes elsewhere.
+                for (key, serial) in std::mem::take(&mut self.waiting) {
+                    if self.streams.get(key).is_some_and(|s| s.serial == serial) {
+                        self.streams[key].reset = Some(Error::GoAway(Reason::NO_ERROR));
+                        self.end_stream(key);
+                    }
+                }
+                return;
+            }
             let Some((key, serial)) = self.waiting.pop_front() else {
                 return;
             };
@@ -1115,7 +1211,7 @@ impl Inner {
             let Some((block, end)) = stream.waiting_block.take() else {
                 continue;
             };
-            let start = frame::start_headers(&mut self.out);
+            let start = self.begin_block();
             self.out.extend_from_slice(&block);
             self.open(key, start, end);
         }
@@ -1284,9 +1380,20 @@ impl Inner {
         stream.data.clear();
         stream.trailers = None;
         if unread > 0 {
-            self.release_connection(unread as u32);
+            self.release(key, unread as u32);
+        }
+        if self.role == Role::Client && !self.streams[key].recv_closed {
+            // The response is no longer wanted: neither is the rest of the request.
+            self.reset(key, Reason::CANCEL, "the response was given up");
         }
         self.drop_ref(key);
+    }
+
+    /// A request accepted from the client but reset before anyone took it: no
+    /// handle will be made for it.
+    pub fn discard(&mut self, key: usize) {
+        self.streams[key].refs = 0;
+        self.settle(key);
     }
 
     /// A handle was dropped: the last one settles the stream.

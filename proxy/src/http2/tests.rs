@@ -314,3 +314,123 @@ async fn a_refused_stream_is_reported_as_not_processed() {
     .await
     .expect("in time");
 }
+
+#[tokio::test]
+async fn request_bodies_waiting_for_a_stream_slot_are_sent_whole() {
+    tokio::time::timeout(LIMIT, async {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        // The backend: one stream at a time, answering with the body's length.
+        tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new()
+                .max_concurrent_streams(1)
+                .handshake::<_, Bytes>(theirs)
+                .await
+                .unwrap();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                tokio::spawn(async move {
+                    let (body, _) = h2_read(req.into_body()).await.unwrap();
+                    let mut send = respond.send_response(Response::new(()), false).unwrap();
+                    send.send_data(Bytes::from(body.len().to_string()), true)
+                        .unwrap();
+                });
+            }
+        });
+        let (client, session) = client_on(ours);
+        while !session.lock().got_settings {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut responses = Vec::new();
+        for i in 1..=3usize {
+            let req = Request::post("http://backend/").body(()).unwrap();
+            let (response, body) = client
+                .send_request(req.method(), req.uri(), req.headers(), false)
+                .unwrap();
+            let mut send = body.expect("a body to send");
+            tokio::spawn(async move {
+                for _ in 0..i {
+                    poll_fn(|cx| send.poll_ready(cx)).await.unwrap();
+                    send.send_data(Bytes::from(vec![b'x'; 1000]), false)
+                        .unwrap();
+                }
+                poll_fn(|cx| send.poll_ready(cx)).await.unwrap();
+                send.send_data(Bytes::new(), true).unwrap();
+            });
+            responses.push(response);
+        }
+        for (i, response) in responses.into_iter().enumerate() {
+            let (_, mut body) = response.await.unwrap().into_parts();
+            assert_eq!(
+                read_all(&mut body).await.unwrap(),
+                ((i + 1) * 1000).to_string().into_bytes()
+            );
+        }
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn a_peer_that_shrinks_its_table_is_told_ours_is_empty() {
+    tokio::time::timeout(LIMIT, async {
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        echo_server(ours);
+        theirs.write_all(frame::PREFACE).await.unwrap();
+        let mut table_size_zero = vec![0, 1];
+        table_size_zero.extend_from_slice(&0u32.to_be_bytes());
+        theirs
+            .write_all(&raw(frame::SETTINGS, 0, 0, &table_size_zero))
+            .await
+            .unwrap();
+        // GET http://a/, END_STREAM.
+        let request = [0x82, 0x86, 0x84, 0x41, 0x01, b'a'];
+        let flags = frame::END_HEADERS | frame::END_STREAM;
+        theirs
+            .write_all(&raw(frame::HEADERS, flags, 1, &request))
+            .await
+            .unwrap();
+        let (head, block) = frame_of(&mut theirs, frame::HEADERS).await;
+        assert_eq!(head.stream, 1);
+        assert_eq!(
+            block[0], 0x20,
+            "the block opens with a table size update to 0"
+        );
+        assert_eq!(block[1], 0x88, ":status 200 follows");
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn a_client_resetting_streams_as_fast_as_it_opens_them_is_sent_away() {
+    tokio::time::timeout(LIMIT, async {
+        let (ours, mut theirs) = tokio::io::duplex(1024 * 1024);
+        echo_server(ours);
+        theirs.write_all(frame::PREFACE).await.unwrap();
+        theirs
+            .write_all(&raw(frame::SETTINGS, 0, 0, &[]))
+            .await
+            .unwrap();
+        let request = [0x82, 0x86, 0x84, 0x41, 0x01, b'a'];
+        let mut burst = Vec::new();
+        for i in 0..1100u32 {
+            let id = 2 * i + 1;
+            burst.extend(raw(frame::HEADERS, frame::END_HEADERS, id, &request));
+            burst.extend(raw(
+                frame::RST_STREAM,
+                0,
+                id,
+                &Reason::CANCEL.0.to_be_bytes(),
+            ));
+        }
+        let writer = tokio::spawn(async move {
+            let _ = theirs.write_all(&burst).await;
+            theirs
+        });
+        let mut theirs = writer.await.unwrap();
+        let (_, goaway) = frame_of(&mut theirs, frame::GOAWAY).await;
+        let code = u32::from_be_bytes(goaway[4..8].try_into().unwrap());
+        assert_eq!(Reason(code), Reason::ENHANCE_YOUR_CALM);
+    })
+    .await
+    .expect("in time");
+}

@@ -295,7 +295,7 @@ mod tests {
         .concat();
         let got = decode_all(&mut d, &block);
         assert_eq!(got[0].0, "Invalid");
-        assert_eq!(got[1].0, "Invalid");
+        assert_eq!(got[1].0, "InvalidValue(\"a\")");
     }
 
     #[test]

@@ -21,9 +21,12 @@ pub enum Field {
     /// A pseudo-header no RFC defines: the message is malformed.
     UnknownPseudo,
     Header(HeaderName, HeaderValue),
-    /// A field whose name or value is not valid HTTP (an upper-case name, a newline
-    /// in a value): the message is malformed, but the field still occupies the table.
+    /// A field whose name is not valid HTTP (upper-case, say): the message is
+    /// malformed, but the field still occupies the table.
     Invalid,
+    /// A valid name with a value that is not (a newline in it): malformed too, but
+    /// the name may be reused with a good value.
+    InvalidValue(HeaderName),
 }
 
 impl Field {
@@ -37,7 +40,9 @@ impl Field {
             Field::Status(_) => Field::Status(value),
             Field::Protocol => Field::Protocol,
             Field::UnknownPseudo => Field::UnknownPseudo,
-            Field::Header(name, _) => header(name.clone(), value, sensitive),
+            Field::Header(name, _) | Field::InvalidValue(name) => {
+                header(name.clone(), value, sensitive)
+            }
             Field::Invalid => Field::Invalid,
         }
     }
@@ -67,7 +72,7 @@ fn header(name: HeaderName, value: Bytes, sensitive: bool) -> Field {
             value.set_sensitive(sensitive);
             Field::Header(name, value)
         }
-        Err(_) => Field::Invalid,
+        Err(_) => Field::InvalidValue(name),
     }
 }
 
