@@ -3,8 +3,8 @@
 #
 #   bench/compare.sh            # 10 s per run
 #   DURATION=30 bench/compare.sh
-#   MODES="h1 h2c" bench/compare.sh   # only these loads (h1, h2c, h2tls, h1-capped,
-#                                     # h2c-capped, h2tls-capped)
+#   MODES="h1 h2c" bench/compare.sh   # only these loads (h1, h1-h2up, h2c, h2tls,
+#                                     # h1-capped, h2c-capped, h2tls-capped)
 #   ROUNDS=1 bench/compare.sh          # one round instead of three
 #   CAP_PERCENT=60 bench/compare.sh    # the capped loads' share of the proxy's core
 #   TANDEM_H2_UPSTREAM=http1 bench/compare.sh   # Tandem's upstream protocol for the
@@ -18,7 +18,10 @@
 # http2`) and HAProxy (`proto h2`) multiplex HTTP/2 upstream; nginx can only speak
 # HTTP/1.1 upstream.
 # Loads: wrk (HTTP/1.1 keep-alive, 64 connections), h2load (h2c, and h2 over TLS;
-# 64 connections, 10 streams each). Reported: requests/s, p50/p99 latency, proxy
+# 64 connections, 10 streams each). "h1-h2up" is the HTTP/1.1 load with HTTP/2 to
+# the backends where a proxy can (Tandem `--backend-protocol http2`, as it speaks to
+# other proxies in a mesh; HAProxy `proto h2`; nginx cannot, so HTTP/1.1): the
+# backends multiplex, costing the load core less per request. Reported: requests/s, p50/p99 latency, proxy
 # CPU per request (from /proc/PID/stat), how busy each core was during the run
 # (/proc/stat: when the load core is near 100%, the load, not the proxy, sets the
 # requests/s), the CPU the two backends spent per request (their share of the load
@@ -41,7 +44,7 @@ cd "$(dirname "$0")/.."
 . bench/lib.sh
 
 DURATION=${DURATION:-10}
-MODES=${MODES:-h1 h2c h2tls h1-capped h2c-capped h2tls-capped}
+MODES=${MODES:-h1 h1-h2up h2c h2tls h1-capped h2c-capped h2tls-capped}
 CAP_PERCENT=${CAP_PERCENT:-50}
 WARMUP=${WARMUP:-2}
 ROUNDS=${ROUNDS:-3}
@@ -89,7 +92,7 @@ openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
 cat "$WORK/cert.pem" "$WORK/key.pem" > "$WORK/combined.pem"
 
 # --- the proxies under test ------------------------------------------------------------
-declare -A PLAIN TLS H2C PID_OF TLS_PID_OF
+declare -A PLAIN TLS H2C H1H2 PID_OF TLS_PID_OF H1H2_PID_OF
 
 # Tandem: one process per upstream protocol (HTTP/1.1 for the HTTP/1.1 load, HTTP/2
 # for the h2c load), and one terminating TLS.
@@ -101,12 +104,14 @@ PID_OF[tandem]=$!; PIDS+=($!)
 taskset -c "$PROXY_CPU" "$PROXY_BIN" --backends "127.0.0.1:$B1,127.0.0.1:$B2" --backend-protocol "$TANDEM_H2_UPSTREAM" \
   --threads 1 --listen "127.0.0.1:${H2C[tandem]}" --admin 127.0.0.1:0 >/dev/null 2>"$WORK/tandem-h2c.log" &
 H2C_PID_OF[tandem]=$!; PIDS+=($!)
+# HTTP/1.1 clients with HTTP/2 upstream: the h2c process takes both.
+H1H2[tandem]=${H2C[tandem]}; H1H2_PID_OF[tandem]=${H2C_PID_OF[tandem]}
 taskset -c "$PROXY_CPU" "$PROXY_BIN" --backends "127.0.0.1:$B1,127.0.0.1:$B2" --backend-protocol "$TANDEM_H2_UPSTREAM" \
   --threads 1 --listen "127.0.0.1:${TLS[tandem]}" --admin 127.0.0.1:0 \
   --tls-cert "$WORK/cert.pem" --tls-key "$WORK/key.pem" >/dev/null 2>"$WORK/tandem-tls.log" &
 TLS_PID_OF[tandem]=$!; PIDS+=($!)
 
-PLAIN[haproxy]=$(free_port); H2C[haproxy]=$(free_port); TLS[haproxy]=$(free_port)
+PLAIN[haproxy]=$(free_port); H2C[haproxy]=$(free_port); TLS[haproxy]=$(free_port); H1H2[haproxy]=$(free_port)
 cat > "$WORK/haproxy.cfg" <<EOF
 global
   nbthread 1
@@ -121,6 +126,9 @@ defaults
 frontend fe_h1
   bind 127.0.0.1:${PLAIN[haproxy]}
   default_backend be_h1
+frontend fe_h1h2
+  bind 127.0.0.1:${H1H2[haproxy]}
+  default_backend be_h2
 frontend fe_h2
   bind 127.0.0.1:${H2C[haproxy]} proto h2
   bind 127.0.0.1:${TLS[haproxy]} ssl crt $WORK/combined.pem alpn h2,http/1.1
@@ -135,7 +143,7 @@ backend be_h2
   server s2 127.0.0.1:$B2 proto h2
 EOF
 taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg" >/dev/null 2>"$WORK/haproxy.log" &
-PID_OF[haproxy]=$!; H2C_PID_OF[haproxy]=$!; TLS_PID_OF[haproxy]=$!; PIDS+=($!)
+PID_OF[haproxy]=$!; H2C_PID_OF[haproxy]=$!; TLS_PID_OF[haproxy]=$!; H1H2_PID_OF[haproxy]=$!; PIDS+=($!)
 
 PLAIN[nginx]=$(free_port); H2C[nginx]=$(free_port); TLS[nginx]=$(free_port)
 mkdir -p "$WORK/nginx"
@@ -167,8 +175,9 @@ http {
 EOF
 taskset -c "$PROXY_CPU" nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" >/dev/null 2>"$WORK/nginx.log" &
 PID_OF[nginx]=$!; H2C_PID_OF[nginx]=$!; TLS_PID_OF[nginx]=$!; PIDS+=($!)
+H1H2[nginx]=${PLAIN[nginx]}; H1H2_PID_OF[nginx]=$!
 
-for p in tandem haproxy nginx; do wait_port "${PLAIN[$p]}"; wait_port "${H2C[$p]}"; wait_port "${TLS[$p]}"; done
+for p in tandem haproxy nginx; do wait_port "${PLAIN[$p]}"; wait_port "${H2C[$p]}"; wait_port "${TLS[$p]}"; wait_port "${H1H2[$p]}"; done
 
 # --- measuring ---------------------------------------------------------------------------
 
@@ -188,7 +197,7 @@ url_of() { if [ "$1" = h2tls ]; then echo "https://127.0.0.1:$2/"; else echo "ht
 # warm_up MODE PORT: a short run whose figures are not kept (pools, caches, allocator).
 warm_up() {
   case $1 in
-    h1) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" "$(url_of "$1" "$2")" >/dev/null ;;
+    h1*) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" "$(url_of "$1" "$2")" >/dev/null ;;
     *) taskset -c "$LOAD_CPU" h2load -t1 -c"$CONNECTIONS" -m10 -D"$WARMUP" "$(url_of "$1" "$2")" >/dev/null ;;
   esac
 }
@@ -197,7 +206,7 @@ warm_up() {
 run_load() {
   local mode=$1 port=$2 out="$WORK/load.out"
   case $mode in
-    h1)
+    h1*)
       taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/" >"$out"
       local reqs rps p50 p99
       reqs=$(awk '/requests in/ { print $1 }' "$out")
@@ -229,7 +238,7 @@ for round in $(seq "$ROUNDS"); do
 for mode in $MODES; do
   load=${mode%-capped}
   for p in tandem haproxy nginx; do
-    case $load in h1) port=${PLAIN[$p]}; pid=${PID_OF[$p]};; h2c) port=${H2C[$p]}; pid=${H2C_PID_OF[$p]};; h2tls) port=${TLS[$p]}; pid=${TLS_PID_OF[$p]};; esac
+    case $load in h1) port=${PLAIN[$p]}; pid=${PID_OF[$p]};; h1-h2up) port=${H1H2[$p]}; pid=${H1H2_PID_OF[$p]};; h2c) port=${H2C[$p]}; pid=${H2C_PID_OF[$p]};; h2tls) port=${TLS[$p]}; pid=${TLS_PID_OF[$p]};; esac
     [ "$load" = "$mode" ] || cpu_cap "$pid"
     warm_up "$load" "$port"
     before=$(cpu_ticks "$pid"); backends_before=$(cpu_ticks "${BACKEND_PIDS[@]}"); proxy_core_before=$(core_ticks "$PROXY_CPU"); load_core_before=$(core_ticks "$LOAD_CPU")
@@ -270,7 +279,7 @@ report() {
   echo "proxy pinned to CPU $PROXY_CPU with 1 thread; backends and load on CPU $LOAD_CPU; ${DURATION}s per run, $CONNECTIONS connections;"
   echo "medians of $ROUNDS interleaved rounds (peak RSS: the highest); \"capped\": the proxy held to $CAP_PERCENT% of its core (CFS quota)."
   echo "$(haproxy -v | head -1 | cut -d' ' -f1-3), $(nginx -v 2>&1 | cut -d' ' -f3), $("$PROXY_BIN" --version);"
-  echo "upstream for the HTTP/2 loads: Tandem $TANDEM_H2_UPSTREAM, HAProxy h2, nginx http1."
+  echo "upstream for the HTTP/2 loads: Tandem $TANDEM_H2_UPSTREAM, HAProxy h2, nginx http1; for h1-h2up: Tandem $TANDEM_H2_UPSTREAM, HAProxy h2, nginx http1."
   echo
   echo "| load | proxy | req/s | ×HAProxy | p50 ms | p99 ms | CPU µs/req | ×HAProxy | proxy core busy | load core busy | backends CPU µs/req | peak RSS MiB | idle RSS MiB |"
   echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
@@ -279,6 +288,7 @@ report() {
     END {
       idle["tandem"] = idle_t; idle["haproxy"] = idle_h; idle["nginx"] = idle_n
       names["h1"] = "HTTP/1.1 (wrk)"; names["h2c"] = "h2c (h2load)"; names["h2tls"] = "h2 + TLS (h2load)"
+      names["h1-h2up"] = "HTTP/1.1 (wrk), HTTP/2 upstream"
       split("h1 h2c h2tls", loads, " ")
       for (l in loads) names[loads[l] "-capped"] = names[loads[l]] ", capped at " cap "%"
       for (i = 1; i <= NR; i++) {

@@ -16,8 +16,9 @@ use super::frame::{self, Head, Reason};
 use super::session::{Accepted, Config, Fatal, Role, Session};
 use super::streams::{Client, RecvStream, SendResponse};
 
-/// Room the read buffer keeps: a whole frame of the largest size the proxy allows.
-const READ_BUFFER: usize = frame::DEFAULT_MAX_FRAME_SIZE as usize + frame::HEADER_LEN;
+/// Room the read buffer is given at a time: a read's worth; a larger frame gets
+/// room for itself when its header is seen.
+const READ_BUFFER: usize = 8 * 1024;
 /// Output waiting for the socket beyond which no more frames are read.
 const MAX_BACKLOG: usize = 1024 * 1024;
 /// A write buffer grown past this by a burst is let go once written.

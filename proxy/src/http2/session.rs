@@ -66,7 +66,7 @@ impl Session {
             streams: Slab::new(),
             ids: HashMap::default(),
             next_serial: 0,
-            out: Vec::with_capacity(16 * 1024),
+            out: Vec::with_capacity(4 * 1024),
             send_window: frame::DEFAULT_WINDOW as i64,
             peer_initial_window: frame::DEFAULT_WINDOW,
             peer_max_frame: frame::DEFAULT_MAX_FRAME_SIZE as usize,

@@ -59,7 +59,9 @@ impl Decoder {
                 // Literal with incremental indexing (§6.2.1).
                 let (f, name_len, value_len) = self.literal(block, &mut pos, 6, false)?;
                 let size = super::table::entry_size(name_len, value_len);
-                self.table.insert(f.clone(), name_len, value_len);
+                // The table keeps its own copy: a slice would keep the whole read
+                // buffer it came in alive for as long as the entry lives.
+                self.table.insert(f.detached(), name_len, value_len);
                 field(f, size);
             } else if byte & 0xe0 == 0x20 {
                 // Dynamic table size update (§6.3).

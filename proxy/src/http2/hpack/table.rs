@@ -47,6 +47,23 @@ impl Field {
         }
     }
 
+    /// The same field owning its value, not sharing the buffer it was decoded from.
+    pub fn detached(&self) -> Field {
+        let copy = |b: &Bytes| Bytes::copy_from_slice(b);
+        match self {
+            Field::Authority(v) => Field::Authority(copy(v)),
+            Field::Method(v) => Field::Method(copy(v)),
+            Field::Scheme(v) => Field::Scheme(copy(v)),
+            Field::Path(v) => Field::Path(copy(v)),
+            Field::Status(v) => Field::Status(copy(v)),
+            Field::Header(name, value) => {
+                let sensitive = value.is_sensitive();
+                header(name.clone(), Bytes::copy_from_slice(value.as_bytes()), sensitive)
+            }
+            other => other.clone(),
+        }
+    }
+
     /// A field from a literal name and value.
     pub fn parse(name: &[u8], value: Bytes, sensitive: bool) -> Field {
         match name {
