@@ -218,6 +218,9 @@ run_load() {
     h2c|h2tls)
       local url
       url=$(url_of "$mode" "$port")
+      # h2load appends to its log: without this, each run's percentiles would be
+      # taken over every run before it too.
+      rm -f "$WORK/h2.log"
       taskset -c "$LOAD_CPU" h2load -t1 -c"$CONNECTIONS" -m10 -D"$DURATION" --log-file="$WORK/h2.log" "$url" >"$out"
       local reqs rps
       reqs=$(awk '/^requests:/ { print $8 }' "$out")   # succeeded

@@ -58,7 +58,11 @@ impl Field {
             Field::Status(v) => Field::Status(copy(v)),
             Field::Header(name, value) => {
                 let sensitive = value.is_sensitive();
-                header(name.clone(), Bytes::copy_from_slice(value.as_bytes()), sensitive)
+                header(
+                    name.clone(),
+                    Bytes::copy_from_slice(value.as_bytes()),
+                    sensitive,
+                )
             }
             other => other.clone(),
         }
