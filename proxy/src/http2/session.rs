@@ -1429,6 +1429,29 @@ impl Inner {
         }
     }
 
+    /// Panics if the books do not balance: the open-stream count, the id index
+    /// and the queues agree with the streams. For tests.
+    #[cfg(test)]
+    pub fn check(&self) {
+        let counted = self.streams.iter().filter(|(_, s)| s.counted).count();
+        assert_eq!(self.active as usize, counted, "active streams miscounted");
+        for (&id, &key) in &self.ids {
+            assert_eq!(
+                self.streams[key].id, id,
+                "the id index points at another stream"
+            );
+        }
+        for (key, stream) in self.streams.iter() {
+            assert!(
+                stream.refs > 0 || (!stream.closed() && stream.pending.is_some()),
+                "stream {key} is kept with no handle and nothing left to send"
+            );
+            if stream.counted {
+                assert!(!stream.closed(), "a closed stream still counted open");
+            }
+        }
+    }
+
     /// Whether a client connection takes no more requests: the backend sent GOAWAY,
     /// or the stream ids ran out.
     pub fn going_away(&self) -> bool {
