@@ -329,6 +329,7 @@ impl Upstream {
         slot: &'a mut RequestSlot,
     ) -> impl Future<Output = SendResult> + use<'a> {
         async move {
+            let mut refused = false;
             loop {
                 let (conn, reused) = match self.live_http2() {
                     Some(conn) => (conn, true),
@@ -340,6 +341,10 @@ impl Upstream {
                     // The connection ended since the last request (GOAWAY, a closed
                     // socket) and took nothing: dial a new one.
                     Err(Http2Error::NotSent(_)) if reused && conn.is_closed() => {}
+                    // Refused (REFUSED_STREAM: the backend lowered its stream limit, or
+                    // is shedding load) and still in the slot: once more, then it is
+                    // the caller's to send elsewhere.
+                    Err(Http2Error::NotSent(_)) if !refused && slot.is_some() => refused = true,
                     Err(error) => return Err(UpstreamError::Http2(error)),
                 }
             }

@@ -156,7 +156,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             }
         }
         // A request the client already reset is not started (rapid reset: a flood
-        // of them must cost no backend anything).
+        // of them must cost no backend anything), whichever read brought it.
+        self.accepted.retain(|accepted| {
+            let reset = inner.streams[accepted.key].reset.is_some();
+            if reset {
+                inner.discard(accepted.key);
+            }
+            !reset
+        });
         while let Some(accepted) = inner.accepted.pop_front() {
             if inner.streams[accepted.key].reset.is_some() {
                 inner.discard(accepted.key);

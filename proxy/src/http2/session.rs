@@ -437,11 +437,11 @@ impl Inner {
             // the window goes back at once, so the peer is not held up.
             if len as i64 > stream.recv_window {
                 self.release_connection(len as u32);
-                self.reset(
+                self.peer_error(
                     key,
                     Reason::FLOW_CONTROL_ERROR,
                     "DATA beyond the stream window",
-                );
+                )?;
                 return Ok(());
             }
             stream.recv_window -= len as i64;
@@ -454,16 +454,16 @@ impl Inner {
         }
         if stream.recv_closed || (self.role == Role::Client && !stream.got_head) {
             self.release_connection(len as u32);
-            self.reset(key, Reason::STREAM_CLOSED, "DATA where none may come");
+            self.peer_error(key, Reason::STREAM_CLOSED, "DATA where none may come")?;
             return Ok(());
         }
         if len as i64 > stream.recv_window {
             self.release_connection(len as u32);
-            self.reset(
+            self.peer_error(
                 key,
                 Reason::FLOW_CONTROL_ERROR,
                 "DATA beyond the stream window",
-            );
+            )?;
             return Ok(());
         }
         stream.recv_window -= len as i64;
@@ -473,7 +473,7 @@ impl Inner {
                 Some(left) => *expected = left,
                 None => {
                     self.release_connection(len as u32);
-                    self.reset(key, Reason::PROTOCOL_ERROR, "more data than content-length");
+                    self.peer_error(key, Reason::PROTOCOL_ERROR, "more data than content-length")?;
                     return Ok(());
                 }
             }
@@ -481,7 +481,7 @@ impl Inner {
         let end_stream = head.has(frame::END_STREAM);
         if end_stream && stream.expected.is_some_and(|left| left > 0) {
             self.release_connection(len as u32);
-            self.reset(key, Reason::PROTOCOL_ERROR, "less data than content-length");
+            self.peer_error(key, Reason::PROTOCOL_ERROR, "less data than content-length")?;
             return Ok(());
         }
         if !data.is_empty() {
@@ -564,10 +564,7 @@ impl Inner {
                 self.on_response(key, end_stream, decoded);
                 Ok(())
             }
-            (_, Some(key)) => {
-                self.on_trailers(key, end_stream, decoded);
-                Ok(())
-            }
+            (_, Some(key)) => self.on_trailers(key, end_stream, decoded),
             (Role::Client, None) => {
                 if self.idle(id) {
                     return fatal(Reason::PROTOCOL_ERROR, "HEADERS on a stream never opened");
@@ -650,6 +647,10 @@ impl Inner {
     }
 
     fn on_response(&mut self, key: usize, end_stream: bool, decoded: Block) {
+        if self.streams[key].reset.is_some() {
+            // Given up already; its response went out before the peer knew.
+            return;
+        }
         let max = self.config.max_header_list as usize;
         if decoded.too_large(max) {
             self.reset(
@@ -706,36 +707,36 @@ impl Inner {
         }
     }
 
-    fn on_trailers(&mut self, key: usize, end_stream: bool, decoded: Block) {
+    fn on_trailers(&mut self, key: usize, end_stream: bool, decoded: Block) -> Result<(), Fatal> {
         let stream = &self.streams[key];
         if stream.reset.is_some() {
-            return;
+            return Ok(());
         }
         if decoded.too_large(self.config.max_header_list as usize) {
-            self.reset(
+            self.peer_error(
                 key,
                 Reason::PROTOCOL_ERROR,
                 "trailers beyond the list limit",
-            );
-            return;
+            )?;
+            return Ok(());
         }
         if stream.recv_closed || !end_stream {
-            self.reset(
+            self.peer_error(
                 key,
                 Reason::PROTOCOL_ERROR,
                 "HEADERS after the message, or trailers without END_STREAM",
-            );
-            return;
+            )?;
+            return Ok(());
         }
         if stream.expected.is_some_and(|n| n > 0) {
-            self.reset(key, Reason::PROTOCOL_ERROR, "less data than content-length");
-            return;
+            self.peer_error(key, Reason::PROTOCOL_ERROR, "less data than content-length")?;
+            return Ok(());
         }
         let trailers = match decoded.into_trailers() {
             Ok(t) => t,
             Err(why) => {
-                self.reset(key, Reason::PROTOCOL_ERROR, why);
-                return;
+                self.peer_error(key, Reason::PROTOCOL_ERROR, why)?;
+                return Ok(());
             }
         };
         let stream = &mut self.streams[key];
@@ -745,6 +746,7 @@ impl Inner {
             waker.wake();
         }
         self.closed_if_done(key);
+        Ok(())
     }
 
     fn on_rst(&mut self, head: Head, payload: &[u8]) -> Result<(), Fatal> {
@@ -915,22 +917,34 @@ impl Inner {
             return Ok(());
         };
         if increment == 0 {
-            self.reset(key, Reason::PROTOCOL_ERROR, "a WINDOW_UPDATE of 0");
+            self.peer_error(key, Reason::PROTOCOL_ERROR, "a WINDOW_UPDATE of 0")?;
             return Ok(());
         }
         let stream = &mut self.streams[key];
         stream.send_window += increment as i64;
         if stream.send_window > frame::MAX_WINDOW as i64 {
-            self.reset(
+            self.peer_error(
                 key,
                 Reason::FLOW_CONTROL_ERROR,
                 "a stream window above 2^31-1",
-            );
+            )?;
             return Ok(());
         }
         if stream.pending.is_some() && !stream.queued && stream.send_window > 0 {
             stream.queued = true;
             self.blocked.push_back((key, stream.serial));
+        }
+        Ok(())
+    }
+
+    /// A stream error the peer caused: the stream is reset, and on a client's
+    /// connection counted as a reset of the client's (it costs the proxy the same:
+    /// "MadeYouReset", CVE-2025-8671).
+    fn peer_error(&mut self, key: usize, reason: Reason, why: &'static str) -> Result<(), Fatal> {
+        let was_open = !self.streams[key].closed();
+        self.reset(key, reason, why);
+        if was_open && self.role == Role::Server {
+            self.count_peer_reset()?;
         }
         Ok(())
     }

@@ -402,37 +402,45 @@ async fn a_peer_that_shrinks_its_table_is_told_ours_is_empty() {
 
 #[tokio::test]
 async fn a_client_resetting_streams_as_fast_as_it_opens_them_is_sent_away() {
-    tokio::time::timeout(LIMIT, async {
-        let (ours, mut theirs) = tokio::io::duplex(1024 * 1024);
-        echo_server(ours);
-        theirs.write_all(frame::PREFACE).await.unwrap();
-        theirs
-            .write_all(&raw(frame::SETTINGS, 0, 0, &[]))
-            .await
-            .unwrap();
-        let request = [0x82, 0x86, 0x84, 0x41, 0x01, b'a'];
-        let mut burst = Vec::new();
-        for i in 0..1100u32 {
-            let id = 2 * i + 1;
-            burst.extend(raw(frame::HEADERS, frame::END_HEADERS, id, &request));
-            burst.extend(raw(
-                frame::RST_STREAM,
-                0,
-                id,
-                &Reason::CANCEL.0.to_be_bytes(),
-            ));
-        }
-        let writer = tokio::spawn(async move {
-            let _ = theirs.write_all(&burst).await;
+    // Its own resets (RST_STREAM), or ones it makes the proxy send (a WINDOW_UPDATE
+    // of 0 is a stream error: "MadeYouReset").
+    type Reset = fn(u32) -> Vec<u8>;
+    let resets: [(&str, Reset); 2] = [
+        ("RST_STREAM", |id| {
+            raw(frame::RST_STREAM, 0, id, &Reason::CANCEL.0.to_be_bytes())
+        }),
+        ("WINDOW_UPDATE of 0", |id| {
+            raw(frame::WINDOW_UPDATE, 0, id, &[0; 4])
+        }),
+    ];
+    for (how, reset) in resets {
+        tokio::time::timeout(LIMIT, async {
+            let (ours, mut theirs) = tokio::io::duplex(1024 * 1024);
+            echo_server(ours);
+            theirs.write_all(frame::PREFACE).await.unwrap();
             theirs
-        });
-        let mut theirs = writer.await.unwrap();
-        let (_, goaway) = frame_of(&mut theirs, frame::GOAWAY).await;
-        let code = u32::from_be_bytes(goaway[4..8].try_into().unwrap());
-        assert_eq!(Reason(code), Reason::ENHANCE_YOUR_CALM);
-    })
-    .await
-    .expect("in time");
+                .write_all(&raw(frame::SETTINGS, 0, 0, &[]))
+                .await
+                .unwrap();
+            let request = [0x82, 0x86, 0x84, 0x41, 0x01, b'a'];
+            let mut burst = Vec::new();
+            for i in 0..1100u32 {
+                let id = 2 * i + 1;
+                burst.extend(raw(frame::HEADERS, frame::END_HEADERS, id, &request));
+                burst.extend(reset(id));
+            }
+            let writer = tokio::spawn(async move {
+                let _ = theirs.write_all(&burst).await;
+                theirs
+            });
+            let mut theirs = writer.await.unwrap();
+            let (_, goaway) = frame_of(&mut theirs, frame::GOAWAY).await;
+            let code = u32::from_be_bytes(goaway[4..8].try_into().unwrap());
+            assert_eq!(Reason(code), Reason::ENHANCE_YOUR_CALM, "{how}");
+        })
+        .await
+        .expect("in time");
+    }
 }
 
 /// Random frames and handle operations against one session, checking after each
