@@ -121,9 +121,7 @@ fn poll_http2(
 ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
     if !*data_done {
         match ready!(recv.poll_data(cx)) {
-            Some(Ok(data)) => {
-                return Poll::Ready(Some(Ok(Frame::data(data))));
-            }
+            Some(Ok(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
             Some(Err(e)) => return Poll::Ready(early_end(e)),
             None => *data_done = true,
         }

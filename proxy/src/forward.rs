@@ -179,7 +179,7 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// Whether `name` only describes one connection and must not be forwarded.
 #[inline]
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
         || name == header::TRANSFER_ENCODING
         || name == header::UPGRADE
@@ -191,8 +191,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, not the
 /// message, and HTTP/2 forbids them. `te: trailers` stays: gRPC needs it end to end.
 /// Most messages carry none, so one pass over the names decides whether to look closer,
-/// and a message `received_over` HTTP/2 needs none: h2 refuses one with such headers
-/// (or `te` other than `trailers`) as malformed before it reaches the proxy.
+/// and a message `received_over` HTTP/2 needs none: the HTTP/2 code refuses one with
+/// such headers (or `te` other than `trailers`) as malformed before it reaches the proxy.
 fn strip_hop_by_hop(received_over: Version, headers: &mut HeaderMap) {
     if received_over == Version::HTTP_2 || !headers.keys().any(is_hop_by_hop) {
         return;

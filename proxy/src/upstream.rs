@@ -5,10 +5,10 @@
 //! its end; a connection whose body was abandoned is closed instead.
 //! HTTP/2 ([`Http2Connection`]): one shared connection, multiplexing every request;
 //! re-dialled when it closes. Requests beyond the backend's limit on concurrent
-//! streams wait in h2 for one to end (as in Linkerd). Opening more connections
+//! streams wait, encoded, for one to end (as in Linkerd). Opening more connections
 //! instead (as Envoy does) cost more CPU per request in every round of an
-//! interleaved A/B on the benchmark (2026-12-03): each connection then batches
-//! fewer frames per read and write.
+//! interleaved A/B on the benchmark (2026-12-03, with h2): each connection then
+//! batches fewer frames per read and write.
 //! Raw HTTP/1 ([`RawConn`]): sockets the proxy's own HTTP/1 path ([`crate::http1`])
 //! speaks over, pooled the same way with their read buffers. Bodiless requests from
 //! elsewhere (HTTP/2 clients, hyper) to HTTP/1 backends use them too
@@ -65,8 +65,9 @@ impl Default for UpstreamSettings {
 }
 
 /// Whether sending the request in `slot` with `version` hands it on, out of the
-/// slot: all but the raw HTTP/1 client's bodiless requests, which it writes from
-/// where they are. A caller that wants to resend such a request keeps a copy.
+/// slot: all but bodiless requests to HTTP/2 and the raw HTTP/1 client, which are
+/// written from where they are. A caller that wants to resend such a request keeps
+/// a copy.
 pub fn takes_request(version: HttpVersion, slot: &RequestSlot) -> bool {
     match version {
         HttpVersion::Http1 => !slot.as_ref().is_some_and(client::fits),
@@ -95,9 +96,10 @@ pub enum UpstreamError {
 /// A request on its way to a backend. The sending futures borrow it rather than
 /// own it, so the request is kept once, in the caller's future, however deep the
 /// send goes (each owning layer would hold its own copy: rust-lang/rust#62958).
-/// A transport that hands the request on (hyper, h2) takes it from the slot once a
-/// backend may have seen it; the raw HTTP/1 client writes it from the slot and
-/// leaves it there. [`UpstreamError::written`] says whether a failed one went out.
+/// A transport that hands the request on (hyper; HTTP/2 for a request with a body)
+/// takes it from the slot once a backend may have seen it; the raw HTTP/1 client and
+/// HTTP/2 write a bodiless request from the slot and leave it there.
+/// [`UpstreamError::written`] says whether a failed one went out.
 pub type RequestSlot = Option<Request<ProxyBody>>;
 
 impl UpstreamError {

@@ -113,9 +113,13 @@ impl Head {
 }
 
 pub fn put_head(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u32) {
-    let len = len as u32;
-    out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
-    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(&head_bytes(len, kind, flags, stream));
+}
+
+fn head_bytes(len: usize, kind: u8, flags: u8, stream: u32) -> [u8; HEADER_LEN] {
+    let [_, l1, l2, l3] = (len as u32).to_be_bytes();
+    let [s1, s2, s3, s4] = stream.to_be_bytes();
+    [l1, l2, l3, kind, flags, s1, s2, s3, s4]
 }
 
 pub fn put_data(out: &mut Vec<u8>, stream: u32, data: &[u8], end_stream: bool) {
@@ -144,8 +148,7 @@ pub fn finish_headers(
     let block_len = out.len() - start - HEADER_LEN;
     let end = if end_stream { END_STREAM } else { 0 };
     if block_len <= max_frame_size {
-        let mut head = Vec::with_capacity(HEADER_LEN);
-        put_head(&mut head, block_len, HEADERS, end | END_HEADERS, stream);
+        let head = head_bytes(block_len, HEADERS, end | END_HEADERS, stream);
         out[start..start + HEADER_LEN].copy_from_slice(&head);
         return;
     }

@@ -210,6 +210,18 @@ pub struct Stream {
 }
 
 impl Stream {
+    fn wake_recv(&mut self) {
+        if let Some(waker) = self.recv_waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn wake_send(&mut self) {
+        if let Some(waker) = self.send_waker.take() {
+            waker.wake();
+        }
+    }
+
     fn closed(&self) -> bool {
         self.reset.is_some() || (self.recv_closed && self.send_closed)
     }
@@ -418,79 +430,59 @@ impl Inner {
         let Some((start, end)) = frame::unpadded(&head, &payload) else {
             return fatal(Reason::PROTOCOL_ERROR, "padding longer than the frame");
         };
-        let Some(&key) = self.ids.get(&head.stream) else {
-            if self.idle(head.stream) {
-                return fatal(Reason::PROTOCOL_ERROR, "DATA on a stream never opened");
-            }
+        let Some(key) = self.known_stream(head.stream, "DATA")? else {
             // A stream already forgotten (reset, or done): its data still counted
             // against the connection window, which is given back at once.
             self.release_connection(len as u32);
             return Ok(());
         };
+        let end_stream = head.has(frame::END_STREAM);
+        let role = self.role;
         let stream = &mut self.streams[key];
         if stream.reset.is_some() {
             self.release_connection(len as u32);
             return Ok(());
         }
-        if stream.recv_dropped && !stream.recv_closed {
+        let refused = if stream.recv_closed || (role == Role::Client && !stream.got_head) {
+            Some((Reason::STREAM_CLOSED, "DATA where none may come"))
+        } else if len as i64 > stream.recv_window {
+            Some((Reason::FLOW_CONTROL_ERROR, "DATA beyond the stream window"))
+        } else {
+            stream.recv_window -= len as i64;
+            None
+        };
+        if let Some((reason, why)) = refused {
+            return self.refuse_data(key, len, reason, why);
+        }
+        if stream.recv_dropped {
             // No one reads it, and the stream stays open for the other direction:
             // the window goes back at once, so the peer is not held up.
-            if len as i64 > stream.recv_window {
-                self.release_connection(len as u32);
-                self.peer_error(
-                    key,
-                    Reason::FLOW_CONTROL_ERROR,
-                    "DATA beyond the stream window",
-                )?;
-                return Ok(());
-            }
-            stream.recv_window -= len as i64;
+            stream.recv_closed = end_stream;
             self.release(key, len as u32);
-            if head.has(frame::END_STREAM) {
-                self.streams[key].recv_closed = true;
+            if end_stream {
                 self.closed_if_done(key);
             }
             return Ok(());
         }
-        if stream.recv_closed || (self.role == Role::Client && !stream.got_head) {
-            self.release_connection(len as u32);
-            self.peer_error(key, Reason::STREAM_CLOSED, "DATA where none may come")?;
-            return Ok(());
-        }
-        if len as i64 > stream.recv_window {
-            self.release_connection(len as u32);
-            self.peer_error(
-                key,
-                Reason::FLOW_CONTROL_ERROR,
-                "DATA beyond the stream window",
-            )?;
-            return Ok(());
-        }
-        stream.recv_window -= len as i64;
         let data = payload.slice(start..end);
         if let Some(expected) = &mut stream.expected {
             match expected.checked_sub(data.len() as u64) {
                 Some(left) => *expected = left,
                 None => {
-                    self.release_connection(len as u32);
-                    self.peer_error(key, Reason::PROTOCOL_ERROR, "more data than content-length")?;
-                    return Ok(());
+                    let why = "more data than content-length";
+                    return self.refuse_data(key, len, Reason::PROTOCOL_ERROR, why);
                 }
             }
         }
-        let end_stream = head.has(frame::END_STREAM);
         if end_stream && stream.expected.is_some_and(|left| left > 0) {
-            self.release_connection(len as u32);
-            self.peer_error(key, Reason::PROTOCOL_ERROR, "less data than content-length")?;
-            return Ok(());
+            let why = "less data than content-length";
+            return self.refuse_data(key, len, Reason::PROTOCOL_ERROR, why);
         }
         if !data.is_empty() {
             stream.data.push_back(data);
         }
         stream.recv_closed |= end_stream;
-        if let Some(waker) = stream.recv_waker.take() {
-            waker.wake();
-        }
+        stream.wake_recv();
         let padding = len - (end - start);
         if padding > 0 {
             // Padding is no one's to consume.
@@ -500,6 +492,19 @@ impl Inner {
             self.closed_if_done(key);
         }
         Ok(())
+    }
+
+    /// DATA the stream may not take: its window goes back to the connection, and
+    /// the stream is reset.
+    fn refuse_data(
+        &mut self,
+        key: usize,
+        len: usize,
+        reason: Reason,
+        why: &'static str,
+    ) -> Result<(), Fatal> {
+        self.release_connection(len as u32);
+        self.peer_error(key, reason, why)
     }
 
     fn on_headers(&mut self, head: Head, payload: Bytes) -> Result<(), Fatal> {
@@ -699,9 +704,7 @@ impl Inner {
         stream.got_head = true;
         stream.head = Some(head);
         stream.recv_closed = end_stream;
-        if let Some(waker) = stream.recv_waker.take() {
-            waker.wake();
-        }
+        stream.wake_recv();
         if end_stream {
             self.closed_if_done(key);
         }
@@ -742,9 +745,7 @@ impl Inner {
         let stream = &mut self.streams[key];
         stream.trailers = Some(trailers);
         stream.recv_closed = true;
-        if let Some(waker) = stream.recv_waker.take() {
-            waker.wake();
-        }
+        stream.wake_recv();
         self.closed_if_done(key);
         Ok(())
     }
@@ -995,12 +996,8 @@ impl Inner {
                 // Never sent: the backend did not see it.
                 stream.reset = Some(Error::GoAway(Reason::NO_ERROR));
             }
-            if let Some(waker) = stream.recv_waker.take() {
-                waker.wake();
-            }
-            if let Some(waker) = stream.send_waker.take() {
-                waker.wake();
-            }
+            stream.wake_recv();
+            stream.wake_send();
         }
         self.waiting.clear();
         self.blocked.clear();
@@ -1021,9 +1018,7 @@ impl Inner {
             }
             match self.write_pending(key) {
                 Progress::Done => {
-                    if let Some(waker) = self.streams[key].send_waker.take() {
-                        waker.wake();
-                    }
+                    self.streams[key].wake_send();
                     self.closed_if_done(key);
                 }
                 Progress::Blocked(true) => {
@@ -1188,15 +1183,11 @@ impl Inner {
         stream.id = id;
         stream.counted = true;
         stream.send_closed = end;
-        if stream.pending.is_some() {
-            self.push_pending(key);
-            // Its sender waited for the stream to open: it may send the next chunk.
-            if let Some(stream) = self.streams.get_mut(key)
-                && stream.pending.is_none()
-                && let Some(waker) = stream.send_waker.take()
-            {
-                waker.wake();
-            }
+        if stream.pending.is_some() && !stream.queued {
+            // Data its sender handed over while the stream waited: written like
+            // any held data, by `schedule`, which wakes the sender once it is out.
+            stream.queued = true;
+            self.blocked.push_back((key, stream.serial));
         }
     }
 
@@ -1322,12 +1313,8 @@ impl Inner {
             unread = stream.data.iter().map(Bytes::len).sum();
             stream.data.clear();
         }
-        if let Some(waker) = stream.recv_waker.take() {
-            waker.wake();
-        }
-        if let Some(waker) = stream.send_waker.take() {
-            waker.wake();
-        }
+        stream.wake_recv();
+        stream.wake_send();
         if unread > 0 {
             self.release_connection(unread as u32);
         }

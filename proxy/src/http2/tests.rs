@@ -3,7 +3,6 @@
 //! pipes.
 
 use std::future::poll_fn;
-use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use super::connection::Connection;
 use super::error::Error;
 use super::frame::{self, Reason};
-use super::session::{Config, Session};
+use super::session::Config;
 use super::streams::{Client, RecvStream, SendResponse};
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -79,8 +78,9 @@ async fn echo(req: Request<RecvStream>, respond: SendResponse) {
     }
 }
 
-/// Our client on `io`, its connection driven by a task of its own.
-fn client_on(io: DuplexStream) -> (Client, Arc<Session>) {
+/// Our client on `io`, its connection driven by a task of its own, once the
+/// backend's SETTINGS are in (as `client.rs` waits: its stream limit is known then).
+async fn client_on(io: DuplexStream) -> Client {
     let (mut conn, client) = Connection::client(io, config());
     let session = conn.session().clone();
     tokio::spawn(async move {
@@ -95,7 +95,33 @@ fn client_on(io: DuplexStream) -> (Client, Arc<Session>) {
         })
         .await
     });
-    (client, session)
+    while !session.lock().got_settings {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    client
+}
+
+/// An h2 backend on `io` that takes one stream at a time and answers each request
+/// with the text `answer` makes of it.
+fn one_stream_backend<F, A>(io: DuplexStream, answer: F)
+where
+    F: Fn(Request<h2::RecvStream>) -> A + Copy + Send + 'static,
+    A: Future<Output = String> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut conn = h2::server::Builder::new()
+            .max_concurrent_streams(1)
+            .handshake::<_, Bytes>(io)
+            .await
+            .unwrap();
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            tokio::spawn(async move {
+                let text = answer(req).await;
+                let mut send = respond.send_response(Response::new(()), false).unwrap();
+                send.send_data(Bytes::from(text), true).unwrap();
+            });
+        }
+    });
 }
 
 async fn h2_client(io: DuplexStream) -> h2::client::SendRequest<Bytes> {
@@ -246,27 +272,12 @@ fn raw(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 async fn requests_beyond_a_backends_stream_limit_wait_their_turn() {
     tokio::time::timeout(LIMIT, async {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
-        // The backend: h2, one stream at a time, answering each request with its path.
-        tokio::spawn(async move {
-            let mut conn = h2::server::Builder::new()
-                .max_concurrent_streams(1)
-                .handshake::<_, Bytes>(theirs)
-                .await
-                .unwrap();
-            while let Some(Ok((req, mut respond))) = conn.accept().await {
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    let mut send = respond.send_response(Response::new(()), false).unwrap();
-                    send.send_data(Bytes::from(req.uri().path().to_string()), true)
-                        .unwrap();
-                });
-            }
+        // Each request answered with its path, after a while.
+        one_stream_backend(theirs, |req| async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            req.uri().path().to_string()
         });
-        let (client, session) = client_on(ours);
-        // As the proxy does (`client.rs`): the limit is known once SETTINGS are in.
-        while !session.lock().got_settings {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        let client = client_on(ours).await;
         let mut responses = Vec::new();
         for i in 0..5 {
             let req = Request::get(format!("http://backend/{i}"))
@@ -301,7 +312,7 @@ async fn a_refused_stream_is_reported_as_not_processed() {
                 respond.send_reset(h2::Reason::REFUSED_STREAM);
             }
         });
-        let (client, _) = client_on(ours);
+        let client = client_on(ours).await;
         let req = Request::get("http://backend/").body(()).unwrap();
         let (response, _) = client
             .send_request(req.method(), req.uri(), req.headers(), true)
@@ -319,26 +330,12 @@ async fn a_refused_stream_is_reported_as_not_processed() {
 async fn request_bodies_waiting_for_a_stream_slot_are_sent_whole() {
     tokio::time::timeout(LIMIT, async {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
-        // The backend: one stream at a time, answering with the body's length.
-        tokio::spawn(async move {
-            let mut conn = h2::server::Builder::new()
-                .max_concurrent_streams(1)
-                .handshake::<_, Bytes>(theirs)
-                .await
-                .unwrap();
-            while let Some(Ok((req, mut respond))) = conn.accept().await {
-                tokio::spawn(async move {
-                    let (body, _) = h2_read(req.into_body()).await.unwrap();
-                    let mut send = respond.send_response(Response::new(()), false).unwrap();
-                    send.send_data(Bytes::from(body.len().to_string()), true)
-                        .unwrap();
-                });
-            }
+        // Each request answered with its body's length.
+        one_stream_backend(theirs, |req| async move {
+            let (body, _) = h2_read(req.into_body()).await.unwrap();
+            body.len().to_string()
         });
-        let (client, session) = client_on(ours);
-        while !session.lock().got_settings {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        let client = client_on(ours).await;
         let mut responses = Vec::new();
         for i in 1..=3usize {
             let req = Request::post("http://backend/").body(()).unwrap();

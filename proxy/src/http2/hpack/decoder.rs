@@ -157,22 +157,10 @@ mod tests {
         let mut out = Vec::new();
         decoder
             .decode(&Bytes::copy_from_slice(block), |f, _| {
-                out.push(match f {
-                    Field::Authority(v) => (":authority".into(), text(&v)),
-                    Field::Method(v) => (":method".into(), text(&v)),
-                    Field::Scheme(v) => (":scheme".into(), text(&v)),
-                    Field::Path(v) => (":path".into(), text(&v)),
-                    Field::Status(v) => (":status".into(), text(&v)),
-                    Field::Header(n, v) => (n.to_string(), text(v.as_bytes())),
-                    other => (format!("{other:?}"), String::new()),
-                })
+                out.push(f.describe())
             })
             .unwrap();
         out
-    }
-
-    fn text(b: &[u8]) -> String {
-        String::from_utf8(b.to_vec()).unwrap()
     }
 
     fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -77,16 +77,12 @@ fn fields(out: &mut Vec<u8>, headers: &HeaderMap) {
     }
 }
 
-/// Headers that describe one HTTP/1 connection, which HTTP/2 forbids (RFC 9113
-/// §8.2.2); `te` only as `trailers`. They are dropped, not refused: a message from
-/// HTTP/1 may carry them, and they mean nothing past this hop.
+/// Headers that describe one HTTP/1 connection (the proxy's hop-by-hop list),
+/// which HTTP/2 forbids (RFC 9113 §8.2.2); `te` only as `trailers`. Sent, they are
+/// dropped, not refused: a message from HTTP/1 may carry them, and they mean nothing
+/// past this hop.
 pub fn is_connection_specific(name: &HeaderName, value: &HeaderValue) -> bool {
-    (name == header::TE && value != "trailers")
-        || name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+    crate::forward::is_hop_by_hop(name) && !(name == header::TE && value == "trailers")
 }
 
 /// A literal field without indexing (or never indexed, if `sensitive`: RFC 7541
@@ -129,7 +125,6 @@ fn integer(out: &mut Vec<u8>, value: usize, prefix: u8, flags: u8) {
 #[cfg(test)]
 mod tests {
     use super::super::decoder::Decoder;
-    use super::super::table::Field;
     use super::*;
     use bytes::Bytes;
 
@@ -137,21 +132,8 @@ mod tests {
         let mut out = Vec::new();
         Decoder::new(4096)
             .decode(&Bytes::from(block), |f, _| {
-                out.push(match f {
-                    Field::Authority(v) => format!(":authority={}", String::from_utf8_lossy(&v)),
-                    Field::Method(v) => format!(":method={}", String::from_utf8_lossy(&v)),
-                    Field::Scheme(v) => format!(":scheme={}", String::from_utf8_lossy(&v)),
-                    Field::Path(v) => format!(":path={}", String::from_utf8_lossy(&v)),
-                    Field::Status(v) => format!(":status={}", String::from_utf8_lossy(&v)),
-                    Field::Header(n, v) => {
-                        format!(
-                            "{n}={}{}",
-                            v.to_str().unwrap(),
-                            if v.is_sensitive() { " (sensitive)" } else { "" }
-                        )
-                    }
-                    other => format!("{other:?}"),
-                })
+                let (name, value) = f.describe();
+                out.push(format!("{name}={value}"));
             })
             .unwrap();
         out

@@ -97,6 +97,26 @@ fn header(name: HeaderName, value: Bytes, sensitive: bool) -> Field {
     }
 }
 
+#[cfg(test)]
+impl Field {
+    /// Name and value as text, for tests; a sensitive value is marked so.
+    pub fn describe(&self) -> (String, String) {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        match self {
+            Field::Authority(v) => (":authority".into(), text(v)),
+            Field::Method(v) => (":method".into(), text(v)),
+            Field::Scheme(v) => (":scheme".into(), text(v)),
+            Field::Path(v) => (":path".into(), text(v)),
+            Field::Status(v) => (":status".into(), text(v)),
+            Field::Header(n, v) if v.is_sensitive() => {
+                (n.to_string(), text(v.as_bytes()) + " (sensitive)")
+            }
+            Field::Header(n, v) => (n.to_string(), text(v.as_bytes())),
+            other => (format!("{other:?}"), String::new()),
+        }
+    }
+}
+
 /// A table entry's size (RFC 7541 §4.1).
 pub fn entry_size(name_len: usize, value_len: usize) -> usize {
     name_len + value_len + 32
