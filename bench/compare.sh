@@ -3,8 +3,8 @@
 #
 #   bench/compare.sh            # 10 s per run
 #   DURATION=30 bench/compare.sh
-#   MODES="h1 h2c" bench/compare.sh   # only these loads (h1, h1-h2up, h2c, h2tls,
-#                                     # h1-capped, h2c-capped, h2tls-capped)
+#   MODES="h1 h2c" bench/compare.sh   # only these loads (h1, h1-h2up, h2c, h2c-h1up,
+#                                     # h2tls, h1-capped, h2c-capped, h2tls-capped)
 #   ROUNDS=1 bench/compare.sh          # one round instead of three
 #   CAP_PERCENT=60 bench/compare.sh    # the capped loads' share of the proxy's core
 #   TANDEM_H2_UPSTREAM=http1 bench/compare.sh   # Tandem's upstream protocol for the
@@ -21,12 +21,19 @@
 # 64 connections, 10 streams each). "h1-h2up" is the HTTP/1.1 load with HTTP/2 to
 # the backends where a proxy can (Tandem `--backend-protocol http2`, as it speaks to
 # other proxies in a mesh; HAProxy `proto h2`; nginx cannot, so HTTP/1.1): the
-# backends multiplex, costing the load core less per request. Reported: requests/s, p50/p99 latency, proxy
+# backends multiplex, costing the load core less per request. "h2c-h1up" is the h2c
+# load with HTTP/1.1 to the backends for every proxy: each stream in flight then
+# needs a backend connection of its own, which is what sets a proxy's memory.
+# Reported: requests/s, p50/p99 latency, proxy
 # CPU per request (from /proc/PID/stat), how busy each core was during the run
 # (/proc/stat: when the load core is near 100%, the load, not the proxy, sets the
 # requests/s), the CPU the two backends spent per request (their share of the load
 # core, which the proxy's way of using upstream connections changes), peak RSS
-# (VmHWM) and idle RSS, and each figure's ratio to HAProxy's.
+# (VmHWM) and idle RSS, and each figure's ratio to HAProxy's. Before the loads, on
+# fresh processes, the memory one more connection costs: an idle keep-alive client
+# connection (1,000 of them, after one request each) and a pooled backend connection
+# (400 requests at once to a slow path, then the clients gone, the backend
+# connections kept for reuse): the RSS they add, divided by their number.
 # The "-capped" loads are the same loads with each proxy held to CAP_PERCENT (50) of
 # its core by a cgroup CFS quota (10 ms periods): on two CPUs the load core saturates
 # at about the rate one proxy on a whole core serves, so the full-core loads can hide
@@ -44,7 +51,7 @@ cd "$(dirname "$0")/.."
 . bench/lib.sh
 
 DURATION=${DURATION:-10}
-MODES=${MODES:-h1 h1-h2up h2c h2tls h1-capped h2c-capped h2tls-capped}
+MODES=${MODES:-h1 h1-h2up h2c h2c-h1up h2tls h1-capped h2c-capped h2tls-capped}
 CAP_PERCENT=${CAP_PERCENT:-50}
 WARMUP=${WARMUP:-2}
 ROUNDS=${ROUNDS:-3}
@@ -92,7 +99,7 @@ openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
 cat "$WORK/cert.pem" "$WORK/key.pem" > "$WORK/combined.pem"
 
 # --- the proxies under test ------------------------------------------------------------
-declare -A PLAIN TLS H2C H1H2 PID_OF TLS_PID_OF H1H2_PID_OF
+declare -A PLAIN TLS H2C H1H2 H2H1 PID_OF TLS_PID_OF H1H2_PID_OF H2H1_PID_OF
 
 # Tandem: one process per upstream protocol (HTTP/1.1 for the HTTP/1.1 load, HTTP/2
 # for the h2c load), and one terminating TLS.
@@ -104,14 +111,16 @@ PID_OF[tandem]=$!; PIDS+=($!)
 taskset -c "$PROXY_CPU" "$PROXY_BIN" --backends "127.0.0.1:$B1,127.0.0.1:$B2" --backend-protocol "$TANDEM_H2_UPSTREAM" \
   --threads 1 --listen "127.0.0.1:${H2C[tandem]}" --admin 127.0.0.1:0 >/dev/null 2>"$WORK/tandem-h2c.log" &
 H2C_PID_OF[tandem]=$!; PIDS+=($!)
-# HTTP/1.1 clients with HTTP/2 upstream: the h2c process takes both.
+# HTTP/1.1 clients with HTTP/2 upstream: the h2c process takes both; h2c clients
+# with HTTP/1.1 upstream: the plain process takes both.
 H1H2[tandem]=${H2C[tandem]}; H1H2_PID_OF[tandem]=${H2C_PID_OF[tandem]}
+H2H1[tandem]=${PLAIN[tandem]}; H2H1_PID_OF[tandem]=${PID_OF[tandem]}
 taskset -c "$PROXY_CPU" "$PROXY_BIN" --backends "127.0.0.1:$B1,127.0.0.1:$B2" --backend-protocol "$TANDEM_H2_UPSTREAM" \
   --threads 1 --listen "127.0.0.1:${TLS[tandem]}" --admin 127.0.0.1:0 \
   --tls-cert "$WORK/cert.pem" --tls-key "$WORK/key.pem" >/dev/null 2>"$WORK/tandem-tls.log" &
 TLS_PID_OF[tandem]=$!; PIDS+=($!)
 
-PLAIN[haproxy]=$(free_port); H2C[haproxy]=$(free_port); TLS[haproxy]=$(free_port); H1H2[haproxy]=$(free_port)
+PLAIN[haproxy]=$(free_port); H2C[haproxy]=$(free_port); TLS[haproxy]=$(free_port); H1H2[haproxy]=$(free_port); H2H1[haproxy]=$(free_port)
 cat > "$WORK/haproxy.cfg" <<EOF
 global
   nbthread 1
@@ -129,6 +138,9 @@ frontend fe_h1
 frontend fe_h1h2
   bind 127.0.0.1:${H1H2[haproxy]}
   default_backend be_h2
+frontend fe_h2h1
+  bind 127.0.0.1:${H2H1[haproxy]} proto h2
+  default_backend be_h1
 frontend fe_h2
   bind 127.0.0.1:${H2C[haproxy]} proto h2
   bind 127.0.0.1:${TLS[haproxy]} ssl crt $WORK/combined.pem alpn h2,http/1.1
@@ -143,7 +155,7 @@ backend be_h2
   server s2 127.0.0.1:$B2 proto h2
 EOF
 taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg" >/dev/null 2>"$WORK/haproxy.log" &
-PID_OF[haproxy]=$!; H2C_PID_OF[haproxy]=$!; TLS_PID_OF[haproxy]=$!; H1H2_PID_OF[haproxy]=$!; PIDS+=($!)
+PID_OF[haproxy]=$!; H2C_PID_OF[haproxy]=$!; TLS_PID_OF[haproxy]=$!; H1H2_PID_OF[haproxy]=$!; H2H1_PID_OF[haproxy]=$!; PIDS+=($!)
 
 PLAIN[nginx]=$(free_port); H2C[nginx]=$(free_port); TLS[nginx]=$(free_port)
 mkdir -p "$WORK/nginx"
@@ -176,8 +188,9 @@ EOF
 taskset -c "$PROXY_CPU" nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" >/dev/null 2>"$WORK/nginx.log" &
 PID_OF[nginx]=$!; H2C_PID_OF[nginx]=$!; TLS_PID_OF[nginx]=$!; PIDS+=($!)
 H1H2[nginx]=${PLAIN[nginx]}; H1H2_PID_OF[nginx]=$!
+H2H1[nginx]=${H2C[nginx]}; H2H1_PID_OF[nginx]=$!
 
-for p in tandem haproxy nginx; do wait_port "${PLAIN[$p]}"; wait_port "${H2C[$p]}"; wait_port "${TLS[$p]}"; wait_port "${H1H2[$p]}"; done
+for p in tandem haproxy nginx; do wait_port "${PLAIN[$p]}"; wait_port "${H2C[$p]}"; wait_port "${TLS[$p]}"; wait_port "${H1H2[$p]}"; wait_port "${H2H1[$p]}"; done
 
 # --- measuring ---------------------------------------------------------------------------
 
@@ -186,6 +199,26 @@ declare -A IDLE
 for p in tandem haproxy nginx; do
   for _ in 1 2 3 4 5; do curl -s -o /dev/null "http://127.0.0.1:${PLAIN[$p]}/" || true; done
   IDLE[$p]=$(rss_kib "${PID_OF[$p]}" VmRSS)
+done
+
+# Memory per connection, on the fresh HTTP/1.1 processes: bytes of RSS one more idle
+# client connection costs, and one more pooled backend connection.
+IDLE_CLIENTS=${IDLE_CLIENTS:-1000}
+POOLED=${POOLED:-400}
+declare -A PER_CLIENT PER_POOLED
+for p in tandem haproxy nginx; do
+  pid=${PID_OF[$p]}
+  before=$(rss_kib "$pid" VmRSS)
+  coproc HOLD { python3 bench/conns.py idle "${PLAIN[$p]}" "$IDLE_CLIENTS"; }
+  read -r _ready <&"${HOLD[0]}"
+  after=$(rss_kib "$pid" VmRSS)
+  eval "exec ${HOLD[1]}>&-"; wait "$HOLD_PID" 2>/dev/null || true
+  PER_CLIENT[$p]=$(( (after - before) * 1024 / IDLE_CLIENTS ))
+  before=$(rss_kib "$pid" VmRSS)
+  python3 bench/conns.py concurrent "${PLAIN[$p]}" "$POOLED" /delay/500
+  sleep 1  # the clients' closes reach the proxy (a measurement pause, not a synchronisation)
+  after=$(rss_kib "$pid" VmRSS)
+  PER_POOLED[$p]=$(( (after - before) * 1024 / POOLED ))
 done
 
 to_ms() { # wrk prints 512.00us / 1.23ms / 1.01s
@@ -215,7 +248,7 @@ run_load() {
       p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")
       echo "$reqs $rps $p50 $p99"
       ;;
-    h2c|h2tls)
+    h2c|h2tls|h2c-h1up)
       local url
       url=$(url_of "$mode" "$port")
       # h2load appends to its log: without this, each run's percentiles would be
@@ -241,7 +274,7 @@ for round in $(seq "$ROUNDS"); do
 for mode in $MODES; do
   load=${mode%-capped}
   for p in tandem haproxy nginx; do
-    case $load in h1) port=${PLAIN[$p]}; pid=${PID_OF[$p]};; h1-h2up) port=${H1H2[$p]}; pid=${H1H2_PID_OF[$p]};; h2c) port=${H2C[$p]}; pid=${H2C_PID_OF[$p]};; h2tls) port=${TLS[$p]}; pid=${TLS_PID_OF[$p]};; esac
+    case $load in h1) port=${PLAIN[$p]}; pid=${PID_OF[$p]};; h1-h2up) port=${H1H2[$p]}; pid=${H1H2_PID_OF[$p]};; h2c) port=${H2C[$p]}; pid=${H2C_PID_OF[$p]};; h2c-h1up) port=${H2H1[$p]}; pid=${H2H1_PID_OF[$p]};; h2tls) port=${TLS[$p]}; pid=${TLS_PID_OF[$p]};; esac
     [ "$load" = "$mode" ] || cpu_cap "$pid"
     warm_up "$load" "$port"
     before=$(cpu_ticks "$pid"); backends_before=$(cpu_ticks "${BACKEND_PIDS[@]}"); proxy_core_before=$(core_ticks "$PROXY_CPU"); load_core_before=$(core_ticks "$LOAD_CPU")
@@ -292,6 +325,7 @@ report() {
       idle["tandem"] = idle_t; idle["haproxy"] = idle_h; idle["nginx"] = idle_n
       names["h1"] = "HTTP/1.1 (wrk)"; names["h2c"] = "h2c (h2load)"; names["h2tls"] = "h2 + TLS (h2load)"
       names["h1-h2up"] = "HTTP/1.1 (wrk), HTTP/2 upstream"
+      names["h2c-h1up"] = "h2c (h2load), HTTP/1.1 upstream"
       split("h1 h2c h2tls", loads, " ")
       for (l in loads) names[loads[l] "-capped"] = names[loads[l]] ", capped at " cap "%"
       for (i = 1; i <= NR; i++) {
@@ -302,6 +336,14 @@ report() {
           f[7], f[8], f[9], f[10] / 1024, idle[f[2]] / 1024
       }
     }'
+  echo
+  echo "Memory per connection (RSS added, fresh HTTP/1.1 processes): an idle keep-alive client connection ($IDLE_CLIENTS of them), a pooled backend connection ($POOLED requests at once, then the clients gone):"
+  echo
+  echo "| proxy | per idle client connection KiB | per pooled backend connection KiB |"
+  echo "| --- | ---: | ---: |"
+  for p in tandem haproxy nginx; do
+    awk -v p="$p" -v c="${PER_CLIENT[$p]}" -v b="${PER_POOLED[$p]}" 'BEGIN { printf "| %s | %.1f | %.1f |\n", p, c / 1024, b / 1024 }'
+  done
   if [ "$ROUNDS" -gt 1 ]; then
     echo
     echo "Requests/s of each round (tandem / haproxy / nginx):"

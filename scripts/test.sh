@@ -61,6 +61,15 @@ if cargo tree -p tandem-proxy -e normal --prefix none | grep -E '^(kube|k8s-open
   exit 1
 fi
 
+# --- h2spec: the HTTP/2 conformance tool tests/e2e/h2spec.rs runs -------------------
+# Built (Go >= 1.26, pinned in tests/cluster/tools/h2spec/go.mod) into the tool cache,
+# or found there up to date; the e2e test fails, never skips, without it.
+say "h2spec (tests/cluster/build-tools.sh h2spec)"
+tests/cluster/build-tools.sh h2spec >/dev/null
+TANDEM_H2SPEC="$(tests/cluster/build-tools.sh --print-bin-dir h2spec)/h2spec"
+export TANDEM_H2SPEC
+# --- end of h2spec --------------------------------------------------------------------
+
 say "cargo test"
 cargo test --workspace
 

@@ -4,11 +4,13 @@
 //!
 //! - `GET /anything` → 200, body `NAME\n`, header `x-tandem-instance: NAME`
 //! - `POST /echo` → the request body streamed back as it arrives
+//! - `POST /sink` → reads the whole request body, then answers with its length
 //! - `/status/NNN` → an empty response with status NNN
 //! - `/delay/MS` → answers (as for `/`) after MS milliseconds
 //! - `/headers` → the request's headers, one `name: value` line each
 //! - `/bytes/N` → N bytes of `x`, with a Content-Length (at most 64 MiB)
 //! - `/chunks/N` → N lines `chunk I`, each its own chunk, no Content-Length
+//! - `/ws` → a WebSocket (HTTP/1.1 Upgrade) that echoes every message back
 //! - gRPC `tandem.demo.v1.Greeter` → replies carry `instance: NAME`
 
 use std::convert::Infallible;
@@ -121,6 +123,9 @@ impl Backend {
             };
         }
         let path = req.uri().path();
+        if path == "/ws" {
+            return websocket(req, &self.args.name);
+        }
         if let Some(ms) = path
             .strip_prefix("/delay/")
             .and_then(|ms| ms.parse::<u64>().ok())
@@ -134,6 +139,16 @@ impl Backend {
             r
         } else if path == "/echo" {
             Response::new(Either::Left(Either::Right(req.into_body())))
+        } else if path == "/sink" {
+            use http_body_util::BodyExt;
+            match req.into_body().collect().await {
+                Ok(body) => Response::new(full(format!("{} bytes\n", body.to_bytes().len()))),
+                Err(error) => {
+                    let mut r = Response::new(full(format!("{error}\n")));
+                    *r.status_mut() = StatusCode::BAD_REQUEST;
+                    r
+                }
+            }
         } else if path == "/headers" {
             let lines: String = req
                 .headers()
@@ -175,6 +190,64 @@ impl Backend {
     }
 }
 
+/// Accepts a WebSocket handshake (RFC 6455 §4.2) and echoes every message on the
+/// upgraded connection until the client closes it; anything else gets 400.
+fn websocket(mut req: Request<Incoming>, name: &str) -> Response<Body> {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    let headers = req.headers();
+    let asks_websocket = headers
+        .get(header::UPGRADE)
+        .is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let key = headers.get("sec-websocket-key").cloned();
+    let (true, Some(key)) = (asks_websocket, key) else {
+        let mut r = Response::new(full("/ws needs a WebSocket upgrade\n"));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        use tokio_tungstenite::tungstenite::protocol::Role;
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(message)) = ws.next().await {
+            let reply = match message {
+                Message::Text(_) | Message::Binary(_) => message,
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if ws.send(reply).await.is_err() {
+                return;
+            }
+        }
+        let _ = ws.close(None).await;
+    });
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("upgrade"),
+    );
+    if let Ok(accept) = header::HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert("sec-websocket-accept", accept);
+    }
+    if let Ok(name) = header::HeaderValue::from_str(name) {
+        h.insert("x-tandem-instance", name);
+    }
+    r
+}
+
 /// Serves until the process is stopped.
 pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen).await?;
@@ -208,7 +281,7 @@ pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
                 async move { Ok::<_, Infallible>(backend.handle(req).await) }
             });
             let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
         });
     }

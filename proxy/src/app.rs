@@ -13,6 +13,7 @@ use tandem_common::{Admin, Readiness, Shutdown, announce};
 use tandem_proto::discovery::v1 as pb;
 
 use crate::balancer::{BalancerConfig, SlowStart};
+use crate::connections::Limits;
 use crate::destination::{Destination, Destinations, Resolution};
 use crate::discovery::{DiscoveryClient, ProxyLocality, ServiceView, control_plane_endpoint};
 use crate::endpoint::{EndpointMeta, Locality, Protocol};
@@ -97,9 +98,21 @@ pub struct Args {
     /// How long a request waits for a new destination's first discovery answer.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub discovery_timeout: Duration,
-    /// A client connection that moves no byte for this long is closed.
+    /// A client connection quiet between requests for this long is closed.
     #[arg(long, default_value = "5m", value_parser = duration)]
     pub idle_timeout: Duration,
+    /// A request head must arrive whole within this long of its first byte (408 after).
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+    /// A request that moves no byte for this long is given up: 504 while it waits
+    /// for its response's head, the connection closed after (Envoy's stream idle timeout).
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    pub stream_idle_timeout: Duration,
+    /// Open client connections at most; at the cap the quietest one is closed to make
+    /// room, and a new one is refused only when none is quiet (default: half the file
+    /// descriptor limit, the rest kept for backend connections).
+    #[arg(long)]
+    pub max_client_connections: Option<usize>,
     /// How long open connections may finish after a shutdown signal.
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
@@ -140,7 +153,8 @@ pub struct Args {
     /// Endpoints tried for one request.
     #[arg(long, default_value_t = 3, help_heading = "Resilience")]
     pub max_attempts: usize,
-    /// Time allowed from request to response headers, unless the service sets its own (default: none).
+    /// Time allowed from request to response headers, unless the service sets its own
+    /// (default: none; the stream idle timeout still applies).
     #[arg(long, value_parser = duration, help_heading = "Resilience")]
     pub request_timeout: Option<Duration>,
     /// Requests in flight per destination beyond which the proxy answers 503 at once.
@@ -197,6 +211,24 @@ async fn resolve_backends(specs: &[String]) -> Result<Vec<SocketAddr>, Error> {
     Ok(out)
 }
 
+/// Raises the soft file descriptor limit to the hard one (as Go programs and HAProxy
+/// do: a proxy holds two sockets per request in flight) and returns it.
+fn raise_fd_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(error) => {
+            tracing::warn!(%error, "cannot raise the file descriptor limit; assuming 1024");
+            1024
+        }
+    }
+}
+
+/// Half the file descriptor limit: the other half is for backend connections,
+/// discovery and the admin port.
+fn default_max_connections(fd_limit: u64) -> usize {
+    usize::try_from(fd_limit / 2).unwrap_or(usize::MAX)
+}
+
 /// Runs the proxy until SIGTERM/SIGINT or `POST /shutdown`.
 pub async fn run(args: Args) -> Result<(), Error> {
     tandem_common::logging::init(args.log_format);
@@ -205,6 +237,11 @@ pub async fn run(args: Args) -> Result<(), Error> {
     tokio::spawn(crate::clock::run());
 
     let metrics = Arc::new(ProxyMetrics::default());
+    let fd_limit = raise_fd_limit();
+    let max_connections = args
+        .max_client_connections
+        .unwrap_or_else(|| default_max_connections(fd_limit))
+        .max(1);
     let upstream = Arc::new(UpstreamSettings {
         connect_timeout: args.connect_timeout,
         ..Default::default()
@@ -333,7 +370,9 @@ pub async fn run(args: Args) -> Result<(), Error> {
             retry_min: args.retry_min,
             request_timeout: args.request_timeout,
             max_pending: args.max_pending_requests.max(1),
+            stream_idle_timeout: args.stream_idle_timeout,
         },
+        header_read_timeout: args.header_read_timeout,
     });
     let server = Arc::new(Server {
         forwarder,
@@ -341,7 +380,12 @@ pub async fn run(args: Args) -> Result<(), Error> {
         metrics,
         shutdown: shutdown.clone(),
         grace: args.shutdown_grace,
-        idle_timeout: args.idle_timeout,
+        limits: Limits {
+            idle_timeout: args.idle_timeout,
+            header_read_timeout: args.header_read_timeout,
+            stream_idle_timeout: args.stream_idle_timeout,
+            max_connections,
+        },
     });
     tracing::info!(
         proxy = %proxy_addr,

@@ -18,8 +18,11 @@ pub enum ProxyBody {
     Empty,
     /// A body the proxy made itself (error pages, health checks).
     Full(Option<Bytes>),
-    /// A body streamed through from the other side, never buffered.
+    /// A backend's body (hyper's client), streamed through, never buffered.
     Incoming(Incoming),
+    /// A client's request body (hyper's server), streamed through: its errors are
+    /// the client's ([`ClientBodyError`]).
+    Request(Incoming),
     /// An upstream HTTP/1 response body: its connection returns to the pool when the
     /// body has been read to the end (and is closed if the body is abandoned).
     Pooled {
@@ -33,7 +36,74 @@ pub enum ProxyBody {
     Http2 {
         recv: RecvStream,
         data_done: bool,
+        /// A client's request: its errors are the client's ([`ClientBodyError`]).
+        from_client: bool,
     },
+}
+
+/// A client's request body failed (malformed, cut short, reset by the client): the
+/// request is the client's fault, whatever became of the attempt to send it.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body from the client failed: {}", causes(&**.0))]
+pub struct ClientBodyError(pub BoxError);
+
+/// `error` and its causes, as one line.
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    line
+}
+
+impl ClientBodyError {
+    /// Whether `error`, or an error it was caused by, is a [`ClientBodyError`].
+    pub fn caused(error: &(dyn std::error::Error + 'static)) -> bool {
+        Self::find(error).is_some()
+    }
+
+    /// The [`ClientBodyError`] among `error` and its causes.
+    pub fn find<'e>(error: &'e (dyn std::error::Error + 'static)) -> Option<&'e ClientBodyError> {
+        let mut next = Some(error);
+        while let Some(error) = next {
+            if let Some(found) = error.downcast_ref::<ClientBodyError>() {
+                return Some(found);
+            }
+            next = error.source();
+        }
+        None
+    }
+}
+
+/// A request body as a client sent it, to forward.
+pub trait RequestBody {
+    fn into_request_body(self) -> ProxyBody;
+}
+
+impl RequestBody for Incoming {
+    fn into_request_body(self) -> ProxyBody {
+        ProxyBody::Request(self)
+    }
+}
+
+impl RequestBody for RecvStream {
+    fn into_request_body(self) -> ProxyBody {
+        ProxyBody::Http2 {
+            recv: self,
+            data_done: false,
+            from_client: true,
+        }
+    }
+}
+
+/// Already a proxy body (tests, and requests the proxy makes itself).
+impl RequestBody for ProxyBody {
+    fn into_request_body(self) -> ProxyBody {
+        self
+    }
 }
 
 impl ProxyBody {
@@ -42,17 +112,13 @@ impl ProxyBody {
     }
 }
 
-impl From<Incoming> for ProxyBody {
-    fn from(body: Incoming) -> Self {
-        Self::Incoming(body)
-    }
-}
-
+/// A backend's HTTP/2 response body.
 impl From<RecvStream> for ProxyBody {
     fn from(recv: RecvStream) -> Self {
         Self::Http2 {
             recv,
             data_done: false,
+            from_client: false,
         }
     }
 }
@@ -69,6 +135,9 @@ impl Body for ProxyBody {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ProxyBody::Incoming(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Request(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|e| ClientBodyError(e.into()).into()),
             ProxyBody::Pooled { body, lease } => {
                 let frame = ready!(Pin::new(&mut *body).poll_frame(cx));
                 match &frame {
@@ -81,7 +150,17 @@ impl Body for ProxyBody {
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             ProxyBody::Http1(body) => Pin::new(&mut **body).poll_frame(cx),
-            ProxyBody::Http2 { recv, data_done } => poll_http2(recv, data_done, cx),
+            ProxyBody::Http2 {
+                recv,
+                data_done,
+                from_client,
+            } => {
+                let frame = ready!(poll_http2(recv, data_done, cx));
+                Poll::Ready(match frame {
+                    Some(Err(e)) if *from_client => Some(Err(ClientBodyError(e).into())),
+                    frame => frame,
+                })
+            }
         }
     }
 
@@ -89,7 +168,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Full(data) => data.is_none(),
-            ProxyBody::Incoming(body) => body.is_end_stream(),
+            ProxyBody::Incoming(body) | ProxyBody::Request(body) => body.is_end_stream(),
             ProxyBody::Pooled { body, .. } => body.is_end_stream(),
             ProxyBody::Http1(body) => body.is_end_stream(),
             ProxyBody::Http2 { recv, .. } => recv.is_end_stream(),
@@ -102,7 +181,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            ProxyBody::Incoming(body) => body.size_hint(),
+            ProxyBody::Incoming(body) | ProxyBody::Request(body) => body.size_hint(),
             ProxyBody::Pooled { body, .. } => body.size_hint(),
             ProxyBody::Http1(body) => body.size_hint(),
             ProxyBody::Http2 { recv, .. } if recv.is_end_stream() => SizeHint::with_exact(0),

@@ -14,10 +14,12 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 
 use crate::balancer::PickError;
-use crate::body::ProxyBody;
+use crate::body::{ClientBodyError, ProxyBody, RequestBody};
+use crate::connections::ConnControl;
 use crate::destination::{Backend, BackendSet, Destination, Destinations, Resolution};
+use crate::http1::head::valid_host;
 use crate::metrics::{DestinationStats, ProxyErrorKind};
-use crate::upstream::{self, HttpVersion, RequestSlot};
+use crate::upstream::{self, Fault, HttpVersion, RequestSlot, UpstreamError};
 
 /// How requests find their destination.
 pub enum Router {
@@ -36,6 +38,9 @@ pub struct Forwarder {
     /// How long a request waits for a new destination's first discovery answer.
     pub discovery_timeout: Duration,
     pub resilience: Resilience,
+    /// How long a request head may take to arrive (enforced per connection; here to
+    /// say so in the answer).
+    pub header_read_timeout: Duration,
 }
 
 /// A response the proxy makes itself.
@@ -47,7 +52,7 @@ pub struct ProxyError {
 }
 
 impl ProxyError {
-    fn new(kind: ProxyErrorKind, status: StatusCode, message: String) -> Self {
+    pub(crate) fn new(kind: ProxyErrorKind, status: StatusCode, message: String) -> Self {
         Self {
             kind,
             status,
@@ -72,7 +77,8 @@ impl ProxyError {
         let mut response = if grpc {
             let code = match self.kind {
                 ProxyErrorKind::BadRequest => "13",
-                _ => "14", // UNAVAILABLE: the caller may retry.
+                ProxyErrorKind::NotSupported => "12", // UNIMPLEMENTED
+                _ => "14",                            // UNAVAILABLE: the caller may retry.
             };
             let mut r = Response::new(ProxyBody::Empty);
             let h = r.headers_mut();
@@ -154,6 +160,42 @@ fn authority<B>(req: &Request<B>) -> Option<&str> {
         .filter(|a| !a.is_empty())
 }
 
+/// Refuses what the proxy does not forward: CONNECT (it tunnels to any address; a
+/// mesh routes to services), and HTTP/1 requests whose Host does not say one thing
+/// (RFC 9112 §3.2: HTTP/1.1 needs exactly one, and a valid one). HTTP/2 requests
+/// were checked by the HTTP/2 code.
+fn check_request<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    if req.method() == http::Method::CONNECT {
+        return Err(ProxyError::new(
+            ProxyErrorKind::NotSupported,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Tandem does not tunnel CONNECT requests; send the request to the service itself"
+                .into(),
+        ));
+    }
+    if req.version() >= Version::HTTP_2 {
+        return Ok(());
+    }
+    let bad = |why: &str| {
+        Err(ProxyError::new(
+            ProxyErrorKind::BadRequest,
+            StatusCode::BAD_REQUEST,
+            why.into(),
+        ))
+    };
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => bad("the request has two Host headers"),
+        (Some(host), None) if !valid_host(host.as_bytes()) => {
+            bad("the Host header is not a valid host[:port]")
+        }
+        (None, _) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
+            bad("an HTTP/1.1 request must have a Host header")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Lower-cases `authority` and adds the default port (80) into `buf`, without allocating.
 pub fn normalize_name<'b>(authority: &str, buf: &'b mut [u8; 256]) -> Option<&'b str> {
     let bytes = authority.as_bytes();
@@ -220,16 +262,16 @@ fn strip_hop_by_hop(received_over: Version, headers: &mut HeaderMap) {
 
 /// Shapes the request head for the HTTP version spoken to the backend. The authority
 /// moves between the URI (HTTP/2 `:authority`) and `Host` (HTTP/1) only when the
-/// versions differ, so the common paths do no work here.
-fn adapt(req: &mut Request<ProxyBody>, to: HttpVersion) {
+/// versions differ, so the common paths do no work here. `backend`: the address
+/// an HTTP/1.1 request names as its Host when the client named none (HTTP/1.0).
+fn adapt(req: &mut Request<ProxyBody>, to: HttpVersion, backend: std::net::SocketAddr) {
     match to {
         HttpVersion::Http1 => {
             *req.version_mut() = Version::HTTP_11;
             if let Some(authority) = req.uri().authority() {
-                // HTTP/1 servers expect origin-form (`/path?query`) and a Host header.
-                if !req.headers().contains_key(header::HOST)
-                    && let Ok(host) = HeaderValue::from_str(authority.as_str())
-                {
+                // HTTP/1 servers expect origin-form (`/path?query`) and a Host header,
+                // the target's authority whatever Host said (RFC 9112 §3.2.2).
+                if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
                     req.headers_mut().insert(header::HOST, host);
                 }
                 let origin = req
@@ -240,6 +282,10 @@ fn adapt(req: &mut Request<ProxyBody>, to: HttpVersion) {
                     .parse::<Uri>()
                     .unwrap_or_else(|_| Uri::from_static("/"));
                 *req.uri_mut() = origin;
+            } else if !req.headers().contains_key(header::HOST)
+                && let Ok(host) = HeaderValue::from_str(&backend.to_string())
+            {
+                req.headers_mut().insert(header::HOST, host);
             }
         }
         HttpVersion::Http2 => {
@@ -389,7 +435,9 @@ impl Forwarder {
     }
 
     /// Handles one request (one HTTP/2 stream); never fails: errors become responses.
-    /// Generic over the body so tests can drive it without a socket.
+    /// Generic over the body so tests can drive it without a socket. `activity`:
+    /// the client connection, for a request whose body may still be arriving (the
+    /// stream idle timeout then waits while it moves).
     ///
     /// Not an `async fn`, nor is `forward`: an async fn keeps its by-value arguments
     /// twice in its state (rust-lang/rust#62958), and this future is moved into place
@@ -397,10 +445,10 @@ impl Forwarder {
     pub fn handle<B>(
         self: Arc<Self>,
         req: Request<B>,
+        activity: Option<Arc<ConnControl>>,
     ) -> impl Future<Output = Response<ProxyBody>> + 'static
     where
-        ProxyBody: From<B>,
-        B: 'static,
+        B: RequestBody + 'static,
     {
         let start = Instant::now();
         let grpc = is_grpc(&req);
@@ -411,11 +459,11 @@ impl Forwarder {
         };
         // Combinators rather than an `async` block: awaiting a captured future would
         // move it into a second slot of the block's state.
-        let forwarding = match self.route(authority(&req)) {
+        let forwarding = match check_request(&req).and_then(|()| self.route(authority(&req))) {
             Ok(destination) => {
                 destination.touch(start);
-                let req = req.map(ProxyBody::from);
-                Either::Left(self.forward(destination, req, start, grpc))
+                let req = req.map(RequestBody::into_request_body);
+                Either::Left(self.forward(destination, req, start, grpc, activity))
             }
             Err(error) => Either::Right(std::future::ready(Err(error))),
         };
@@ -434,6 +482,7 @@ impl Forwarder {
         req: Request<ProxyBody>,
         start: Instant,
         grpc: bool,
+        activity: Option<Arc<ConnControl>>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'static {
         // The one place the request is kept until a backend takes it: the sends borrow it.
         let mut slot: RequestSlot = Some(req);
@@ -451,36 +500,32 @@ impl Forwarder {
                 && http_body::Body::is_end_stream(req.body())
                 && is_idempotent(req.method().as_str());
             let mut replay: Option<Replay> = None;
-            let timeout = self.request_timeout(&set);
+            let limit = self.response_limit(&set, activity.as_deref());
             let mut attempts = Attempts::default();
             loop {
                 let backend = set.pick().map_err(|e| nothing_to_pick(&destination, e))?;
                 let version = backend.meta.protocol.version_for(grpc);
                 let req = slot.as_mut().expect("a request to send");
-                adapt(req, version);
+                adapt(req, version, backend.meta.address);
                 if replayable && replay.is_none() && upstream::takes_request(version, &slot) {
                     replay = slot.as_ref().map(Replay::of);
                 }
                 let upstream = &backend.state.upstream;
                 let sending = upstream.send(version, &mut slot);
-                // One await for both, so the two futures share their room.
-                let sending = match timeout {
-                    None => Either::Left(sending.map(Ok)),
-                    Some(limit) => Either::Right(tokio::time::timeout(limit, sending)),
-                };
-                let error = match sending.await {
+                let error = match limit.bound(sending).await {
                     Ok(Ok(mut response)) => {
                         record_response(backend, response.status().as_u16(), start);
                         strip_hop_by_hop(response.version(), response.headers_mut());
                         return Ok(response);
                     }
                     Ok(Err(error)) => error,
-                    Err(_elapsed) => {
-                        let limit = timeout.expect("only a timeout elapses");
-                        return Err(timed_out(&destination, backend, limit));
-                    }
+                    Err(_elapsed) => return Err(timed_out(&destination, backend, limit.limit)),
                 };
-                record_failure(backend);
+                let fault = error.fault();
+                record_failure(backend, fault);
+                if fault == Fault::Client {
+                    return Err(client_failed(&destination, &error));
+                }
                 // Unwritten: safe to send anywhere; written: only if it can be replayed.
                 let written = error.written(&slot);
                 let again =
@@ -494,6 +539,26 @@ impl Forwarder {
                 }
                 retrying(&destination, backend, &error, attempts.count(), written).await;
             }
+        }
+    }
+
+    /// How long a request may wait for its response's head: the service's timeout,
+    /// else `--request-timeout`, else the stream idle timeout, which waits longer
+    /// while the request's body is still arriving (on `activity`).
+    fn response_limit<'a>(
+        &self,
+        set: &BackendSet,
+        activity: Option<&'a ConnControl>,
+    ) -> ResponseLimit<'a> {
+        match self.request_timeout(set) {
+            Some(limit) => ResponseLimit {
+                limit,
+                activity: None,
+            },
+            None => ResponseLimit {
+                limit: self.resilience.stream_idle_timeout,
+                activity,
+            },
         }
     }
 
@@ -528,6 +593,69 @@ impl Forwarder {
         set.policy
             .request_timeout
             .or(self.resilience.request_timeout)
+    }
+}
+
+/// How long a request waits for its response's head (see
+/// [`Forwarder::response_limit`]).
+pub(crate) struct ResponseLimit<'a> {
+    pub(crate) limit: Duration,
+    /// The client connection: while it moves bytes (the request body still
+    /// arriving) the wait goes on.
+    activity: Option<&'a ConnControl>,
+}
+
+/// The wait for a response's head ran out.
+#[derive(Debug)]
+pub(crate) struct Elapsed;
+
+impl<'a> ResponseLimit<'a> {
+    /// `work`, bounded by this limit.
+    pub(crate) fn bound<F: Future>(&self, work: F) -> Bounded<'a, F> {
+        Bounded {
+            work,
+            sleep: tokio::time::sleep(self.limit),
+            limit: self.limit,
+            activity: self.activity,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future with a deadline that a moving request body pushes back.
+    pub(crate) struct Bounded<'a, F> {
+        #[pin]
+        work: F,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        limit: Duration,
+        activity: Option<&'a ConnControl>,
+    }
+}
+
+impl<F: Future> Future for Bounded<'_, F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let mut this = self.project();
+        if let std::task::Poll::Ready(output) = this.work.poll(cx) {
+            return std::task::Poll::Ready(Ok(output));
+        }
+        loop {
+            std::task::ready!(this.sleep.as_mut().poll(cx));
+            match this.activity {
+                Some(client) if client.quiet() < *this.limit => {
+                    let left = *this.limit - client.quiet();
+                    this.sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + left);
+                }
+                _ => return std::task::Poll::Ready(Err(Elapsed)),
+            }
+        }
     }
 }
 
@@ -573,10 +701,30 @@ pub(crate) fn record_response(backend: &Backend, status: u16, start: Instant) {
     backend.state.stats.responses.record(status);
 }
 
-/// Counts a request that got no response from `backend`.
-pub(crate) fn record_failure(backend: &Backend) {
-    backend.state.failed();
-    backend.state.stats.failures.fetch_add(1, Ordering::Relaxed);
+/// Counts a request that got no response from `backend`, against it only if the
+/// failure was its own.
+pub(crate) fn record_failure(backend: &Backend, fault: Fault) {
+    if fault == Fault::Backend {
+        backend.state.failed();
+        backend.state.stats.failures.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The answer when the client's own request failed on its way (a malformed or
+/// abandoned body): 400, and no backend is blamed or tried again.
+pub(crate) fn client_failed(destination: &Destination, error: &UpstreamError) -> ProxyError {
+    tracing::debug!(destination = destination.name(), %error, "the client's request failed");
+    // hyper reports a failed body as its own error; the cause says what was wrong.
+    let message = match ClientBodyError::find(error) {
+        Some(cause) => format!("{cause}"),
+        None => format!("the request could not be forwarded: {error}"),
+    };
+    ProxyError::counted(
+        &destination.stats,
+        ProxyErrorKind::BadRequest,
+        StatusCode::BAD_REQUEST,
+        message,
+    )
 }
 
 /// The answer when `backend` failed and no other attempt is made.
@@ -709,6 +857,9 @@ pub struct Resilience {
     pub request_timeout: Option<Duration>,
     /// Requests in flight per destination beyond which the proxy answers 503 at once.
     pub max_pending: usize,
+    /// A request that moved no byte for this long is given up (504 while it waits
+    /// for its response's head), as Envoy's stream idle timeout.
+    pub stream_idle_timeout: Duration,
 }
 
 impl Default for Resilience {
@@ -719,6 +870,7 @@ impl Default for Resilience {
             retry_min: 3,
             request_timeout: None,
             max_pending: 10_000,
+            stream_idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -809,10 +961,11 @@ mod tests {
             .header(header::HOST, "web:80")
             .body(ProxyBody::Empty)
             .unwrap();
-        adapt(&mut req, HttpVersion::Http2);
+        let addr = "10.0.0.1:8080".parse().unwrap();
+        adapt(&mut req, HttpVersion::Http2, addr);
         assert_eq!(req.uri().to_string(), "http://web:80/a?b=1");
         assert!(!req.headers().contains_key(header::HOST));
-        adapt(&mut req, HttpVersion::Http1);
+        adapt(&mut req, HttpVersion::Http1, addr);
         assert_eq!(req.uri().to_string(), "/a?b=1");
         assert_eq!(req.headers()[header::HOST], "web:80");
         assert_eq!(req.version(), Version::HTTP_11);

@@ -2,10 +2,12 @@
 //!
 //! - [`server`] accepts connections (TLS, HTTP/1.1, HTTP/2) and hands each request to
 //! - [`http1`], the proxy's own HTTP/1.1 path (hyper for the requests it hands over),
-//!   or [`http2`], served with the h2 crate: both route the request to a
+//!   or [`http2`], the proxy's own HTTP/2: both route the request to a
 //!   [`destination`] ([`forward`]), ask the [`balancer`] for an endpoint and send it
 //!   over a pooled connection from [`upstream`].
-//! - [`connections`] closes idle client connections, and all of them at shutdown.
+//! - [`connections`] enforces the limits on client connections (idle, header-read and
+//!   stream idle timeouts, the cap) and drains them at shutdown.
+//! - [`upgrade`] carries HTTP/1.1 upgrades (WebSocket) as tunnels.
 //! - [`discovery`] keeps each destination's backend set current from the control plane.
 //! - [`inspect`] serves `/config` and the per-destination metrics; [`metrics`] holds counters.
 
@@ -27,6 +29,7 @@ pub mod policy;
 pub mod rewind;
 pub mod server;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 
 pub use app::{Args, Error, run, run_blocking};

@@ -144,12 +144,17 @@ pub enum ProxyErrorKind {
     BadRequest,
     /// Too many requests in flight to the destination (circuit breaking).
     Overflow,
-    /// The backend did not answer within the request timeout.
+    /// The backend did not answer within the request timeout (or the request moved
+    /// no byte for the stream idle timeout).
     Timeout,
+    /// The client's request head did not arrive within the header-read timeout.
+    HeaderTimeout,
+    /// A request the proxy does not carry (CONNECT).
+    NotSupported,
 }
 
 impl ProxyErrorKind {
-    pub const ALL: [ProxyErrorKind; 8] = [
+    pub const ALL: [ProxyErrorKind; 10] = [
         ProxyErrorKind::UnknownDestination,
         ProxyErrorKind::NoEndpoints,
         ProxyErrorKind::NoHealthyEndpoints,
@@ -158,6 +163,8 @@ impl ProxyErrorKind {
         ProxyErrorKind::BadRequest,
         ProxyErrorKind::Overflow,
         ProxyErrorKind::Timeout,
+        ProxyErrorKind::HeaderTimeout,
+        ProxyErrorKind::NotSupported,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -170,6 +177,8 @@ impl ProxyErrorKind {
             ProxyErrorKind::BadRequest => "bad_request",
             ProxyErrorKind::Overflow => "overflow",
             ProxyErrorKind::Timeout => "timeout",
+            ProxyErrorKind::HeaderTimeout => "header_timeout",
+            ProxyErrorKind::NotSupported => "not_supported",
         }
     }
 }
@@ -208,6 +217,16 @@ pub struct ProxyMetrics {
     pub discovery_connected: Gauge,
     pub discovery_stream_errors: Counter,
     pub discovery_updates_rejected: Counter,
+    /// The cap on open client connections.
+    pub max_client_connections: Gauge,
+    /// New connections refused at the cap (no quiet connection to close for them).
+    pub connections_refused: Counter,
+    /// Quiet connections closed to make room for new ones (at the cap, or out of fds).
+    pub connections_shed: Counter,
+    pub idle_connections_closed: Counter,
+    pub header_read_timeouts: Counter,
+    /// accept() failures (out of file descriptors, typically).
+    pub accept_errors: Counter,
 }
 
 impl ProxyMetrics {
@@ -227,6 +246,36 @@ impl ProxyMetrics {
             "tls_handshakes",
             "TLS handshakes by result",
             self.tls_handshakes.clone(),
+        );
+        r.register(
+            "max_client_connections",
+            "The cap on open client connections (--max-client-connections)",
+            self.max_client_connections.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Client connections refused at the cap, with no quiet connection to close for them",
+            self.connections_refused.clone(),
+        );
+        r.register(
+            "connections_shed",
+            "Quiet client connections closed to make room for new ones",
+            self.connections_shed.clone(),
+        );
+        r.register(
+            "idle_connections_closed",
+            "Client connections closed for being quiet between requests (idle timeout, or draining)",
+            self.idle_connections_closed.clone(),
+        );
+        r.register(
+            "header_read_timeouts",
+            "Client connections closed because a request head did not arrive within --header-read-timeout",
+            self.header_read_timeouts.clone(),
+        );
+        r.register(
+            "accept_errors",
+            "Failures to accept a client connection (out of file descriptors, typically)",
+            self.accept_errors.clone(),
         );
         r.register(
             "discovery_connected",

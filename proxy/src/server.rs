@@ -4,11 +4,12 @@
 //! every request to the [`Forwarder`].
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::FutureExt;
+use futures_util::future::Either;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -17,11 +18,12 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::connections::{ConnControl, Connections, Managed, Tracked};
+use crate::connections::{ConnControl, Connections, Limits, Managed, Phase, Tracked};
 use crate::forward::Forwarder;
 use crate::http1::{self as own_http1, Outcome};
 use crate::metrics::{ProxyMetrics, ResultLabel};
 use crate::rewind::Rewind;
+use crate::upgrade::{self, Tunnel};
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Room a client connection's read buffer starts with.
@@ -47,17 +49,18 @@ pub struct Server {
     pub metrics: Arc<ProxyMetrics>,
     pub shutdown: Shutdown,
     pub grace: Duration,
-    /// A client connection that moves no byte for this long is closed.
-    pub idle_timeout: Duration,
+    /// Time limits and the cap on client connections.
+    pub limits: Limits,
 }
 
 /// hyper's HTTP/1 settings, built once per listener, for the requests the proxy's
 /// own HTTP/1 path hands over.
 ///
 /// HTTP/1 has no header-read timer: hyper would re-arm a runtime timer on every
-/// request of a keep-alive connection; the idle sweep ([`Connections::sweep`]) covers
-/// quiet and stalled clients without any per-request cost. Small messages are
-/// written with one `write` rather than a `writev` of head and body (`writev(false)`).
+/// request of a keep-alive connection; the sweep ([`Connections::sweep`]) enforces
+/// the header-read and idle timeouts without any per-request cost. Small messages
+/// are written with one `write` rather than a `writev` of head and body
+/// (`writev(false)`).
 fn hyper_http1() -> http1::Builder {
     let mut http1 = http1::Builder::new();
     http1.writev(false).keep_alive(true);
@@ -74,26 +77,36 @@ enum Detected {
 impl Server {
     /// Accepts until shutdown, then lets open connections finish for up to `grace`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let connections = Arc::new(Connections::default());
-        let sweeper = tokio::spawn(connections.clone().sweep(self.idle_timeout));
+        let connections = Arc::new(Connections::new(self.limits.clone(), self.metrics.clone()));
+        let sweeper = tokio::spawn(connections.clone().sweep());
         let hyper = Arc::new(hyper_http1());
+        let mut accept_errors = AcceptErrors::default();
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(conn) => conn,
                     Err(error) => {
-                        // Out of fds, typically: back off instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // Out of file descriptors, typically: free one, and back off
+                        // a little instead of spinning.
+                        self.metrics.accept_errors.inc();
+                        let shed = connections.shed_one();
+                        accept_errors.log(&error, shed);
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                         continue;
                     }
                 },
                 _ = self.shutdown.wait() => break,
             };
+            let guard = match connections.open() {
+                Ok(guard) => guard,
+                Err(_at_capacity) => {
+                    refuse(stream);
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let hyper = hyper.clone();
-            let guard = connections.open();
             tokio::spawn(async move {
                 this.metrics.connections.inc();
                 this.metrics.open_connections.inc();
@@ -110,7 +123,12 @@ impl Server {
             .await
             .is_err()
         {
-            tracing::warn!("connections still open after the grace period; closing them");
+            tracing::warn!(
+                open = connections.len(),
+                "connections still open after the grace period; closing them"
+            );
+            connections.close_now();
+            let _ = tokio::time::timeout(LAST_CLOSE, connections.all_closed()).await;
         }
         sweeper.abort();
     }
@@ -127,6 +145,7 @@ impl Server {
             match detect(&mut io, &mut buf, control).await {
                 Detected::Http1 => self.http1(io, buf, control, hyper).await,
                 Detected::Http2 => {
+                    control.set_phase(Phase::Multiplexed);
                     let io = Rewind::new(io, buf.freeze());
                     crate::http2::serve(&self.forwarder, control, io).await;
                 }
@@ -167,6 +186,7 @@ impl Server {
         };
         self.tls_result("ok");
         if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            control.set_phase(Phase::Multiplexed);
             crate::http2::serve(&self.forwarder, control, tls).await;
         } else {
             let buf = BytesMut::with_capacity(CLIENT_BUFFER);
@@ -196,14 +216,38 @@ impl Server {
             }
         };
         let io = TokioIo::new(Rewind::new(io, buffered));
-        let conn = hyper.serve_connection(io, self.service());
-        if let Err(error) = Managed::new(conn, control.clone()).await {
+        let tunnel = Arc::new(Mutex::new(None));
+        let conn = hyper
+            .serve_connection(io, self.service(control, &tunnel))
+            .with_upgrades();
+        if let Some(Err(error)) = Managed::new(conn, control.clone()).await {
             tracing::debug!(%error, "connection error");
+        }
+        // An upgraded connection (WebSocket): hyper handed it over with the `101`.
+        let tunnel = tunnel.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(tunnel) = tunnel {
+            control.set_phase(Phase::Delegated);
+            let closed = std::future::poll_fn(|cx| {
+                if control.closing(cx) {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            });
+            tokio::select! {
+                _ = tunnel => {}
+                _ = closed => tracing::debug!("closing an upgraded connection at shutdown"),
+            }
         }
     }
 
+    /// Forwards each request hyper parsed; the connection is [`Phase::Delegated`]
+    /// while one is in flight (its own timers bound it), idle between them. An
+    /// upgrade that the backend accepted leaves its tunnel in `tunnel`.
     fn service(
         &self,
+        control: &Arc<ConnControl>,
+        tunnel: &Arc<Mutex<Option<Tunnel>>>,
     ) -> impl hyper::service::Service<
         http::Request<hyper::body::Incoming>,
         Response = http::Response<crate::body::ProxyBody>,
@@ -214,7 +258,34 @@ impl Server {
     > + Clone
     + 'static {
         let forwarder = self.forwarder.clone();
-        service_fn(move |req| forwarder.clone().handle(req).map(Ok::<_, Infallible>))
+        let control = control.clone();
+        let tunnel = tunnel.clone();
+        service_fn(move |req| {
+            control.set_phase(Phase::Delegated);
+            let done = control.clone();
+            if upgrade::is_upgrade(&req) {
+                let tunnel = tunnel.clone();
+                let upgrading =
+                    upgrade::forward(forwarder.clone(), req).map(move |(response, t)| {
+                        *tunnel.lock().unwrap_or_else(|e| e.into_inner()) = t;
+                        done.set_phase(Phase::Idle);
+                        Ok::<_, Infallible>(response)
+                    });
+                return Either::Left(upgrading);
+            }
+            // The body may still be arriving: its bytes on this connection keep
+            // the request's stream idle timeout from running out.
+            let activity = (!hyper::body::Body::is_end_stream(req.body())).then(|| control.clone());
+            Either::Right(
+                forwarder
+                    .clone()
+                    .handle(req, activity)
+                    .map(move |response| {
+                        done.set_phase(Phase::Idle);
+                        Ok::<_, Infallible>(response)
+                    }),
+            )
+        })
     }
 
     fn tls_result(&self, result: &'static str) {
@@ -222,6 +293,48 @@ impl Server {
             .tls_handshakes
             .get_or_create(&ResultLabel { result })
             .inc();
+    }
+}
+
+/// How long accepting pauses after a failure.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// How long connections get to close after the grace period, once told to.
+const LAST_CLOSE: Duration = Duration::from_secs(1);
+
+/// Refuses a connection at the cap: a reset at once (SO_LINGER 0), so the client
+/// fails fast instead of waiting for an answer that will not come.
+fn refuse(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// accept() failures, logged at most once every few seconds (they come in bursts:
+/// every pending connection fails the same way while file descriptors are out).
+#[derive(Default)]
+struct AcceptErrors {
+    last_logged: Option<std::time::Instant>,
+    since: u64,
+}
+
+impl AcceptErrors {
+    const EVERY: Duration = Duration::from_secs(5);
+
+    fn log(&mut self, error: &std::io::Error, shed: bool) {
+        self.since += 1;
+        if self
+            .last_logged
+            .is_some_and(|last| last.elapsed() < Self::EVERY)
+        {
+            return;
+        }
+        tracing::warn!(
+            %error,
+            failures = self.since,
+            closed_a_quiet_connection = shed,
+            "cannot accept client connections (raise the file descriptor limit, or lower --max-client-connections)"
+        );
+        self.last_logged = Some(std::time::Instant::now());
+        self.since = 0;
     }
 }
 
@@ -239,7 +352,10 @@ async fn detect<IO: AsyncRead + Unpin>(
         if n == H2_PREFACE.len() {
             return Detected::Http2;
         }
-        if !own_http1::read_more(io, buf, control).await {
+        if !matches!(
+            own_http1::read_more(io, buf, control).await,
+            own_http1::Read::More
+        ) {
             return Detected::Closed;
         }
     }

@@ -29,7 +29,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::body::ProxyBody;
+use crate::body::{ClientBodyError, ProxyBody};
 use crate::clock;
 use crate::http1::SendFailure;
 use crate::http1::client;
@@ -77,6 +77,30 @@ pub fn takes_request(version: HttpVersion, slot: &RequestSlot) -> bool {
     }
 }
 
+/// Whose fault a failed attempt was. Only a backend's own failures count against it
+/// (outlier detection, failure counters) or make the request go elsewhere: a
+/// client's malformed or abandoned request would fail anywhere, and the proxy
+/// running out of file descriptors says nothing about the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The client's request body was malformed, cut short or reset.
+    Client,
+    /// The proxy itself could not make the attempt (out of sockets or memory).
+    Proxy,
+    /// The backend refused, failed or broke the protocol.
+    Backend,
+}
+
+/// The fault of a failed connect: a shortage of the proxy's own resources, or the backend.
+pub fn connect_fault(error: &std::io::Error) -> Fault {
+    match error.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL) => {
+            Fault::Proxy
+        }
+        _ => Fault::Backend,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("connect: {0}")]
@@ -103,6 +127,19 @@ pub enum UpstreamError {
 pub type RequestSlot = Option<Request<ProxyBody>>;
 
 impl UpstreamError {
+    /// Whose fault the failure was.
+    pub fn fault(&self) -> Fault {
+        match self {
+            UpstreamError::Connect(error) => connect_fault(error),
+            UpstreamError::Request(error) if ClientBodyError::caused(error) => Fault::Client,
+            UpstreamError::Http2(Http2Error::Failed(error)) if error.request_body_failed() => {
+                Fault::Client
+            }
+            UpstreamError::Http1(failure) => failure.fault(),
+            _ => Fault::Backend,
+        }
+    }
+
     /// Whether the backend may have seen the request, given what the send left in
     /// `slot`: taken by a transport, or written by the raw client (which keeps it).
     /// An unwritten request may go to any endpoint; a written one only if it can
@@ -157,9 +194,6 @@ impl<C> IdlePool<C> {
         self.0.len()
     }
 }
-
-/// Room a raw connection's read buffer starts with: a typical response head and body.
-const RAW_BUFFER: usize = 8 * 1024;
 
 /// A connection to the endpoint that the HTTP/1 path reads and writes itself: the
 /// socket and the buffer responses are read into, kept together while pooled.
@@ -271,7 +305,7 @@ impl Upstream {
     pub async fn dial_raw(&self) -> Result<RawConn, UpstreamError> {
         Ok(RawConn {
             stream: self.dial().await?,
-            buf: BytesMut::with_capacity(RAW_BUFFER),
+            buf: BytesMut::with_capacity(crate::http1::RESPONSE_BUFFER),
             reused: false,
         })
     }
@@ -431,6 +465,23 @@ impl Upstream {
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%addr, %error, "upstream HTTP/1 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// A new HTTP/1.1 connection of its own for an upgrade request (it cannot be
+    /// pooled: once switched, it carries another protocol).
+    pub async fn dial_upgrade(&self) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
+        let io = TokioIo::new(self.dial().await?);
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%addr, %error, "upstream upgrade connection ended");
             }
         });
         Ok(sender)

@@ -195,3 +195,100 @@ async fn a_malformed_edit_is_reported_with_its_line_and_changes_nothing() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_file_of_100000_endpoints_is_served_whole() {
+    bounded(LIMIT, async {
+        const N: u32 = 100_000;
+        let dir = TestDir::new("100k");
+        let file = dir.path("services.yaml");
+        let endpoints: Vec<(SocketAddr, u32)> = (0..N)
+            .map(|i| {
+                let [_, a, b, c] = i.to_be_bytes();
+                (SocketAddr::from(([10, a, b, c], 8080)), 1)
+            })
+            .collect();
+        std::fs::write(&file, services_yaml("web", 80, &endpoints)).expect("write services");
+        let control_plane = control_plane(&file).await;
+
+        // What a proxy would get, as `tandem endpoints` shows it.
+        let output = tokio::process::Command::new(exe())
+            .args(["endpoints", "web:80", "--control-plane"])
+            .arg(control_plane.addr("discovery").to_string())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("run tandem endpoints");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "tandem endpoints failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let first = stdout.lines().next().unwrap_or_default();
+        assert!(first.contains(&format!("{N} endpoints")), "{first}");
+        // The header line, then one line per endpoint.
+        assert_eq!(stdout.lines().count(), N as usize + 2);
+        assert!(
+            stdout.contains("10.1.134.159:8080"),
+            "the last endpoint is listed"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn restoring_the_last_good_file_after_a_bad_edit_clears_the_alarm() {
+    bounded(LIMIT, async {
+        let dir = TestDir::new("restore");
+        let file = dir.path("services.yaml");
+        let good = services_yaml("web", 80, &[("127.0.0.1:9001".parse().unwrap(), 1)]);
+        std::fs::write(&file, &good).expect("write services");
+        let control_plane = control_plane(&file).await;
+        let admin = control_plane.addr("admin");
+        // The sample's line itself (its HELP line reads "... source_up 1 while ...").
+        let source_up = |up: &'static str| {
+            let sample = format!("tandem_control_plane_source_up {up}");
+            move || {
+                let sample = sample.clone();
+                async move {
+                    let metrics = admin_get(admin, "/metrics").await;
+                    metrics.lines().any(|l| l == sample).then_some(())
+                }
+            }
+        };
+        eventually(
+            Duration::from_secs(5),
+            "source_up 1 at start",
+            source_up("1"),
+        )
+        .await;
+
+        // A bad edit raises the alarm...
+        replace_file(&file, "services: [\n");
+        eventually(
+            Duration::from_secs(5),
+            "source_up 0 after a bad edit",
+            source_up("0"),
+        )
+        .await;
+
+        // ... and putting back exactly the last good bytes clears it.
+        replace_file(&file, &good);
+        eventually(
+            Duration::from_secs(5),
+            "source_up 1 once the last good file is back",
+            source_up("1"),
+        )
+        .await;
+        eventually(Duration::from_secs(5), "the log to say so", || async {
+            control_plane
+                .log_text()
+                .lines()
+                .any(|l| l.contains("healthy again"))
+                .then_some(())
+        })
+        .await;
+    })
+    .await
+}

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use tandem::client::Connection;
 use tandem::process::{Options, Spawned, spawn_with};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 pub const START: Duration = Duration::from_secs(30);
 
@@ -304,5 +306,162 @@ impl Mesh {
         Connection::http1(self.proxy_addr())
             .await
             .expect("connect to the proxy")
+    }
+}
+
+pub const STEP: Duration = Duration::from_secs(5);
+
+/// A client connection that writes raw bytes and reads whole responses.
+pub struct Raw {
+    pub stream: TcpStream,
+    pub buf: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        Self {
+            stream: TcpStream::connect(addr)
+                .await
+                .expect("connect to the proxy"),
+            buf: Vec::new(),
+        }
+    }
+
+    /// A connection, if the proxy takes it (it may refuse it at once).
+    pub async fn try_connect(addr: SocketAddr) -> Option<Self> {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        Some(Self {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write a request");
+    }
+
+    pub async fn fill(&mut self) {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tokio::time::timeout(STEP, self.stream.read(&mut chunk))
+            .await
+            .expect("the proxy answers in time")
+            .expect("read from the proxy");
+        assert!(n > 0, "the proxy closed the connection mid-response");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    /// Reads one response; `head` says whether it answers a HEAD request.
+    pub async fn response(&mut self, head: bool) -> RawResponse {
+        let (len, status, headers) = loop {
+            let mut parsed = [httparse::EMPTY_HEADER; 64];
+            let mut res = httparse::Response::new(&mut parsed);
+            if let httparse::Status::Complete(len) =
+                res.parse(&self.buf).expect("a valid response head")
+            {
+                let headers = res
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                break (len, res.code.unwrap(), headers);
+            }
+            self.fill().await;
+        };
+        self.buf.drain(..len);
+        let mut response = RawResponse {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if head || status == 204 || status == 304 || (100..200).contains(&status) {
+            return response;
+        }
+        if response
+            .header("transfer-encoding")
+            .is_some_and(|te| te.contains("chunked"))
+        {
+            response.body = self.chunked().await;
+        } else {
+            let n: usize = response
+                .header("content-length")
+                .expect("a delimited body")
+                .parse()
+                .unwrap();
+            while self.buf.len() < n {
+                self.fill().await;
+            }
+            response.body = self.buf.drain(..n).collect();
+        }
+        response
+    }
+
+    /// Decodes a chunked body (trailers skipped).
+    pub async fn chunked(&mut self) -> Vec<u8> {
+        let mut body = Vec::new();
+        loop {
+            let line_end = loop {
+                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                self.fill().await;
+            };
+            let line = String::from_utf8_lossy(&self.buf[..line_end]).into_owned();
+            let size = usize::from_str_radix(line.split(';').next().unwrap().trim(), 16)
+                .unwrap_or_else(|_| panic!("chunk size line {line:?}"));
+            self.buf.drain(..line_end + 2);
+            if size == 0 {
+                // Trailer lines, then the empty line.
+                loop {
+                    while !self.buf.windows(2).any(|w| w == b"\r\n") {
+                        self.fill().await;
+                    }
+                    let i = self.buf.windows(2).position(|w| w == b"\r\n").unwrap();
+                    self.buf.drain(..i + 2);
+                    if i == 0 {
+                        return body;
+                    }
+                }
+            }
+            while self.buf.len() < size + 2 {
+                self.fill().await;
+            }
+            body.extend(self.buf.drain(..size));
+            assert_eq!(&self.buf[..2], b"\r\n", "chunk data ends with CRLF");
+            self.buf.drain(..2);
+        }
+    }
+
+    /// True once the proxy closed the connection (with nothing more to read).
+    pub async fn closed(&mut self) -> bool {
+        let mut chunk = [0u8; 64];
+        matches!(
+            tokio::time::timeout(STEP, self.stream.read(&mut chunk)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
     }
 }

@@ -244,10 +244,16 @@ pub fn parse(text: &str) -> Result<FileContent, FileError> {
             nodes: Vec::new(),
         }
     } else {
-        serde_saphyr::from_str(text).map_err(|e| FileError {
+        let budget = budget(text.len());
+        let mut options = serde_saphyr::Options::default();
+        options.budget = Some(budget.clone());
+        serde_saphyr::from_str_with_options(text, options).map_err(|e| FileError {
             line: e.location().map(|l| l.line() as u32),
             column: e.location().map(|l| l.column() as u32),
-            message: reason(&e.to_string()),
+            message: match breach(&e) {
+                Some(breach) => budget_message(breach, &budget),
+                None => reason(&e.to_string()),
+            },
         })?
     };
 
@@ -400,6 +406,88 @@ pub fn parse(text: &str) -> Result<FileContent, FileError> {
     Ok(content)
 }
 
+/// The parser's limits (serde-saphyr's budget), scaled to the file.
+///
+/// Its defaults (250,000 nodes, a million events) guard against a small file that
+/// expands into a huge one through aliases, but they also stop a plain file at
+/// about 50,000 endpoints (five nodes each). Here the counts a plain file makes
+/// grow with its size: a node takes at least half a byte of text and makes at most
+/// two events, so no file reaches them by being long, only by repeating anchors
+/// (replayed events count), and parsing stays linear in the file's size either way.
+fn budget(len: usize) -> serde_saphyr::Budget {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = budget.max_nodes.max(2 * len);
+    budget.max_events = budget.max_events.max(4 * len + 1024);
+    budget.max_total_scalar_bytes = budget.max_total_scalar_bytes.max(len);
+    budget
+}
+
+/// The parser limit an error reports reaching, if it is one.
+fn breach(mut error: &serde_saphyr::Error) -> Option<&serde_saphyr::budget::BudgetBreach> {
+    loop {
+        match error {
+            serde_saphyr::Error::Budget { breach, .. } => return Some(breach),
+            serde_saphyr::Error::WithSnippet { error: inner, .. }
+            | serde_saphyr::Error::AliasError { error: inner, .. } => error = inner,
+            _ => return None,
+        }
+    }
+}
+
+/// Which of the parser's limits the file reached, and how to get past it: instead
+/// of serde-saphyr's `budget breached: Nodes { nodes: 250001 }`.
+fn budget_message(
+    breach: &serde_saphyr::budget::BudgetBreach,
+    budget: &serde_saphyr::Budget,
+) -> String {
+    use serde_saphyr::budget::BudgetBreach as B;
+    const GROWS: &str = "it grows with the file's size, so only aliases (*name) repeating \
+        an anchor reach it: write the repeated parts out instead";
+    const WRITE_OUT: &str = "write the repeated values out instead of referring to anchors";
+    match breach {
+        B::Nodes { .. } => format!(
+            "the file expands to more than {} YAML values, the parser's limit (max_nodes); {GROWS}",
+            budget.max_nodes
+        ),
+        B::Events { .. } => format!(
+            "the file expands to more than {} YAML events, the parser's limit (max_events); {GROWS}",
+            budget.max_events
+        ),
+        B::ScalarBytes { .. } => format!(
+            "the file's values expand to more than {} bytes, the parser's limit (max_total_scalar_bytes); {GROWS}",
+            budget.max_total_scalar_bytes
+        ),
+        B::Aliases { .. } => format!(
+            "more than {} aliases (*name), the parser's limit (max_aliases); {WRITE_OUT}",
+            budget.max_aliases
+        ),
+        B::Anchors { .. } => format!(
+            "more than {} anchors (&name), the parser's limit (max_anchors); {WRITE_OUT}",
+            budget.max_anchors
+        ),
+        B::AliasAnchorRatio { aliases, anchors } => format!(
+            "{aliases} aliases (*name) of {anchors} anchor(s) (&name): the parser allows at most {} \
+             aliases per anchor (alias_anchor_ratio_multiplier) once there are {} aliases; {WRITE_OUT}",
+            budget.alias_anchor_ratio_multiplier, budget.alias_anchor_min_aliases
+        ),
+        B::MergeKeys { .. } => format!(
+            "more than {} merge keys (<<), the parser's limit (max_merge_keys); {WRITE_OUT}",
+            budget.max_merge_keys
+        ),
+        B::Depth { .. } => format!(
+            "the YAML nests deeper than {} levels, the parser's limit (max_depth); a services \
+             file needs five",
+            budget.max_depth
+        ),
+        B::Documents { .. } => format!(
+            "more than {} YAML documents (---), the parser's limit (max_documents); a services \
+             file is one document",
+            budget.max_documents
+        ),
+        other => format!("the file reaches a limit of the YAML parser: {other:?}"),
+    }
+}
+
 /// serde-saphyr renders `error: line L column C: reason` and a code snippet; we keep
 /// the reason only, since the location is carried (and printed) separately.
 fn reason(message: &str) -> String {
@@ -446,8 +534,10 @@ pub struct FileSource {
     index: Arc<ServiceIndex>,
     metrics: Arc<Metrics>,
     last_good: Option<FileContent>,
-    /// The text last parsed, good or not.
+    /// The text last parsed, good or not (none after a failed read).
     last_text: Option<String>,
+    /// The last edit was rejected (or the file could not be read): the alarm is up.
+    failing: bool,
 }
 
 impl FileSource {
@@ -466,26 +556,31 @@ impl FileSource {
             metrics,
             last_good: None,
             last_text: Some(text),
+            failing: false,
         };
         source.apply(content);
         source.index.mark_synced();
         Ok(source)
     }
 
+    /// A good file: the index takes it unless it is what the index has (a bad edit
+    /// undone, say), and either way the source is healthy.
     fn apply(&mut self, content: FileContent) {
-        if self.last_good.as_ref() == Some(&content) {
-            return;
+        if self.last_good.as_ref() != Some(&content) {
+            let changed_at = Instant::now();
+            self.index.set_nodes(content.nodes.clone());
+            let changes = self.index.replace_all(content.services.clone(), changed_at);
+            tracing::info!(
+                file = %self.path.display(),
+                services = content.services.len(),
+                changed = changes,
+                "file loaded"
+            );
+            self.last_good = Some(content);
         }
-        let changed_at = Instant::now();
-        self.index.set_nodes(content.nodes.clone());
-        let changes = self.index.replace_all(content.services.clone(), changed_at);
-        tracing::info!(
-            file = %self.path.display(),
-            services = content.services.len(),
-            changed = changes,
-            "file loaded"
-        );
-        self.last_good = Some(content);
+        if std::mem::take(&mut self.failing) {
+            tracing::info!(file = %self.path.display(), "the file is good again: source healthy again");
+        }
         self.metrics.source_up.set(1);
         self.metrics
             .source_reloads
@@ -496,7 +591,11 @@ impl FileSource {
     fn reload(&mut self) {
         let text = match read(&self.path) {
             Ok(text) => text,
-            Err(error) => return self.rejected(error),
+            Err(error) => {
+                // Whatever comes back next is read afresh, even the bytes last seen.
+                self.last_text = None;
+                return self.rejected(error);
+            }
         };
         // Several events for one save, or a touch: the same bytes need no second look
         // (and a rejected edit is reported once, not once per event).
@@ -512,6 +611,7 @@ impl FileSource {
     }
 
     fn rejected(&mut self, error: FileError) {
+        self.failing = true;
         self.metrics.source_up.set(0);
         self.metrics
             .source_reloads
@@ -710,6 +810,100 @@ nodes:
 
         let e = error_of("services: [\n");
         assert!(e.line.is_some(), "{e}");
+    }
+
+    /// A services file with one service of `n` endpoints, one a line.
+    fn many_endpoints(n: u32) -> String {
+        let mut text = String::from("services:\n  - name: web\n    port: 80\n    endpoints:\n");
+        for i in 0..n {
+            let [_, a, b, c] = i.to_be_bytes();
+            text.push_str(&format!(
+                "      - {{address: \"10.{a}.{b}.{c}:8080\", weight: 1, zone: zone-a}}\n"
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn a_file_of_100000_endpoints_is_taken() {
+        let content = parse(&many_endpoints(100_000)).expect("100,000 endpoints");
+        let web = &content.services[&ServiceKey::new("default", "web", 80)];
+        assert_eq!(web.endpoints.len(), 100_000);
+    }
+
+    #[test]
+    fn a_parser_limit_still_reached_is_named_with_the_way_past_it() {
+        // One anchor referred to 200 times: the parser refuses that many aliases
+        // per anchor, whatever the file's size.
+        let mut text = String::from(
+            "services:\n  - name: web\n    port: 80\n    endpoints:\n      - &e {address: \"10.0.0.1:80\"}\n",
+        );
+        for _ in 0..200 {
+            text.push_str("      - *e\n");
+        }
+        let e = error_of(&text);
+        assert!(e.line.is_some(), "{e}");
+        assert!(!e.message.contains("budget breached"), "{e}");
+        assert!(e.message.contains("aliases"), "{e}");
+        assert!(e.message.contains("write"), "says what to do: {e}");
+
+        // Nesting beyond the parser's depth limit.
+        let deep = format!(
+            "services:\n  - name: web\n    port: 80\n    callers: {}{}\n",
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        let e = error_of(&deep);
+        assert!(e.message.contains("deeper than 64"), "{e}");
+    }
+
+    /// A source on a file in a fresh directory, with its metrics.
+    fn source_on(text: &str) -> (FileSource, Arc<Metrics>, PathBuf) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tandem-file-source-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("services.yaml");
+        std::fs::write(&path, text).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let index = Arc::new(ServiceIndex::new("cluster.local", metrics.clone()));
+        let source = FileSource::start(path.clone(), index, metrics.clone()).unwrap();
+        (source, metrics, path)
+    }
+
+    #[test]
+    fn restoring_the_last_good_bytes_clears_the_alarm() {
+        let (mut source, metrics, path) = source_on(GOOD);
+        assert_eq!(metrics.source_up.get(), 1);
+        std::fs::write(&path, "services: [\n").unwrap();
+        source.reload();
+        assert_eq!(metrics.source_up.get(), 0, "a bad edit raises the alarm");
+        std::fs::write(&path, GOOD).unwrap();
+        source.reload();
+        assert_eq!(metrics.source_up.get(), 1, "the last good file is back");
+
+        // The same after a file that could not be read at all.
+        std::fs::remove_file(&path).unwrap();
+        source.reload();
+        assert_eq!(
+            metrics.source_up.get(),
+            0,
+            "a missing file raises the alarm"
+        );
+        std::fs::write(&path, GOOD).unwrap();
+        source.reload();
+        assert_eq!(metrics.source_up.get(), 1, "the file is back");
+
+        // A bad edit seen twice is still bad.
+        std::fs::write(&path, "services: [\n").unwrap();
+        source.reload();
+        source.reload();
+        assert_eq!(metrics.source_up.get(), 0);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::chunked::{ChunkError, ChunkedBody};
 use super::head::{self, BadResponse, Framing, ResponseHead};
-use crate::upstream::{RawConn, Upstream, UpstreamError};
+use crate::upstream::{Fault, RawConn, Upstream, UpstreamError};
 
 /// A head longer than this is refused (a request's goes to hyper, which answers 431).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -17,6 +17,9 @@ pub const MAX_HEAD: usize = 64 * 1024;
 pub const MIN_READ: usize = 1024;
 /// Response bodies are relayed in reads of up to this much.
 pub const RELAY_CHUNK: usize = 16 * 1024;
+/// Room a backend connection's read buffer has for a response head (and the small
+/// body that usually comes with it).
+pub const RESPONSE_BUFFER: usize = 8 * 1024;
 
 /// Why an attempt got no response.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +37,15 @@ pub enum SendFailure {
 }
 
 impl SendFailure {
+    /// Whose fault the failure was: the requests sent this way are whole before they
+    /// are sent, so the client's never is.
+    pub fn fault(&self) -> Fault {
+        match self {
+            SendFailure::Connect(error) => error.fault(),
+            _ => Fault::Backend,
+        }
+    }
+
     /// Nothing reached the backend.
     pub fn unsent(&self) -> bool {
         matches!(self, SendFailure::Connect(_))
@@ -94,7 +106,10 @@ pub async fn read_head(
             }
         }
         if conn.buf.capacity() - conn.buf.len() < MIN_READ {
-            conn.buf.reserve(RELAY_CHUNK);
+            // Room for a typical head and small body, not a relay chunk: a connection
+            // keeps this buffer while pooled, and asking for no more than it had lets
+            // `reserve` reuse its allocation once the last response's bytes are gone.
+            conn.buf.reserve(RESPONSE_BUFFER);
         }
         match conn.stream.read_buf(&mut conn.buf).await {
             Ok(0) if conn.buf.is_empty() => return Err(SendFailure::Closed),

@@ -3,10 +3,14 @@
 //!
 //! Forwarding the bytes that were parsed, rather than re-serialising a header map,
 //! is both the cheap path and the safe one: the backend reads exactly what the proxy
-//! validated. Anything this path does not handle itself (upgrades, `Expect`, chunked
-//! or large request bodies, HTTP/1.0, absolute-form targets, malformed heads) is
-//! reported as [`Handoff`] before anything was sent, and the connection continues
-//! in hyper, which handles (or rejects) all of it.
+//! validated. So a head is only forwarded if it can be read one way only: lines end
+//! in CRLF (a bare LF, which httparse accepts, is refused: a server that splits lines
+//! on CRLF alone would see other headers, or another request), and an HTTP/1.1
+//! request has exactly one valid Host (RFC 9112 §3.2). Anything this path does not
+//! handle itself (upgrades, CONNECT, `Expect`, chunked or large request bodies,
+//! HTTP/1.0, absolute-form targets, other malformed heads) is reported as [`Handoff`]
+//! before anything was sent, and the connection continues in hyper, which handles
+//! (or rejects) all of it.
 
 use std::mem::MaybeUninit;
 
@@ -23,6 +27,57 @@ const MAX_CONNECTION_TOKENS: usize = 8;
 /// Why a request is left to hyper (for debug logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Handoff(pub &'static str);
+
+/// Why a request head is not forwarded from this path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// hyper takes the connection from this request on.
+    Handoff(Handoff),
+    /// The head is malformed: the client gets 400, saying why.
+    Invalid(&'static str),
+}
+
+impl From<Handoff> for Refusal {
+    fn from(handoff: Handoff) -> Self {
+        Refusal::Handoff(handoff)
+    }
+}
+
+/// Whether every LF in `head` ends a CRLF: the only line ending a head is forwarded with.
+#[inline]
+pub fn crlf_only(head: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', head).all(|i| i > 0 && head[i - 1] == b'\r')
+}
+
+/// Whether `host` is a valid Host value (RFC 9112 §3.2, RFC 3986 §3.2.2): a name or
+/// address with an optional port, nothing that would make the authority another
+/// one to another parser (spaces, `/`, `?`, `#`, `@`, controls). Empty is valid.
+pub fn valid_host(host: &[u8]) -> bool {
+    host.iter().all(|b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    })
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
@@ -162,21 +217,26 @@ fn offset(buf: &[u8], part: &[u8]) -> usize {
 }
 
 /// Parses a request head at the start of `buf`: `Ok(None)` until it is complete.
-pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>, Handoff> {
+pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>, Refusal> {
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(Handoff("many headers")),
-        Err(_) => return Err(Handoff("malformed head")),
+        Err(httparse::Error::TooManyHeaders) => return Err(Handoff("many headers").into()),
+        Err(_) => return Err(Handoff("malformed head").into()),
     };
+    if !crlf_only(&buf[..len]) {
+        return Err(Refusal::Invalid(
+            "a line of the request head ends in a bare LF; HTTP/1.1 lines end in CRLF",
+        ));
+    }
     if req.version != Some(1) {
-        return Err(Handoff("HTTP/1.0"));
+        return Err(Handoff("HTTP/1.0").into());
     }
     let method = req.method.unwrap_or_default();
     if method == "CONNECT" || !req.path.is_some_and(|p| p.starts_with('/')) {
-        return Err(Handoff("not an origin-form target"));
+        return Err(Handoff("not an origin-form target").into());
     }
     let mut tokens = ConnectionTokens::default();
     let mut head = RequestHead {
@@ -194,33 +254,38 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>,
         match name.len() {
             4 if name.eq_ignore_ascii_case("host") => {
                 if head.host.is_some() {
-                    return Err(Handoff("two Host headers"));
+                    return Err(Refusal::Invalid("the request has two Host headers"));
+                }
+                if !valid_host(h.value) {
+                    return Err(Refusal::Invalid(
+                        "the Host header is not a valid host[:port]",
+                    ));
                 }
                 let start = offset(buf, h.value);
                 head.host = Some((start, start + h.value.len()));
             }
             14 if name.eq_ignore_ascii_case("content-length") => {
                 let Some(n) = parse_length(h.value) else {
-                    return Err(Handoff("invalid Content-Length"));
+                    return Err(Handoff("invalid Content-Length").into());
                 };
                 if seen_length {
-                    return Err(Handoff("two Content-Length headers"));
+                    return Err(Handoff("two Content-Length headers").into());
                 }
                 seen_length = true;
                 if n > max_body as u64 {
-                    return Err(Handoff("large body"));
+                    return Err(Handoff("large body").into());
                 }
                 head.content_length = n as usize;
             }
             17 if name.eq_ignore_ascii_case("transfer-encoding") => {
-                return Err(Handoff("chunked body"));
+                return Err(Handoff("chunked body").into());
             }
-            6 if name.eq_ignore_ascii_case("expect") => return Err(Handoff("Expect")),
-            7 if name.eq_ignore_ascii_case("upgrade") => return Err(Handoff("Upgrade")),
+            6 if name.eq_ignore_ascii_case("expect") => return Err(Handoff("Expect").into()),
+            7 if name.eq_ignore_ascii_case("upgrade") => return Err(Handoff("Upgrade").into()),
             12 if name.eq_ignore_ascii_case("content-type")
                 && h.value.starts_with(b"application/grpc") =>
             {
-                return Err(Handoff("gRPC needs HTTP/2"));
+                return Err(Handoff("gRPC needs HTTP/2").into());
             }
             10 if name.eq_ignore_ascii_case("connection") => {
                 tokens.add(h.value);
@@ -234,8 +299,13 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>,
             _ => {}
         }
     }
+    if head.host.is_none() {
+        return Err(Refusal::Invalid(
+            "an HTTP/1.1 request must have a Host header",
+        ));
+    }
     if tokens.overflow {
-        return Err(Handoff("long Connection header"));
+        return Err(Handoff("long Connection header").into());
     }
     head.close = tokens.close;
     Ok(Some(head))
@@ -299,7 +369,8 @@ pub fn parse_response(
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_encoding = false;
-    let mut rewrite = http10;
+    // A head with bare LFs is rebuilt with CRLFs: a client must read it one way only.
+    let mut rewrite = http10 || !crlf_only(&buf[..len]);
     for h in res.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -442,7 +513,7 @@ mod tests {
 
     const MAX_BODY: usize = 16 * 1024;
 
-    fn request(raw: &str) -> Result<Option<RequestHead>, Handoff> {
+    fn request(raw: &str) -> Result<Option<RequestHead>, Refusal> {
         parse_request(raw.as_bytes(), MAX_BODY)
     }
 
@@ -478,12 +549,40 @@ mod tests {
             "POST / HTTP/1.1\r\ncontent-length: -1\r\n\r\n",
             "PUT / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
             "GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
-            "POST /s HTTP/1.1\r\ncontent-type: application/grpc\r\n\r\n",
-            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "POST /s HTTP/1.1\r\nHost: a\r\ncontent-type: application/grpc\r\n\r\n",
             "GET / HTTP/1.1\r\nbad header\r\n\r\n",
         ] {
-            assert!(request(raw).is_err(), "{raw:?} should go to hyper");
+            assert!(
+                matches!(request(raw), Err(Refusal::Handoff(_))),
+                "{raw:?} should go to hyper"
+            );
         }
+    }
+
+    #[test]
+    fn refuses_heads_that_parse_more_than_one_way() {
+        for raw in [
+            "GET / HTTP/1.1\nHost: a\n\n",
+            "GET / HTTP/1.1\r\nHost: a\nContent-Length: 5\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
+        ] {
+            assert!(
+                matches!(request(raw), Err(Refusal::Invalid(_))),
+                "{raw:?} should be refused: {:?}",
+                request(raw)
+            );
+        }
+        assert!(request("GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n").is_ok());
+        assert!(
+            request("GET / HTTP/1.1\r\nHost: \r\n\r\n").is_ok(),
+            "empty Host"
+        );
+        let r = response("HTTP/1.1 200 OK\nx-a: 1\ncontent-length: 1\n\n", false);
+        assert!(r.rewrite, "bare LF in a response head: rebuilt with CRLF");
     }
 
     #[test]

@@ -20,5 +20,5 @@ mod exchange;
 pub mod head;
 mod serve;
 
-pub use exchange::SendFailure;
-pub use serve::{MAX_BODY, Outcome, read_more, serve};
+pub use exchange::{RESPONSE_BUFFER, SendFailure};
+pub use serve::{MAX_BODY, Outcome, Read, read_more, serve};

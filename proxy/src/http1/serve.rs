@@ -8,18 +8,20 @@
 use std::future::Future;
 use std::io;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::exchange::{BodyLeft, MAX_HEAD, MIN_READ, RELAY_CHUNK, read_head, send};
-use super::head::{self, Framing, Handoff, RequestHead, ResponseHead};
-use crate::connections::ConnControl;
+use super::head::{self, Framing, Handoff, Refusal, RequestHead, ResponseHead};
+use crate::connections::{ConnControl, Phase, Stop};
 use crate::forward::{
     Attempts, Forwarder, ProxyError, nothing_to_pick, record_failure, record_response, retrying,
     timed_out, upstream_failed,
 };
+use crate::metrics::ProxyErrorKind;
 use crate::upstream::{RawConn, Upstream};
 
 /// Request bodies up to this size are read whole before the request goes out (so a
@@ -64,27 +66,53 @@ where
         response_out: Vec::new(),
     };
     loop {
+        control.set_phase(if buf.is_empty() {
+            Phase::Idle
+        } else {
+            Phase::Head
+        });
         let head = loop {
             if !buf.is_empty() {
                 match head::parse_request(&buf, MAX_BODY) {
                     Ok(Some(head)) => break head,
                     Ok(None) if buf.len() < MAX_HEAD => {}
                     Ok(None) => return handoff(io, buf, Handoff("large head")),
-                    Err(reason) => return handoff(io, buf, reason),
+                    Err(Refusal::Handoff(reason)) => return handoff(io, buf, reason),
+                    Err(Refusal::Invalid(why)) => {
+                        let error = ProxyError::new(
+                            ProxyErrorKind::BadRequest,
+                            StatusCode::BAD_REQUEST,
+                            why.to_string(),
+                        );
+                        refuse(&mut io, &error).await;
+                        return Outcome::Closed;
+                    }
                 }
             }
-            if !read_more(&mut io, &mut buf, control).await {
-                return Outcome::Closed;
+            match read_more(&mut io, &mut buf, control).await {
+                Read::More => {}
+                Read::Closed => return Outcome::Closed,
+                Read::Stopped(_) => {
+                    let limit = forwarder.header_read_timeout;
+                    let error = ProxyError::new(
+                        ProxyErrorKind::HeaderTimeout,
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!("the request head did not arrive within {limit:?}"),
+                    );
+                    refuse(&mut io, &error).await;
+                    return Outcome::Closed;
+                }
             }
         };
+        control.set_phase(Phase::Busy);
         let total = head.len + head.content_length;
         while buf.len() < total {
-            if !read_more(&mut io, &mut buf, control).await {
+            if !matches!(read_more(&mut io, &mut buf, control).await, Read::More) {
                 return Outcome::Closed;
             }
         }
         match conn.exchange(&mut io, &buf[..total], &head).await {
-            Next::KeepAlive if !head.close && !control.is_closing() => buf.advance(total),
+            Next::KeepAlive if !head.close && !control.is_draining() => buf.advance(total),
             Next::Handoff(reason) => return handoff(io, buf, reason),
             _ => {
                 let _ = io.shutdown().await;
@@ -102,26 +130,72 @@ fn handoff<IO>(io: IO, buf: BytesMut, reason: Handoff) -> Outcome<IO> {
     }
 }
 
-/// Reads more of the client's bytes into `buf`. False when the client is gone, or the
-/// connection was marked for closing (idle, or the proxy shuts down) while waiting.
+/// How long a refused client gets to read the answer before the connection closes.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Answers a request the proxy will not forward and closes the connection: the
+/// answer, then a half-close, then whatever the client still sends is read (for
+/// [`LINGER`] at most) so the answer is not lost to a reset.
+async fn refuse<IO: AsyncRead + AsyncWrite + Unpin>(io: &mut IO, error: &ProxyError) {
+    if write_all(io, &error.to_http1(false, true)).await.is_err() {
+        return;
+    }
+    let _ = io.shutdown().await;
+    let mut scratch = [0u8; 1024];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(1..) = io.read(&mut scratch).await {}
+    })
+    .await;
+}
+
+/// What waiting for more of the client's bytes came to.
+pub enum Read {
+    More,
+    /// The client is gone, or the connection was marked for closing while no
+    /// request was under way.
+    Closed,
+    /// The connection's limits stopped it (a late head, a quiet request).
+    Stopped(Stop),
+}
+
+/// Reads more of the client's bytes into `buf`.
 pub async fn read_more<IO: AsyncRead + Unpin>(
     io: &mut IO,
     buf: &mut BytesMut,
     control: &ConnControl,
-) -> bool {
+) -> Read {
     if buf.capacity() - buf.len() < MIN_READ {
         buf.reserve(CLIENT_BUFFER);
     }
+    // A close asked for between requests waits for a request under way: once its
+    // first byte is in, it is answered (with `Connection: close`).
+    let between_requests = buf.is_empty();
     let read = io.read_buf(buf);
     tokio::pin!(read);
-    let result = std::future::poll_fn(|cx| {
-        if control.closing(cx) {
-            return Poll::Ready(None);
+    std::future::poll_fn(|cx| {
+        match control.signals(cx) {
+            Err(stop) => return Poll::Ready(Read::Stopped(stop)),
+            Ok(true) if between_requests => return Poll::Ready(Read::Closed),
+            Ok(_) => {}
         }
-        read.as_mut().poll(cx).map(Some)
+        read.as_mut().poll(cx).map(|read| match read {
+            Ok(1..) => Read::More,
+            _ => Read::Closed,
+        })
     })
-    .await;
-    matches!(result, Some(Ok(n)) if n > 0)
+    .await
+}
+
+/// Runs `work` unless the connection's limits stop it first.
+async fn unless_stopped<F: Future>(control: &ConnControl, work: F) -> Result<F::Output, Stop> {
+    tokio::pin!(work);
+    std::future::poll_fn(|cx| {
+        if let Some(stop) = control.stopping(cx) {
+            return Poll::Ready(Err(stop));
+        }
+        work.as_mut().poll(cx).map(Ok)
+    })
+    .await
 }
 
 struct ClientConn<'a> {
@@ -181,14 +255,26 @@ impl ClientConn<'_> {
             let upstream = &backend.state.upstream;
             let sending = send(upstream, outgoing, head.is_head, head.idempotent);
             let sent = match timeout {
-                None => sending.await,
-                Some(limit) => match tokio::time::timeout(limit, sending).await {
-                    Ok(sent) => sent,
-                    Err(_) => {
-                        let error = timed_out(&destination, backend, limit);
-                        break self.answer(client, error, head).await;
+                None => unless_stopped(self.control, sending).await,
+                Some(limit) => {
+                    match unless_stopped(self.control, tokio::time::timeout(limit, sending)).await {
+                        Ok(Ok(sent)) => Ok(sent),
+                        Ok(Err(_)) => {
+                            let error = timed_out(&destination, backend, limit);
+                            break self.answer(client, error, head).await;
+                        }
+                        Err(stop) => Err(stop),
                     }
-                },
+                }
+            };
+            let sent = match sent {
+                Ok(sent) => sent,
+                // The request moved no byte for the stream idle timeout.
+                Err(_stop) => {
+                    let limit = forwarder.resilience.stream_idle_timeout;
+                    let error = timed_out(&destination, backend, limit);
+                    break self.answer(client, error, head).await;
+                }
             };
             match sent {
                 Ok((conn, response)) => {
@@ -196,7 +282,7 @@ impl ClientConn<'_> {
                     break self.relay(client, conn, response, head, upstream).await;
                 }
                 Err(failure) => {
-                    record_failure(backend);
+                    record_failure(backend, failure.fault());
                     // The whole request is in hand, so an idempotent one can be sent again.
                     let again = attempts.another(&forwarder.resilience, &set, &destination.stats)
                         && (failure.unsent() || head.idempotent);
@@ -236,13 +322,14 @@ impl ClientConn<'_> {
                 return Next::Close;
             }
             conn.buf.advance(response.len);
-            response = match read_head(&mut conn, request.is_head).await {
-                Ok(response) => response,
-                Err(_) => return Next::Close,
-            };
+            response =
+                match unless_stopped(self.control, read_head(&mut conn, request.is_head)).await {
+                    Ok(Ok(response)) => response,
+                    _ => return Next::Close,
+                };
         }
         let close_client =
-            request.close || response.framing == Framing::UntilClose || self.control.is_closing();
+            request.close || response.framing == Framing::UntilClose || self.control.is_draining();
         let mut body = BodyLeft::new(response.framing);
         let mut leftover = false;
         let first = match body.consume(&conn.buf[response.len..]) {
@@ -264,11 +351,13 @@ impl ClientConn<'_> {
         while !matches!(body, BodyLeft::Done) {
             conn.buf.clear();
             conn.buf.reserve(RELAY_CHUNK);
-            let n = match conn.stream.read_buf(&mut conn.buf).await {
-                Ok(0) if matches!(body, BodyLeft::UntilClose) => break,
-                // Cut short: closing the client connection is how HTTP/1 says so.
-                Ok(0) | Err(_) => return Next::Close,
-                Ok(n) => n,
+            let read = unless_stopped(self.control, conn.stream.read_buf(&mut conn.buf)).await;
+            let n = match read {
+                Ok(Ok(0)) if matches!(body, BodyLeft::UntilClose) => break,
+                // Cut short (or quiet for the stream idle timeout): closing the client
+                // connection is how HTTP/1 says so.
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Next::Close,
+                Ok(Ok(n)) => n,
             };
             let part = match body.consume(&conn.buf) {
                 Ok(part) => part,
@@ -278,7 +367,10 @@ impl ClientConn<'_> {
                 }
             };
             leftover |= part < n;
-            if write_all(client, &conn.buf[..part]).await.is_err() {
+            if write_to(self.control, client, &conn.buf[..part])
+                .await
+                .is_err()
+            {
                 return Next::Close;
             }
         }
@@ -309,10 +401,15 @@ impl ClientConn<'_> {
             out.clear();
             head::rewrite_response(head, close_client, out);
             out.extend_from_slice(body_start);
-            write_all(client, out).await
+            write_to(self.control, client, out).await
         } else {
             // The head and the body bytes after it are contiguous in the buffer.
-            write_all(client, &conn.buf[..response.len + body_start.len()]).await
+            write_to(
+                self.control,
+                client,
+                &conn.buf[..response.len + body_start.len()],
+            )
+            .await
         }
     }
 
@@ -323,12 +420,25 @@ impl ClientConn<'_> {
         error: ProxyError,
         request: &RequestHead,
     ) -> Next {
-        let close = request.close || self.control.is_closing();
+        let close = request.close || self.control.is_draining();
         let bytes = error.to_http1(request.is_head, close);
         match write_all(client, &bytes).await {
             Ok(()) if !close => Next::KeepAlive,
             _ => Next::Close,
         }
+    }
+}
+
+/// [`write_all`], unless the connection's limits stop it first (a client that stopped
+/// reading, with the stream idle timeout passed).
+async fn write_to<IO: AsyncWrite + Unpin>(
+    control: &ConnControl,
+    io: &mut IO,
+    bytes: &[u8],
+) -> io::Result<()> {
+    match unless_stopped(control, write_all(io, bytes)).await {
+        Ok(written) => written,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
     }
 }
 

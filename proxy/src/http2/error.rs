@@ -28,7 +28,16 @@ pub enum ConnectionError {
     Io(std::io::Error),
 }
 
+/// Why the proxy resets a stream to a backend whose request body failed on the
+/// client's side (malformed, cut short, reset): the client's fault, not the backend's.
+pub const REQUEST_BODY_FAILED: &str = "the client's request body failed";
+
 impl Error {
+    /// Whether the proxy reset this stream because the client's request body failed.
+    pub fn request_body_failed(&self) -> bool {
+        matches!(self, Error::LocalReset(_, why) if *why == REQUEST_BODY_FAILED)
+    }
+
     /// The HTTP/2 error code, where there is one.
     pub fn reason(&self) -> Option<Reason> {
         match self {

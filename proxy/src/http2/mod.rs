@@ -42,6 +42,16 @@ pub use frame::Reason;
 pub use serve::serve;
 pub use streams::RecvStream;
 
+/// What the fuzz targets (`fuzz/`, issue 22) drive: the connection over any I/O, the
+/// frame header and padding, the HPACK decoder and encoder. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::connection::Connection;
+    pub use super::frame::{HEADER_LEN, Head, PREFACE, unpadded};
+    pub use super::hpack::{DecodeError, Decoder, Field, encoder};
+    pub use super::session::Config;
+}
+
 /// The largest header list accepted from a peer, either side (hyper's default).
 const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// Output a connection holds for its socket before it stops taking data from its

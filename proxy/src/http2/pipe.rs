@@ -11,10 +11,10 @@ use std::task::{Context, Poll, ready};
 
 use http_body::Body;
 
-use super::error::Error;
+use super::error::{Error, REQUEST_BODY_FAILED};
 use super::frame::Reason;
 use super::streams::SendStream;
-use crate::body::{BoxError, ProxyBody};
+use crate::body::{BoxError, ClientBodyError, ProxyBody};
 
 /// Sends `body` on `send` to its end (data, then trailers or an end-of-stream
 /// flag), or until either side fails; a failing body resets the stream.
@@ -55,7 +55,12 @@ fn poll_pipe(
                 }
             },
             Some(Err(error)) => {
-                send.send_reset(reset_reason(&error));
+                let why = if ClientBodyError::caused(&*error) {
+                    REQUEST_BODY_FAILED
+                } else {
+                    "the body being sent failed"
+                };
+                send.send_reset(reset_reason(&error), why);
                 return Poll::Ready(Err(error));
             }
             None => {
@@ -69,6 +74,10 @@ fn poll_pipe(
 /// The reason to reset with when the body being sent failed: the other side's own
 /// reset passes through (a client's CANCEL reaches the backend as CANCEL).
 fn reset_reason(error: &BoxError) -> Reason {
+    let error = match error.downcast_ref::<ClientBodyError>() {
+        Some(ClientBodyError(inner)) => inner,
+        None => error,
+    };
     error
         .downcast_ref::<Error>()
         .and_then(Error::reason)

@@ -13,6 +13,7 @@ use futures_util::{FutureExt, StreamExt};
 use http::{HeaderValue, Request, Response, header};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Sleep;
 
 use super::connection::Connection;
 use super::keep_alive::KeepAlive;
@@ -36,10 +37,14 @@ fn config() -> Config {
 
 /// A client that opened the connection must finish the preface and SETTINGS by then.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a graceful close waits for the answer to the PING after its first
+/// GOAWAY before it sends the final one (the streams opened meanwhile are served).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves HTTP/2 on `io` until the client closes it, it fails, or `control` asks
-/// for a close (then: GOAWAY, and the open streams finish).
-pub async fn serve<IO>(forwarder: &Arc<Forwarder>, control: &ConnControl, io: IO)
+/// for a close (then: GOAWAY in two phases, as `session::Inner::go_away` says,
+/// and the open streams finish).
+pub async fn serve<IO>(forwarder: &Arc<Forwarder>, control: &Arc<ConnControl>, io: IO)
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -69,15 +74,27 @@ where
     let mut keep_alive = KeepAlive::new();
     let mut streams = FuturesUnordered::new();
     let mut closing = false;
+    // Until the final GOAWAY, if the PING after the first goes unanswered.
+    let mut draining: Option<Pin<Box<Sleep>>> = None;
     poll_fn(|cx| {
         if !closing && control.closing(cx) {
             closing = true;
             conn.session().lock().go_away();
+            draining = Some(Box::pin(tokio::time::sleep(DRAIN_TIMEOUT)));
         }
         // Reads what came, and starts a stream for every new request.
         let over = conn.poll_read(cx).is_ready();
+        if let Some(timer) = &mut draining
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            draining = None;
+            conn.session().lock().final_go_away();
+        }
         while let Some((req, respond)) = conn.accept() {
-            streams.push(stream(forwarder.clone(), req, respond));
+            // A body still arriving: the connection's bytes keep the request's
+            // stream idle timeout from running out.
+            let activity = (!req.body().is_end_stream()).then(|| control.clone());
+            streams.push(stream(forwarder.clone(), req, respond, activity));
         }
         // Every stream woken makes progress; what they write leaves in the flush
         // below, so one wake-up's responses leave in one write.
@@ -109,9 +126,10 @@ fn stream(
     forwarder: Arc<Forwarder>,
     req: Request<RecvStream>,
     respond: SendResponse,
+    activity: Option<Arc<ConnControl>>,
 ) -> impl Future<Output = ()> {
     UntilReset {
-        handling: forwarder.handle(req),
+        handling: forwarder.handle(req, activity),
         respond: Some(respond),
     }
     .then(|answered| match answered {

@@ -54,6 +54,17 @@ const MAX_PEER_RESETS_PER_SECOND: u32 = 1000;
 /// Header block bytes buffered across CONTINUATION frames before the peer is told
 /// to calm down.
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
+/// CONTINUATION frames one header block may take before the peer is told to calm
+/// down: enough for the largest block allowed in frames of the default size. More
+/// is a flood (empty ones cost the peer nine bytes each and never end the block;
+/// CVE-2024-27316 and kin). nghttp2 allows 8.
+const MAX_CONTINUATIONS: u32 = 16;
+/// The payload of the PING between a graceful close's two GOAWAYs.
+pub const DRAIN_PING: [u8; 8] = *b"draining";
+/// Why a stream was reset for depending on itself (RFC 9113 §5.3.1).
+const SELF_DEPENDENT: &str = "a stream depending on itself";
+/// How many of the client's latest stream ids [`Inner::past`] remembers.
+const HISTORY: u32 = u128::BITS;
 
 pub struct Session {
     inner: Mutex<Inner>,
@@ -78,12 +89,15 @@ impl Session {
             continuation: None,
             got_settings: false,
             last_peer_stream: 0,
+            peer_opened: 0,
+            peer_reset: 0,
             next_stream: 1,
             active: 0,
             accepted: VecDeque::new(),
             waiting: VecDeque::new(),
             conn_waker: None,
             polling: false,
+            draining: false,
             goaway_sent: false,
             goaway_received: None,
             error: None,
@@ -157,7 +171,26 @@ impl Hasher for IdHasher {
 struct Continuation {
     stream: u32,
     end_stream: bool,
+    /// The HEADERS frame made the stream depend on itself (RFC 9113 §5.3.1).
+    self_dependent: bool,
     block: Vec<u8>,
+    /// CONTINUATION frames so far.
+    frames: u32,
+}
+
+/// What became of a stream id at or below the last one the client opened, once the
+/// stream is no longer kept (or was never made).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Past {
+    /// Skipped: the client opened a higher id first, which closed this one unused.
+    Skipped,
+    /// Opened, and closed normally, or by the client.
+    Closed,
+    /// The proxy reset it (or refused it): what the client sent before it knew is
+    /// ignored (RFC 9113 §5.1).
+    Reset,
+    /// Too far back to tell.
+    Unknown,
 }
 
 /// A request a client opened, for [`Inner::accept`].
@@ -282,6 +315,11 @@ pub struct Inner {
 
     // Streams.
     last_peer_stream: u32,
+    /// Of the client's stream ids below and at `last_peer_stream` (server), bit `i`
+    /// for `last_peer_stream - 2i`: those it opened, and those of them the proxy
+    /// reset. Shifted only when a stream opens: see [`Inner::past`].
+    peer_opened: u128,
+    peer_reset: u128,
     next_stream: u32,
     /// Open streams, as the concurrency limits count them.
     pub active: u32,
@@ -294,6 +332,9 @@ pub struct Inner {
     /// The I/O task is between reading and flushing: what is written now goes out
     /// with its flush, no wake-up needed.
     pub polling: bool,
+    /// The first of the two GOAWAYs of a graceful close was sent ([`Inner::go_away`]).
+    draining: bool,
+    /// The final GOAWAY was sent: no more streams are accepted.
     pub goaway_sent: bool,
     goaway_received: Option<(u32, Reason)>,
     /// The connection failed or closed: every stream sees this.
@@ -380,12 +421,7 @@ impl Inner {
             frame::PING => self.on_ping(head, &payload),
             frame::GOAWAY => self.on_goaway(head, &payload),
             frame::WINDOW_UPDATE => self.on_window_update(head, &payload),
-            frame::PRIORITY => {
-                if head.stream == 0 {
-                    return fatal(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0");
-                }
-                Ok(())
-            }
+            frame::PRIORITY => self.on_priority(head, &payload),
             frame::PUSH_PROMISE => fatal(Reason::PROTOCOL_ERROR, "PUSH_PROMISE (push is disabled)"),
             // Unknown frame types are ignored (RFC 9113 §4.1).
             _ => Ok(()),
@@ -415,6 +451,49 @@ impl Inner {
         }
     }
 
+    /// The client opened stream `id`, above every id before (server).
+    fn peer_opens(&mut self, id: u32) {
+        let shift = (id - self.last_peer_stream) / 2;
+        if shift >= HISTORY {
+            (self.peer_opened, self.peer_reset) = (0, 0);
+        } else {
+            self.peer_opened <<= shift;
+            self.peer_reset <<= shift;
+        }
+        self.peer_opened |= 1;
+        self.last_peer_stream = id;
+    }
+
+    /// The history bit of the client's stream `id`, if it is recent enough.
+    fn history_bit(&self, id: u32) -> Option<u128> {
+        let back = self.last_peer_stream.checked_sub(id)? / 2;
+        (back < HISTORY).then(|| 1 << back)
+    }
+
+    /// The proxy reset (or refused) the client's stream `id` (server).
+    fn mark_reset(&mut self, id: u32) {
+        if let Some(bit) = self.history_bit(id) {
+            self.peer_reset |= bit;
+        }
+    }
+
+    /// What became of the client's stream `id` (odd, at most `last_peer_stream`),
+    /// which is no longer kept (server).
+    fn past(&self, id: u32) -> Past {
+        match self.history_bit(id) {
+            None => Past::Unknown,
+            Some(bit) if self.peer_opened & bit == 0 => Past::Skipped,
+            Some(bit) if self.peer_reset & bit != 0 => Past::Reset,
+            Some(_) => Past::Closed,
+        }
+    }
+
+    /// Refuses a request the client opened, with RST_STREAM (server).
+    fn refuse(&mut self, id: u32, reason: Reason) {
+        frame::put_rst(&mut self.out, id, reason);
+        self.mark_reset(id);
+    }
+
     fn on_data(&mut self, head: Head, payload: Bytes) -> Result<(), Fatal> {
         if head.stream == 0 {
             return fatal(Reason::PROTOCOL_ERROR, "DATA on stream 0");
@@ -434,14 +513,30 @@ impl Inner {
             // A stream already forgotten (reset, or done): its data still counted
             // against the connection window, which is given back at once.
             self.release_connection(len as u32);
+            if self.role == Role::Server
+                && matches!(self.past(head.stream), Past::Closed | Past::Skipped)
+            {
+                return fatal(Reason::STREAM_CLOSED, "DATA on a closed stream");
+            }
             return Ok(());
         };
         let end_stream = head.has(frame::END_STREAM);
         let role = self.role;
         let stream = &mut self.streams[key];
+        if role == Role::Server && matches!(stream.reset, Some(Error::Reset(_))) {
+            // RFC 9113 §5.1: any frame but PRIORITY after the client's own
+            // RST_STREAM (as for a stream no longer kept: see `past`).
+            return fatal(Reason::STREAM_CLOSED, "DATA after RST_STREAM");
+        }
         if stream.reset.is_some() {
             self.release_connection(len as u32);
             return Ok(());
+        }
+        if role == Role::Server && stream.recv_closed && stream.send_closed {
+            // RFC 9113 §5.1: after END_STREAM both ways, a connection error (the
+            // same whether or not the stream is still kept). A backend's other
+            // streams are spared: its stream alone is reset, below.
+            return fatal(Reason::STREAM_CLOSED, "DATA on a closed stream");
         }
         let refused = if stream.recv_closed || (role == Role::Client && !stream.got_head) {
             Some((Reason::STREAM_CLOSED, "DATA where none may come"))
@@ -514,25 +609,30 @@ impl Inner {
         let Some((mut start, end)) = frame::unpadded(&head, &payload) else {
             return fatal(Reason::PROTOCOL_ERROR, "padding longer than the frame");
         };
+        let mut self_dependent = false;
         if head.has(frame::PRIORITY_FLAG) {
-            start += 5;
-            if start > end {
+            if start + 5 > end {
                 return fatal(
                     Reason::FRAME_SIZE_ERROR,
                     "HEADERS too short for its priority",
                 );
             }
+            self_dependent = be_u32(&payload, start) & frame::MAX_WINDOW == head.stream;
+            start += 5;
         }
         let end_stream = head.has(frame::END_STREAM);
         if !head.has(frame::END_HEADERS) {
             self.continuation = Some(Continuation {
                 stream: head.stream,
                 end_stream,
+                self_dependent,
                 block: payload[start..end].to_vec(),
+                frames: 0,
             });
             return Ok(());
         }
-        self.on_header_block(head.stream, end_stream, payload.slice(start..end))
+        let block = payload.slice(start..end);
+        self.on_header_block(head.stream, end_stream, self_dependent, block)
     }
 
     fn on_continuation(&mut self, head: Head, payload: Bytes) -> Result<(), Fatal> {
@@ -542,12 +642,19 @@ impl Inner {
                 "CONTINUATION without a header block",
             );
         };
-        c.block.extend_from_slice(&payload);
-        if c.block.len() > MAX_HEADER_BLOCK {
+        c.frames += 1;
+        if c.frames > MAX_CONTINUATIONS {
+            return fatal(
+                Reason::ENHANCE_YOUR_CALM,
+                "a header block in more than 16 CONTINUATION frames",
+            );
+        }
+        if c.block.len() + payload.len() > MAX_HEADER_BLOCK {
             return fatal(Reason::ENHANCE_YOUR_CALM, "a header block beyond 256 KiB");
         }
+        c.block.extend_from_slice(&payload);
         if head.has(frame::END_HEADERS) {
-            self.on_header_block(c.stream, c.end_stream, Bytes::from(c.block))
+            self.on_header_block(c.stream, c.end_stream, c.self_dependent, c.block.into())
         } else {
             self.continuation = Some(c);
             Ok(())
@@ -555,7 +662,13 @@ impl Inner {
     }
 
     /// A whole header block: a new request (server), a response (client), or trailers.
-    fn on_header_block(&mut self, id: u32, end_stream: bool, block: Bytes) -> Result<(), Fatal> {
+    fn on_header_block(
+        &mut self,
+        id: u32,
+        end_stream: bool,
+        self_dependent: bool,
+        block: Bytes,
+    ) -> Result<(), Fatal> {
         let max = self.config.max_header_list as usize;
         // Decoded whatever becomes of the stream: the table must stay in step.
         let decoded = match Block::decode(&mut self.decoder, &block, max) {
@@ -563,8 +676,11 @@ impl Inner {
             Err(e) => return fatal(Reason::COMPRESSION_ERROR, e.to_string()),
         };
         let key = self.ids.get(&id).copied();
+        if self_dependent && let Some(key) = key {
+            return self.peer_error(key, Reason::PROTOCOL_ERROR, SELF_DEPENDENT);
+        }
         match (self.role, key) {
-            (Role::Server, None) => self.on_request(id, end_stream, decoded),
+            (Role::Server, None) => self.on_request(id, end_stream, self_dependent, decoded),
             (Role::Client, Some(key)) if !self.streams[key].got_head => {
                 self.on_response(key, end_stream, decoded);
                 Ok(())
@@ -579,7 +695,13 @@ impl Inner {
         }
     }
 
-    fn on_request(&mut self, id: u32, end_stream: bool, decoded: Block) -> Result<(), Fatal> {
+    fn on_request(
+        &mut self,
+        id: u32,
+        end_stream: bool,
+        self_dependent: bool,
+        decoded: Block,
+    ) -> Result<(), Fatal> {
         if id.is_multiple_of(2) {
             return fatal(
                 Reason::PROTOCOL_ERROR,
@@ -587,17 +709,36 @@ impl Inner {
             );
         }
         if id <= self.last_peer_stream {
-            // Trailers (or a late frame) of a stream already forgotten.
-            return Ok(());
+            // Not a new stream: a frame on one no longer kept.
+            return match self.past(id) {
+                // Trailers the client sent before it heard of the reset.
+                Past::Reset => Ok(()),
+                Past::Closed => fatal(Reason::STREAM_CLOSED, "HEADERS on a closed stream"),
+                // RFC 9113 §5.1.1: a new stream's id must be above every id the
+                // client used before.
+                Past::Skipped | Past::Unknown => fatal(
+                    Reason::PROTOCOL_ERROR,
+                    format!("stream {id} opened after stream {}", self.last_peer_stream),
+                ),
+            };
         }
-        self.last_peer_stream = id;
+        self.peer_opens(id);
         if self.goaway_sent {
             // Above the last stream GOAWAY promised to process: the client retries it.
-            frame::put_rst(&mut self.out, id, Reason::REFUSED_STREAM);
+            self.refuse(id, Reason::REFUSED_STREAM);
             return Ok(());
         }
         if self.active >= self.config.max_concurrent_streams {
-            frame::put_rst(&mut self.out, id, Reason::REFUSED_STREAM);
+            self.refuse(id, Reason::REFUSED_STREAM);
+            return Ok(());
+        }
+        if self_dependent {
+            tracing::debug!(
+                stream = id,
+                why = SELF_DEPENDENT,
+                "malformed HTTP/2 request"
+            );
+            self.refuse(id, Reason::PROTOCOL_ERROR);
             return Ok(());
         }
         if decoded.too_large(self.config.max_header_list as usize) {
@@ -610,7 +751,7 @@ impl Inner {
             );
             frame::finish_headers(&mut self.out, start, id, true, self.peer_max_frame);
             if !end_stream {
-                frame::put_rst(&mut self.out, id, Reason::NO_ERROR);
+                self.refuse(id, Reason::NO_ERROR);
             }
             return Ok(());
         }
@@ -618,7 +759,7 @@ impl Inner {
             Ok(head) => head,
             Err(why) => {
                 tracing::debug!(stream = id, why, "malformed HTTP/2 request");
-                frame::put_rst(&mut self.out, id, Reason::PROTOCOL_ERROR);
+                self.refuse(id, Reason::PROTOCOL_ERROR);
                 return Ok(());
             }
         };
@@ -626,12 +767,12 @@ impl Inner {
             Ok(expected) => expected,
             Err(why) => {
                 tracing::debug!(stream = id, why, "malformed HTTP/2 request");
-                frame::put_rst(&mut self.out, id, Reason::PROTOCOL_ERROR);
+                self.refuse(id, Reason::PROTOCOL_ERROR);
                 return Ok(());
             }
         };
         if end_stream && expected.is_some_and(|n| n > 0) {
-            frame::put_rst(&mut self.out, id, Reason::PROTOCOL_ERROR);
+            self.refuse(id, Reason::PROTOCOL_ERROR);
             return Ok(());
         }
         // Handles: the response's, and the body's unless there is none.
@@ -712,6 +853,10 @@ impl Inner {
 
     fn on_trailers(&mut self, key: usize, end_stream: bool, decoded: Block) -> Result<(), Fatal> {
         let stream = &self.streams[key];
+        if self.role == Role::Server && matches!(stream.reset, Some(Error::Reset(_))) {
+            // As for DATA (see `on_data`).
+            return fatal(Reason::STREAM_CLOSED, "HEADERS after RST_STREAM");
+        }
         if stream.reset.is_some() {
             return Ok(());
         }
@@ -723,12 +868,16 @@ impl Inner {
             )?;
             return Ok(());
         }
-        if stream.recv_closed || !end_stream {
-            self.peer_error(
-                key,
-                Reason::PROTOCOL_ERROR,
-                "HEADERS after the message, or trailers without END_STREAM",
-            )?;
+        if self.role == Role::Server && stream.recv_closed && stream.send_closed {
+            // As for DATA (see `on_data`).
+            return fatal(Reason::STREAM_CLOSED, "HEADERS on a closed stream");
+        }
+        if stream.recv_closed {
+            self.peer_error(key, Reason::STREAM_CLOSED, "HEADERS after the message")?;
+            return Ok(());
+        }
+        if !end_stream {
+            self.peer_error(key, Reason::PROTOCOL_ERROR, "trailers without END_STREAM")?;
             return Ok(());
         }
         if stream.expected.is_some_and(|n| n > 0) {
@@ -747,6 +896,46 @@ impl Inner {
         stream.recv_closed = true;
         stream.wake_recv();
         self.closed_if_done(key);
+        Ok(())
+    }
+
+    /// PRIORITY: the scheme is deprecated (RFC 9113 §5.3.2) and ignored, but a
+    /// malformed frame is still a stream error: the wrong length (§6.3), or a
+    /// stream depending on itself (§5.3.1).
+    fn on_priority(&mut self, head: Head, payload: &[u8]) -> Result<(), Fatal> {
+        if head.stream == 0 {
+            return fatal(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0");
+        }
+        if payload.len() != 5 {
+            return self.stream_error_on(
+                head.stream,
+                Reason::FRAME_SIZE_ERROR,
+                "PRIORITY not 5 bytes long",
+            );
+        }
+        if be_u32(payload, 0) & frame::MAX_WINDOW == head.stream {
+            return self.stream_error_on(head.stream, Reason::PROTOCOL_ERROR, SELF_DEPENDENT);
+        }
+        Ok(())
+    }
+
+    /// A stream error on stream `id` in whatever state it is (PRIORITY may name
+    /// any): a kept stream is reset as usual; one no longer kept gets RST_STREAM
+    /// (unless the proxy reset it already); an idle one may not (§6.4), so the
+    /// connection goes instead (§5.4.1 allows it).
+    fn stream_error_on(&mut self, id: u32, reason: Reason, why: &'static str) -> Result<(), Fatal> {
+        if let Some(&key) = self.ids.get(&id) {
+            return self.peer_error(key, reason, why);
+        }
+        if self.idle(id) {
+            return fatal(reason, why);
+        }
+        tracing::debug!(stream = id, %reason, why, "HTTP/2 stream error on a closed stream");
+        match self.role {
+            Role::Server if self.past(id) == Past::Reset => {}
+            Role::Server => self.refuse(id, reason),
+            Role::Client => frame::put_rst(&mut self.out, id, reason),
+        }
         Ok(())
     }
 
@@ -858,6 +1047,9 @@ impl Inner {
         };
         if head.has(frame::ACK) {
             self.pong = true;
+            if self.draining && data == DRAIN_PING {
+                self.final_go_away();
+            }
         } else {
             frame::put_ping(&mut self.out, true, data);
         }
@@ -1292,10 +1484,14 @@ impl Inner {
             return;
         }
         tracing::trace!(stream = stream.id, %reason, why, "HTTP/2 stream reset");
-        if stream.id != 0 {
-            frame::put_rst(&mut self.out, stream.id, reason);
-        }
         stream.reset = Some(Error::LocalReset(reason, why));
+        let id = stream.id;
+        if id != 0 {
+            frame::put_rst(&mut self.out, id, reason);
+            if self.role == Role::Server {
+                self.mark_reset(id);
+            }
+        }
         self.end_stream(key);
         self.notify();
     }
@@ -1409,8 +1605,24 @@ impl Inner {
 
     // --- the connection's side -------------------------------------------------------
 
-    /// Graceful close (server): GOAWAY naming the last stream that will be served.
+    /// Begins a graceful close (server), in two phases as RFC 9113 §6.8 advises
+    /// (and nginx and Envoy do): a GOAWAY with the largest stream id, so the client
+    /// opens no more streams, and a PING. Streams the client opened before it heard
+    /// are served; the final GOAWAY ([`Inner::final_go_away`]) follows the PING's
+    /// answer, which comes after them, or the caller's timeout.
     pub fn go_away(&mut self) {
+        if !self.draining && !self.goaway_sent && self.error.is_none() {
+            self.draining = true;
+            frame::put_goaway(&mut self.out, frame::MAX_WINDOW, Reason::NO_ERROR);
+            frame::put_ping(&mut self.out, false, DRAIN_PING);
+            self.notify();
+        }
+    }
+
+    /// The final GOAWAY (server): it names the last stream that will be served;
+    /// streams above it are refused, and the connection closes when those below
+    /// are done.
+    pub fn final_go_away(&mut self) {
         if !self.goaway_sent && self.error.is_none() {
             self.goaway_sent = true;
             frame::put_goaway(&mut self.out, self.last_peer_stream, Reason::NO_ERROR);

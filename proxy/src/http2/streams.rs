@@ -164,10 +164,9 @@ impl SendStream {
         self.stream.lock().send_trailers(self.stream.key, trailers)
     }
 
-    pub fn send_reset(&mut self, reason: Reason) {
-        self.stream
-            .lock()
-            .reset(self.stream.key, reason, "reset by the proxy");
+    /// Resets the stream; `why` is what its other handles are told.
+    pub fn send_reset(&mut self, reason: Reason, why: &'static str) {
+        self.stream.lock().reset(self.stream.key, reason, why);
     }
 
     /// Ready when the stream was reset (or its connection ended).

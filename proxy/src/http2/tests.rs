@@ -440,6 +440,380 @@ async fn a_client_resetting_streams_as_fast_as_it_opens_them_is_sent_away() {
     }
 }
 
+/// `GET http://a/`, as a block that leaves the decoder's table alone.
+const GET: &[u8] = &[0x82, 0x86, 0x84, 0x01, 0x01, b'a'];
+
+/// A raw client of [`echo_server`]: the preface and an empty SETTINGS sent.
+async fn raw_client() -> DuplexStream {
+    let (ours, mut theirs) = tokio::io::duplex(1024 * 1024);
+    echo_server(ours);
+    theirs.write_all(frame::PREFACE).await.unwrap();
+    theirs
+        .write_all(&raw(frame::SETTINGS, 0, 0, &[]))
+        .await
+        .unwrap();
+    theirs
+}
+
+/// The error code of the next GOAWAY.
+async fn goaway_code(io: &mut DuplexStream) -> Reason {
+    let (_, goaway) = frame_of(io, frame::GOAWAY).await;
+    Reason(u32::from_be_bytes(goaway[4..8].try_into().unwrap()))
+}
+
+/// Reads until the response on `stream` has ended (the echo server's ends with an
+/// empty DATA frame); panics on GOAWAY.
+async fn response_end(io: &mut DuplexStream, stream: u32) {
+    loop {
+        let mut head = [0u8; frame::HEADER_LEN];
+        io.read_exact(&mut head).await.expect("a frame");
+        let head = frame::Head::parse(&head);
+        let mut payload = vec![0; head.len];
+        io.read_exact(&mut payload).await.expect("its payload");
+        assert_ne!(head.kind, frame::GOAWAY, "GOAWAY: {payload:?}");
+        if head.stream == stream
+            && (head.kind == frame::DATA || head.kind == frame::HEADERS)
+            && head.has(frame::END_STREAM)
+        {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_new_stream_id_not_above_every_earlier_one_is_a_protocol_error() {
+    tokio::time::timeout(LIMIT, async {
+        let whole = frame::END_HEADERS | frame::END_STREAM;
+        // RFC 9113 §5.1.1: below the last stream opened (done, open, or skipped
+        // over), or even.
+        let cases: [(&str, &[(u32, u8)]); 5] = [
+            ("3 after 5", &[(5, whole), (3, whole)]),
+            (
+                "5 after 7, still open",
+                &[(7, frame::END_HEADERS), (5, whole)],
+            ),
+            ("1 skipped by 3", &[(3, frame::END_HEADERS), (1, whole)]),
+            ("3 after 301", &[(1, whole), (301, whole), (3, whole)]),
+            ("an even id", &[(2, whole)]),
+        ];
+        for (case, streams) in cases {
+            let mut io = raw_client().await;
+            for &(id, flags) in streams {
+                io.write_all(&raw(frame::HEADERS, flags, id, GET))
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(goaway_code(&mut io).await, Reason::PROTOCOL_ERROR, "{case}");
+        }
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn frames_on_closed_streams_are_answered_as_rfc_9113_says() {
+    tokio::time::timeout(LIMIT, async {
+        let whole = frame::END_HEADERS | frame::END_STREAM;
+        // Stream 1 done both ways: HEADERS or DATA on it is a connection error
+        // STREAM_CLOSED (§5.1), whether or not the proxy still keeps it.
+        for (case, late) in [
+            ("HEADERS", raw(frame::HEADERS, whole, 1, GET)),
+            ("DATA", raw(frame::DATA, 0, 1, b"x")),
+        ] {
+            let mut io = raw_client().await;
+            io.write_all(&raw(frame::HEADERS, whole, 1, GET))
+                .await
+                .unwrap();
+            response_end(&mut io, 1).await;
+            io.write_all(&late).await.unwrap();
+            assert_eq!(goaway_code(&mut io).await, Reason::STREAM_CLOSED, "{case}");
+        }
+
+        // WINDOW_UPDATE, RST_STREAM and PRIORITY on a closed stream are fine.
+        let mut io = raw_client().await;
+        io.write_all(&raw(frame::HEADERS, whole, 1, GET))
+            .await
+            .unwrap();
+        response_end(&mut io, 1).await;
+        let mut late = raw(frame::WINDOW_UPDATE, 0, 1, &100u32.to_be_bytes());
+        late.extend(raw(
+            frame::RST_STREAM,
+            0,
+            1,
+            &Reason::CANCEL.0.to_be_bytes(),
+        ));
+        late.extend(raw(frame::PRIORITY, 0, 1, &[0, 0, 0, 0, 16]));
+        late.extend(raw(frame::HEADERS, whole, 3, GET));
+        io.write_all(&late).await.unwrap();
+        response_end(&mut io, 3).await;
+
+        // A stream the proxy reset: what the client sent before it knew is
+        // ignored, trailers included. Content-length 3 and no body is malformed.
+        let mut io = raw_client().await;
+        let malformed = [0x82, 0x86, 0x84, 0x01, 0x01, b'a', 0x0f, 0x0d, 0x01, b'3'];
+        let mut frames = raw(frame::HEADERS, whole, 1, &malformed);
+        frames.extend(raw(frame::DATA, 0, 1, b"abc"));
+        frames.extend(raw(
+            frame::HEADERS,
+            whole,
+            1,
+            &[0x00, 0x01, b'x', 0x01, b'y'],
+        ));
+        io.write_all(&frames).await.unwrap();
+        let (head, code) = frame_of(&mut io, frame::RST_STREAM).await;
+        assert_eq!(
+            (head.stream, &code[..]),
+            (1, &Reason::PROTOCOL_ERROR.0.to_be_bytes()[..])
+        );
+        io.write_all(&raw(frame::HEADERS, whole, 3, GET))
+            .await
+            .unwrap();
+        response_end(&mut io, 3).await;
+
+        // DATA on a stream skipped over: closed without ever being opened.
+        let mut io = raw_client().await;
+        io.write_all(&raw(frame::HEADERS, frame::END_HEADERS, 3, GET))
+            .await
+            .unwrap();
+        io.write_all(&raw(frame::DATA, 0, 1, b"x")).await.unwrap();
+        assert_eq!(goaway_code(&mut io).await, Reason::STREAM_CLOSED);
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn continuation_floods_are_cut_off() {
+    tokio::time::timeout(LIMIT, async {
+        // A block begun, then empty CONTINUATIONs that never end it.
+        let mut io = raw_client().await;
+        let mut flood = raw(frame::HEADERS, frame::END_STREAM, 1, &GET[..3]);
+        for _ in 0..17 {
+            flood.extend(raw(frame::CONTINUATION, 0, 1, &[]));
+        }
+        io.write_all(&flood).await.unwrap();
+        assert_eq!(goaway_code(&mut io).await, Reason::ENHANCE_YOUR_CALM);
+
+        // The size limit holds across CONTINUATIONs: 16 of them, full, go beyond
+        // 256 KiB before their number is too many.
+        let mut io = raw_client().await;
+        let full = vec![0x40u8; 16 * 1024];
+        let mut big = raw(frame::HEADERS, frame::END_STREAM, 1, &full);
+        for _ in 0..16 {
+            big.extend(raw(frame::CONTINUATION, 0, 1, &full));
+        }
+        io.write_all(&big).await.unwrap();
+        assert_eq!(goaway_code(&mut io).await, Reason::ENHANCE_YOUR_CALM);
+
+        // Up to 16 CONTINUATIONs, a block is taken.
+        let mut io = raw_client().await;
+        let mut split = raw(frame::HEADERS, frame::END_STREAM, 1, &GET[..3]);
+        for _ in 0..15 {
+            split.extend(raw(frame::CONTINUATION, 0, 1, &[]));
+        }
+        split.extend(raw(frame::CONTINUATION, frame::END_HEADERS, 1, &GET[3..]));
+        io.write_all(&split).await.unwrap();
+        response_end(&mut io, 1).await;
+    })
+    .await
+    .expect("in time");
+}
+
+/// A RST_STREAM's stream and code.
+async fn rst_of(io: &mut DuplexStream) -> (u32, Reason) {
+    let (head, code) = frame_of(io, frame::RST_STREAM).await;
+    (
+        head.stream,
+        Reason(u32::from_be_bytes(code[..].try_into().unwrap())),
+    )
+}
+
+#[tokio::test]
+async fn frames_after_the_clients_own_reset_are_a_connection_error() {
+    tokio::time::timeout(LIMIT, async {
+        // RFC 9113 §5.1: anything but PRIORITY after the client's RST_STREAM is
+        // STREAM_CLOSED, while the proxy still keeps the stream (one write) or
+        // once it let it go (after a PING's round trip).
+        let reset = raw(frame::RST_STREAM, 0, 1, &Reason::CANCEL.0.to_be_bytes());
+        for (case, late) in [
+            ("DATA", raw(frame::DATA, frame::END_STREAM, 1, b"test")),
+            (
+                "HEADERS",
+                raw(
+                    frame::HEADERS,
+                    frame::END_HEADERS | frame::END_STREAM,
+                    1,
+                    GET,
+                ),
+            ),
+        ] {
+            for separate in [false, true] {
+                let mut io = raw_client().await;
+                let mut frames = raw(frame::HEADERS, frame::END_HEADERS, 1, GET);
+                frames.extend(&reset);
+                if separate {
+                    frames.extend(raw(frame::PING, 0, 0, &[0; 8]));
+                    io.write_all(&frames).await.unwrap();
+                    frame_of(&mut io, frame::PING).await;
+                    frames = Vec::new();
+                }
+                frames.extend(&late);
+                io.write_all(&frames).await.unwrap();
+                let code = goaway_code(&mut io).await;
+                assert_eq!(code, Reason::STREAM_CLOSED, "{case}, separate: {separate}");
+            }
+        }
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn malformed_priorities_are_stream_errors() {
+    tokio::time::timeout(LIMIT, async {
+        let whole = frame::END_HEADERS | frame::END_STREAM;
+        let mut io = raw_client().await;
+        // A PRIORITY of 4 bytes on an open stream (§6.3): that stream is reset.
+        io.write_all(&raw(frame::HEADERS, frame::END_HEADERS, 1, GET))
+            .await
+            .unwrap();
+        io.write_all(&raw(frame::PRIORITY, 0, 1, &[0x80, 0, 0, 1]))
+            .await
+            .unwrap();
+        assert_eq!(rst_of(&mut io).await, (1, Reason::FRAME_SIZE_ERROR));
+        // The connection serves on.
+        io.write_all(&raw(frame::HEADERS, whole, 3, GET))
+            .await
+            .unwrap();
+        response_end(&mut io, 3).await;
+
+        // A new stream depending on itself (§5.3.1) is refused; its header block
+        // still counts (the table stays in step: the next request decodes).
+        let mut block = 5u32.to_be_bytes().to_vec();
+        block.push(255);
+        block.extend_from_slice(&[0x82, 0x86, 0x84, 0x41, 0x01, b'a']);
+        io.write_all(&raw(
+            frame::HEADERS,
+            whole | frame::PRIORITY_FLAG,
+            5,
+            &block,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(rst_of(&mut io).await, (5, Reason::PROTOCOL_ERROR));
+        // PRIORITY depending on itself, on a closed stream: RST_STREAM.
+        io.write_all(&raw(frame::PRIORITY, 0, 3, &[0, 0, 0, 3, 16]))
+            .await
+            .unwrap();
+        assert_eq!(rst_of(&mut io).await, (3, Reason::PROTOCOL_ERROR));
+        // A well-formed PRIORITY, even on an idle stream, changes nothing.
+        let mut frames = raw(frame::PRIORITY, 0, 11, &[0, 0, 0, 1, 16]);
+        frames.extend(raw(frame::HEADERS, whole, 7, &[0x82, 0x86, 0x84, 0xbe]));
+        io.write_all(&frames).await.unwrap();
+        response_end(&mut io, 7).await;
+        // On an idle stream RST_STREAM may not be sent (§6.4): the connection goes.
+        io.write_all(&raw(frame::PRIORITY, 0, 9, &[0, 0, 0, 9, 16]))
+            .await
+            .unwrap();
+        assert_eq!(goaway_code(&mut io).await, Reason::PROTOCOL_ERROR);
+    })
+    .await
+    .expect("in time");
+}
+
+/// A graceful close, frame by frame (RFC 9113 §6.8): GOAWAY with the largest id
+/// and a PING; streams opened before the PING's answer are served; then the final
+/// GOAWAY names the last of them, and later streams are refused.
+#[test]
+fn a_graceful_close_goes_away_in_two_phases() {
+    use super::session::{DRAIN_PING, Inner, Role, Session};
+
+    fn feed(inner: &mut Inner, bytes: Vec<u8>) {
+        let head = frame::Head::parse(&bytes);
+        let payload = Bytes::from(bytes).slice(frame::HEADER_LEN..);
+        assert!(inner.on_frame(head, payload).is_ok(), "{head:?}");
+    }
+    /// The frames written since the last call: kind, flags, stream, payload.
+    fn sent(inner: &mut Inner) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        let out = std::mem::take(&mut inner.out);
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at < out.len() {
+            let head = frame::Head::parse(&out[at..]);
+            let payload = out[at + frame::HEADER_LEN..][..head.len].to_vec();
+            frames.push((head.kind, head.flags, head.stream, payload));
+            at += frame::HEADER_LEN + head.len;
+        }
+        frames
+    }
+    fn goaway(last: u32) -> (u8, u8, u32, Vec<u8>) {
+        let mut payload = last.to_be_bytes().to_vec();
+        payload.extend_from_slice(&Reason::NO_ERROR.0.to_be_bytes());
+        (frame::GOAWAY, 0, 0, payload)
+    }
+    let whole = frame::END_HEADERS | frame::END_STREAM;
+    let ack = |payload: &[u8; 8]| raw(frame::PING, frame::ACK, 0, payload);
+
+    for answered in [true, false] {
+        let session = Session::new(Role::Server, config());
+        let mut inner = session.lock();
+        feed(&mut inner, raw(frame::SETTINGS, 0, 0, &[]));
+        feed(&mut inner, raw(frame::HEADERS, whole, 1, GET));
+        sent(&mut inner);
+
+        inner.go_away();
+        assert_eq!(
+            sent(&mut inner),
+            vec![
+                goaway(frame::MAX_WINDOW),
+                (frame::PING, 0, 0, DRAIN_PING.to_vec())
+            ]
+        );
+        inner.go_away();
+        assert!(sent(&mut inner).is_empty(), "the close begins once");
+        // A stream the client opened before it heard: served.
+        feed(&mut inner, raw(frame::HEADERS, whole, 3, GET));
+        assert!(sent(&mut inner).is_empty(), "stream 3 is not refused");
+        // Another PING's answer (keep-alive's) is not the one awaited.
+        feed(&mut inner, ack(b"tandem\0\0"));
+        assert!(sent(&mut inner).is_empty());
+        if answered {
+            feed(&mut inner, ack(&DRAIN_PING));
+        } else {
+            // No answer in time: the caller's timeout.
+            inner.final_go_away();
+        }
+        assert_eq!(sent(&mut inner), vec![goaway(3)]);
+        // A late answer, or a second timeout, sends nothing more.
+        feed(&mut inner, ack(&DRAIN_PING));
+        inner.final_go_away();
+        assert!(sent(&mut inner).is_empty());
+        // Beyond the final GOAWAY: refused, to be retried elsewhere.
+        feed(&mut inner, raw(frame::HEADERS, whole, 5, GET));
+        assert_eq!(
+            sent(&mut inner),
+            vec![(
+                frame::RST_STREAM,
+                0,
+                5,
+                Reason::REFUSED_STREAM.0.to_be_bytes().to_vec()
+            )]
+        );
+
+        // The two streams served, the connection is done.
+        let keys: Vec<usize> = inner.accepted.drain(..).map(|a| a.key).collect();
+        assert_eq!(keys.len(), 2);
+        let (head, ()) = Response::new(()).into_parts();
+        for key in keys {
+            assert!(!inner.finished());
+            inner.send_response(key, &head, true).unwrap();
+            inner.drop_ref(key);
+        }
+        assert!(inner.finished());
+        inner.check();
+    }
+}
+
 /// Random frames and handle operations against one session, checking after each
 /// step that nothing panics and the books balance: whatever a peer sends, the
 /// connection fails cleanly or goes on.
@@ -450,7 +824,7 @@ mod arbitrary_input {
 
     use super::super::frame::{self, Head};
     use super::super::hpack::Decoder;
-    use super::super::session::{Inner, Role, Session};
+    use super::super::session::{DRAIN_PING, Inner, Role, Session};
     use super::config;
 
     /// A frame a peer might send: mostly well-formed, on a few stream ids, so that
@@ -480,7 +854,10 @@ mod arbitrary_input {
             id: u16,
             value: u32,
         },
-        Ping,
+        /// A PING, or the answer to a graceful close's.
+        Ping {
+            ack: bool,
+        },
         GoAway {
             last: u32,
         },
@@ -527,6 +904,10 @@ mod arbitrary_input {
             end: bool,
         },
         Schedule,
+        /// Server: a graceful close's first GOAWAY, or its final one.
+        GoAway {
+            last: bool,
+        },
     }
 
     fn stream_id() -> impl Strategy<Value = u32> {
@@ -564,7 +945,7 @@ mod arbitrary_input {
                 prop_oneof![Just(0u32), 1u32..70_000, Just(1 << 24), Just(0x8000_0000)]
             )
                 .prop_map(|(id, value)| Frame::Settings { id, value }),
-            Just(Frame::Ping),
+            any::<bool>().prop_map(|ack| Frame::Ping { ack }),
             (0u32..10).prop_map(|last| Frame::GoAway { last }),
             (stream_id(), any::<bool>())
                 .prop_map(|(stream, end)| Frame::Continuation { stream, end }),
@@ -592,6 +973,7 @@ mod arbitrary_input {
             1 => any::<bool>().prop_map(|end| Op::Request { end }),
             1 => (0usize..8, 0usize..100_000, any::<bool>()).prop_map(|(i, len, end)| Op::SendData { i, len, end }),
             1 => Just(Op::Schedule),
+            1 => any::<bool>().prop_map(|last| Op::GoAway { last }),
         ]
     }
 
@@ -630,7 +1012,8 @@ mod arbitrary_input {
                 payload.extend_from_slice(&value.to_be_bytes());
                 (frame::SETTINGS, 0, 0, payload)
             }
-            Frame::Ping => (frame::PING, 0, 0, vec![0; 8]),
+            Frame::Ping { ack: false } => (frame::PING, 0, 0, vec![0; 8]),
+            Frame::Ping { ack: true } => (frame::PING, frame::ACK, 0, DRAIN_PING.to_vec()),
             Frame::GoAway { last } => {
                 let mut payload = last.to_be_bytes().to_vec();
                 payload.extend_from_slice(&0u32.to_be_bytes());
@@ -772,6 +1155,14 @@ mod arbitrary_input {
                 let _ = inner.send_data(h.key, Bytes::from(vec![b's'; len]), end);
             }
             Op::Schedule => inner.schedule(),
+            Op::GoAway { last } if role == Role::Server => {
+                if last {
+                    inner.final_go_away();
+                } else {
+                    inner.go_away();
+                }
+            }
+            Op::GoAway { .. } => {}
         }
         // Held handles whose streams were forgotten would be a bug: `check` finds
         // those (a handle keeps its stream).
