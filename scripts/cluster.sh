@@ -7,6 +7,7 @@
 #   scripts/cluster.sh down [--dir DIR]
 #   scripts/cluster.sh env [--dir DIR]       # eval "$(scripts/cluster.sh env)"
 #   scripts/cluster.sh status [--dir DIR]
+#   scripts/cluster.sh stop|start kube-apiserver [--dir DIR]   # a restart, for tests
 #
 # State dir: --dir, else $TANDEM_CLUSTER_DIR, else <repo>/target/cluster. It holds
 # pki/, the pid files (*.pid), logs (*.log), admin.kubeconfig, the etcd data and
@@ -23,9 +24,13 @@
 # env        prints export lines: KUBECONFIG, PATH (built kubectl and etcd first),
 #            TANDEM_CLUSTER_DIR.
 # status     prints what runs, with pids and URLs; exit 0 only if all three run.
+# stop kube-apiserver / start kube-apiserver
+#            stops the running cluster's API server (KILL: as a crash would), or starts
+#            it again on the same port with the same flags (waits for /readyz).
 #
 # Environment: TANDEM_CLUSTER_DIR, TANDEM_TOOLS (build cache, see build-tools.sh),
-# TANDEM_CLUSTER_TIMEOUT (seconds to wait for readiness, default 180).
+# TANDEM_CLUSTER_TIMEOUT (seconds to wait for readiness, default 180),
+# TANDEM_APISERVER_FLAGS (more kube-apiserver flags for `up`, e.g. --watch-cache=false).
 #
 # Credentials in the state dir: admin.kubeconfig (client cert, O=system:masters),
 # pki/admin-token (a bearer token of the same admin, for curl), pki/ca.crt (the CA
@@ -48,6 +53,8 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
 # --- arguments -----------------------------------------------------------------------
 cmd=${1:-}; [ $# -gt 0 ] && shift
+component=""
+case $cmd in stop|start) component=${1:-}; [ $# -gt 0 ] && shift ;; esac
 dir=${TANDEM_CLUSTER_DIR:-$repo/target/cluster}
 watch_pid=""; keep_data=0
 while [ $# -gt 0 ]; do
@@ -61,7 +68,7 @@ while [ $# -gt 0 ]; do
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
-case $cmd in up|down|env|status) ;; -h|--help|help) usage; exit 0 ;; *) usage >&2; exit 2 ;; esac
+case $cmd in up|down|env|status) ;; stop|start) [ "$component" = kube-apiserver ] || die "$cmd: only kube-apiserver can be stopped and started alone" ;; -h|--help|help) usage; exit 0 ;; *) usage >&2; exit 2 ;; esac
 mkdir -p "$dir"; dir=$(cd "$dir" && pwd)
 pki=$dir/pki
 
@@ -229,6 +236,35 @@ start() {  # start NAME BINARY ARGS...: detached, own session, pid in NAME.pid
   echo $! > "$dir/$name.pid"
 }
 
+# start_apiserver: kube-apiserver on $apiserver_port over etcd at $etcd_port, with the
+# extra flags `up` was given (kept in kube-apiserver.flags for a restart).
+start_apiserver() {
+  local kbin extra=()
+  kbin=$("$build_tools" --print-bin-dir kubernetes)
+  read -r -a extra < "$dir/kube-apiserver.flags" || true
+  # --advertise-address=127.0.0.1 works on a box without a default route (the default
+  # is the default route's interface address). A loopback address is not valid in
+  # Endpoints/EndpointSlices, so the `kubernetes` Service gets no endpoints
+  # (--endpoint-reconciler-type=none) instead of an error every 10s.
+  start kube-apiserver "$kbin/kube-apiserver" "${extra[@]+"${extra[@]}"}" \
+    --etcd-servers="http://127.0.0.1:$etcd_port" \
+    --bind-address=127.0.0.1 --secure-port="$apiserver_port" \
+    --advertise-address=127.0.0.1 --endpoint-reconciler-type=none \
+    --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
+    --client-ca-file="$pki/ca.crt" --token-auth-file="$pki/tokens.csv" \
+    --service-account-issuer="$issuer" \
+    --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
+    --authorization-mode=Node,RBAC \
+    --service-cluster-ip-range=10.96.0.0/12 \
+    --requestheader-client-ca-file="$pki/front-proxy-ca.crt" \
+    --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- \
+    --proxy-client-cert-file="$pki/front-proxy-client.crt" --proxy-client-key-file="$pki/front-proxy-client.key" \
+    --enable-priority-and-fairness=true \
+    --profiling=false
+}
+
 # --- commands ------------------------------------------------------------------------
 do_up() {
   local t0; t0=$(now)
@@ -266,27 +302,8 @@ do_up() {
     --initial-cluster "tandem=http://127.0.0.1:$etcd_peer_port" --log-level warn
   wait_for etcd "etcd /health" curl -sf --max-time 2 "http://127.0.0.1:$etcd_port/health" || fail_up
 
-  # --advertise-address=127.0.0.1 works on a box without a default route (the default
-  # is the default route's interface address). A loopback address is not valid in
-  # Endpoints/EndpointSlices, so the `kubernetes` Service gets no endpoints
-  # (--endpoint-reconciler-type=none) instead of an error every 10s.
-  start kube-apiserver "$kbin/kube-apiserver" \
-    --etcd-servers="http://127.0.0.1:$etcd_port" \
-    --bind-address=127.0.0.1 --secure-port="$apiserver_port" \
-    --advertise-address=127.0.0.1 --endpoint-reconciler-type=none \
-    --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
-    --client-ca-file="$pki/ca.crt" --token-auth-file="$pki/tokens.csv" \
-    --service-account-issuer="$issuer" \
-    --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
-    --authorization-mode=Node,RBAC \
-    --service-cluster-ip-range=10.96.0.0/12 \
-    --requestheader-client-ca-file="$pki/front-proxy-ca.crt" \
-    --requestheader-allowed-names=front-proxy-client \
-    --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
-    --requestheader-extra-headers-prefix=X-Remote-Extra- \
-    --proxy-client-cert-file="$pki/front-proxy-client.crt" --proxy-client-key-file="$pki/front-proxy-client.key" \
-    --enable-priority-and-fairness=true \
-    --profiling=false
+  printf '%s\n' "${TANDEM_APISERVER_FLAGS:-}" > "$dir/kube-apiserver.flags"
+  start_apiserver
   wait_for kube-apiserver "kube-apiserver /readyz" readyz || fail_up
 
   kubeconfig "$dir/admin.kubeconfig" tandem-admin admin
@@ -342,6 +359,29 @@ start_watcher() {
   say "watcher (pid $!) runs down when pid $watch_pid exits"
 }
 
+do_stop() {
+  local pid; pid=$(pid_of kube-apiserver)
+  ours "$pid" || die "kube-apiserver is not running in $dir"
+  kill -KILL "$pid"
+  while alive "$pid"; do sleep 0.05; done
+  rm -f "$dir/kube-apiserver.pid"
+  say "killed kube-apiserver (pid $pid)"
+}
+
+do_start() {
+  running kube-apiserver && { say "kube-apiserver already runs"; return 0; }
+  [ -f "$dir/cluster.env" ] || die "no cluster in $dir (scripts/cluster.sh up)"
+  # shellcheck disable=SC1091
+  . "$dir/cluster.env"
+  apiserver_port=${TANDEM_CLUSTER_SERVER##*:}
+  etcd_port=${TANDEM_CLUSTER_ETCD##*:}
+  deadline=$(( $(date +%s) + ${TANDEM_CLUSTER_TIMEOUT:-180} ))
+  local t0; t0=$(now)
+  start_apiserver
+  wait_for kube-apiserver "kube-apiserver /readyz" readyz || die "kube-apiserver did not come back"
+  say "kube-apiserver back in $(since "$t0")s"
+}
+
 do_down() {
   stop_all
   rm -f "$dir/cluster.env"
@@ -385,4 +425,6 @@ case $cmd in
   down) do_down ;;
   env) do_env ;;
   status) do_status ;;
+  stop) do_stop ;;
+  start) do_start ;;
 esac

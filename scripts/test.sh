@@ -70,6 +70,29 @@ TANDEM_H2SPEC="$(tests/cluster/build-tools.sh --print-bin-dir h2spec)/h2spec"
 export TANDEM_H2SPEC
 # --- end of h2spec --------------------------------------------------------------------
 
+# --- cluster: the real control plane and node agent of tests/e2e/cluster.rs ----------
+# etcd, kube-apiserver, kube-controller-manager and kubectl, built from pinned Go
+# modules into the tool cache (cold: about 11 minutes on 2 cores; cached after). The
+# node agent builds pod networks and runs pods' processes with iproute2 (ip netns) and
+# util-linux (setpriv, mount), as root; scripts/cluster.sh needs openssl and curl. The
+# tests start the cluster themselves (one per test process).
+say "cluster tools (tests/cluster/build-tools.sh kubernetes etcd) and the node agent's packages"
+cluster_missing=()
+for p in iproute2 util-linux openssl curl; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || cluster_missing+=("$p")
+done
+if [ ${#cluster_missing[@]} -gt 0 ]; then
+  say "installing ${cluster_missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${cluster_missing[@]}"
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "warning: not root: the node agent cannot make network namespaces, so the e2e tests of pods it runs will fail" >&2
+fi
+tests/cluster/build-tools.sh kubernetes etcd >/dev/null
+# --- end of cluster -------------------------------------------------------------------
+
 say "cargo test"
 cargo test --workspace
 

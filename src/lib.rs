@@ -6,5 +6,6 @@ pub mod backend;
 pub mod client;
 pub mod demo;
 pub mod endpoints;
+pub mod node_agent;
 pub mod process;
 pub mod simulate;

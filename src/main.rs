@@ -22,6 +22,8 @@ enum Command {
     Proxy(Box<tandem_proxy::Args>),
     /// Run the control plane (the same as the tandem-control-plane binary).
     ControlPlane(Box<tandem_control_plane::Args>),
+    /// Stand in for the kubelets and the scheduler of a test cluster (see tests/cluster).
+    NodeAgent(Box<tandem::node_agent::NodeAgentArgs>),
 }
 
 fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
@@ -48,6 +50,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Simulate(args) => tandem::simulate::run(args),
         Command::Backend(args) => current_thread()?.block_on(tandem::backend::run(args)),
         Command::Proxy(args) => Ok(tandem_proxy::run_blocking(*args)?),
+        Command::NodeAgent(args) => current_thread()?.block_on(tandem::node_agent::run(*args)),
         Command::ControlPlane(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -1,16 +1,16 @@
 //! `tandem simulate --config FILE --from REGION/ZONE`: what a proxy in that locality
 //! would do with each service of a services file, computed by the proxy's own
-//! balancer. An operator sees what losing half of a zone's pods does before it happens.
+//! balancer (the `tandem-balancer` crate). An operator sees what losing half of a
+//! zone's pods does before it happens.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use serde_json::json;
+use tandem_balancer::{Balancer, BalancerConfig, EndpointView, Health, Locality, Mode, Origin};
 use tandem_control_plane::model::Health as FileHealth;
 use tandem_control_plane::source::file::parse;
-use tandem_proxy::balancer::{Balancer, BalancerConfig, EndpointView, Health, Origin};
-use tandem_proxy::endpoint::Locality;
 
 use crate::endpoints::Output;
 
@@ -59,7 +59,7 @@ fn parse_callers(s: &str) -> Result<BTreeMap<String, f64>, String> {
 /// What one service's traffic does from `from`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Simulation {
-    pub mode: tandem_proxy::balancer::Mode,
+    pub mode: Mode,
     pub zones: BTreeMap<String, f64>,
     pub endpoints: BTreeMap<String, f64>,
     pub cross_zone: f64,

@@ -99,8 +99,10 @@ pub async fn run(args: Args) -> Result<(), Error> {
         }
         SourceArg::Kubernetes => {
             let client = crate::source::kubernetes::client(args.kubeconfig.as_deref()).await?;
-            tokio::spawn(KubernetesSource::new(client, index.clone(), metrics.clone()).run());
             readiness.set_not_ready("waiting for the first sync with the API server");
+            let source =
+                KubernetesSource::new(client, index.clone(), metrics.clone(), readiness.clone());
+            tokio::spawn(source.run());
             let (index, readiness) = (index.clone(), readiness.clone());
             tokio::spawn(async move {
                 while !index

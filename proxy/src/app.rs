@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
+use tandem_balancer::{BalancerConfig, SlowStart};
 use tandem_common::logging::LogFormat;
 use tandem_common::process_metrics::ProcessCollector;
 use tandem_common::{Admin, Readiness, Shutdown, announce};
 use tandem_proto::discovery::v1 as pb;
 
-use crate::balancer::{BalancerConfig, SlowStart};
 use crate::connections::Limits;
 use crate::destination::{Destination, Destinations, Resolution};
 use crate::discovery::{DiscoveryClient, ProxyLocality, ServiceView, control_plane_endpoint};

@@ -27,7 +27,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
@@ -116,7 +116,22 @@ pub struct ConnControl {
     /// A [`Stop`], or 0.
     stop: AtomicU8,
     waker: AtomicWaker,
+    /// Requests waiting on a coarse deadline ([`crate::deadline`]), woken by the
+    /// next sweep.
+    waiting: Mutex<Waiting>,
 }
+
+/// The wakers of requests waiting for the next sweep. A request takes its waker out
+/// when it ends (a waker keeps its whole task alive, a stream's future with it).
+#[derive(Debug, Default)]
+struct Waiting {
+    /// Sweeps so far: a place in `wakers` is only valid in the sweep it was taken in.
+    sweep: u32,
+    wakers: slab::Slab<Waker>,
+}
+
+/// Where a request's waker waits for the next sweep: (sweep, place).
+pub type SweepTicket = Option<(u32, usize)>;
 
 impl ConnControl {
     fn new() -> Self {
@@ -128,7 +143,60 @@ impl ConnControl {
             draining: AtomicBool::new(false),
             stop: AtomicU8::new(0),
             waker: AtomicWaker::new(),
+            waiting: Mutex::new(Waiting::default()),
         }
+    }
+
+    /// A connection outside any registry.
+    #[cfg(test)]
+    pub fn for_tests() -> Self {
+        Self::new()
+    }
+
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes `waker` at the next sweep (once a second), unless `ticket` says it is
+    /// already waiting for that sweep.
+    pub fn wake_at_next_sweep(&self, waker: &Waker, ticket: &mut SweepTicket) {
+        let mut waiting = self.lock_waiting();
+        if ticket.is_some_and(|(sweep, _)| sweep == waiting.sweep) {
+            return;
+        }
+        let place = waiting.wakers.insert(waker.clone());
+        *ticket = Some((waiting.sweep, place));
+    }
+
+    /// Takes a request's waker out of the next sweep's list (it ended).
+    pub fn stop_waiting(&self, ticket: &mut SweepTicket) {
+        if let Some((sweep, place)) = ticket.take() {
+            let mut waiting = self.lock_waiting();
+            if waiting.sweep == sweep {
+                waiting.wakers.try_remove(place);
+            }
+        }
+    }
+
+    /// One sweep: every request waiting on a coarse deadline is woken to look at it.
+    pub(crate) fn sweep_wake(&self) {
+        let wakers = {
+            let mut waiting = self.lock_waiting();
+            waiting.sweep = waiting.sweep.wrapping_add(1);
+            if waiting.wakers.is_empty() {
+                return;
+            }
+            std::mem::take(&mut waiting.wakers)
+        };
+        for (_, waker) in wakers {
+            waker.wake();
+        }
+    }
+
+    /// Requests waiting for the next sweep.
+    #[cfg(test)]
+    pub fn waiting(&self) -> usize {
+        self.lock_waiting().wakers.len()
     }
 
     #[inline]
@@ -153,9 +221,14 @@ impl ConnControl {
     /// header-read clock; staying in it does not restart it.
     #[inline]
     pub fn set_phase(&self, phase: Phase) {
-        let before = self.phase.swap(phase as u8, Ordering::Relaxed);
-        if phase == Phase::Head && before != Phase::Head as u8 {
-            self.head_since.store(clock::now(), Ordering::Relaxed);
+        // Plain stores (not a swap): only this connection's task writes its phase.
+        if phase == Phase::Head {
+            if self.phase.load(Ordering::Relaxed) != Phase::Head as u8 {
+                self.head_since.store(clock::now(), Ordering::Relaxed);
+                self.phase.store(Phase::Head as u8, Ordering::Relaxed);
+            }
+        } else {
+            self.phase.store(phase as u8, Ordering::Relaxed);
         }
     }
 
@@ -172,13 +245,9 @@ impl ConnControl {
         exceeded(self.last_active.load(Ordering::Relaxed), limit)
     }
 
-    fn quiet_secs(&self) -> u32 {
+    /// Whole seconds since the connection last moved a byte (coarse).
+    pub fn quiet_secs(&self) -> u32 {
         clock::now().saturating_sub(self.last_active.load(Ordering::Relaxed))
-    }
-
-    /// How long the connection moved no byte, to the second.
-    pub fn quiet(&self) -> Duration {
-        Duration::from_secs(self.quiet_secs() as u64)
     }
 
     /// Whether the connection should close at its next request boundary. `cx` is
@@ -413,6 +482,7 @@ impl Connections {
     fn sweep_once(&self) {
         let shutting_down = self.shutting_down.load(Ordering::Acquire);
         for control in self.lock().values() {
+            control.sweep_wake();
             // A stopped request is counted where it is answered (504, per destination).
             match control.sweep(&self.limits, shutting_down) {
                 Some(Swept::Idle) => self.metrics.idle_connections_closed.inc(),

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use tandem_balancer::{Balancer, BalancerConfig, EndpointView, Origin, PickError};
 use tokio::sync::{Notify, mpsc};
 
-use crate::balancer::{Balancer, BalancerConfig, EndpointView, Origin, PickError};
 use crate::endpoint::{EndpointMeta, Locality};
 use crate::metrics::{BackendStats, DestinationStats};
 use crate::policy::Policy;

@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::destination::{Destination, Resolution};
-use crate::endpoint::{EndpointMeta, Locality};
+use crate::endpoint::{EndpointMeta, Locality, locality_from_proto};
 use crate::manager::{Manager, ManagerSettings};
 use crate::metrics::ProxyMetrics;
 use crate::policy::Policy;
@@ -120,7 +120,7 @@ impl DiscoveryClient {
             match self.client.clone().hello(request).await {
                 Ok(response) => {
                     let response = response.into_inner();
-                    let locality = response.locality.as_ref().map(Locality::from_proto);
+                    let locality = response.locality.as_ref().map(locality_from_proto);
                     tracing::info!(
                         control_plane_version = %response.control_plane_version,
                         locality = ?self.settings.locality.configured.clone().or(locality.clone()),
@@ -355,7 +355,7 @@ fn apply(view: Option<&ServiceView>, update: &pb::Update) -> Result<ServiceView,
                 service: snapshot.service.clone(),
                 endpoints,
                 caller_shares: snapshot.caller_shares.clone().into_iter().collect(),
-                proxy_locality: snapshot.proxy_locality.as_ref().map(Locality::from_proto),
+                proxy_locality: snapshot.proxy_locality.as_ref().map(locality_from_proto),
                 traffic_distribution: snapshot.traffic_distribution.clone(),
                 policy: snapshot
                     .policy
@@ -397,7 +397,7 @@ fn apply(view: Option<&ServiceView>, update: &pb::Update) -> Result<ServiceView,
                 next.traffic_distribution = distribution.clone();
             }
             if let Some(locality) = &delta.proxy_locality {
-                let locality = Locality::from_proto(locality);
+                let locality = locality_from_proto(locality);
                 next.proxy_locality = (locality != Locality::default()).then_some(locality);
             }
             Ok(next)

@@ -2,43 +2,20 @@
 
 use std::net::SocketAddr;
 
+use tandem_balancer::Health;
 use tandem_proto::discovery::v1 as pb;
 
-use crate::balancer::Health;
 use crate::upstream::HttpVersion;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize)]
-pub struct Locality {
-    pub region: String,
-    pub zone: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub subzone: String,
-}
+/// The balancer's type: the proxy compares endpoints' localities with its own.
+pub use tandem_balancer::Locality;
 
-impl Locality {
-    /// Parses `REGION/ZONE` or `REGION/ZONE/SUBZONE`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.split('/').collect();
-        match parts.as_slice() {
-            [region, zone] | [region, zone, _] if !region.is_empty() && !zone.is_empty() => {
-                Ok(Self {
-                    region: region.to_string(),
-                    zone: zone.to_string(),
-                    subzone: parts.get(2).unwrap_or(&"").to_string(),
-                })
-            }
-            _ => Err(format!(
-                "locality {s:?} is not REGION/ZONE or REGION/ZONE/SUBZONE"
-            )),
-        }
-    }
-
-    pub fn from_proto(l: &pb::Locality) -> Self {
-        Self {
-            region: l.region.clone(),
-            zone: l.zone.clone(),
-            subzone: l.subzone.clone(),
-        }
+/// A locality as discovery sends it.
+pub fn locality_from_proto(l: &pb::Locality) -> Locality {
+    Locality {
+        region: l.region.clone(),
+        zone: l.zone.clone(),
+        subzone: l.subzone.clone(),
     }
 }
 
@@ -122,7 +99,7 @@ impl EndpointMeta {
             locality: e
                 .locality
                 .as_ref()
-                .map(Locality::from_proto)
+                .map(locality_from_proto)
                 .unwrap_or_default(),
             protocol,
             name: e.name.clone(),
@@ -134,18 +111,6 @@ impl EndpointMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn locality_flag() {
-        let l = Locality::parse("eu-west-1/eu-west-1a").unwrap();
-        assert_eq!(
-            (l.region.as_str(), l.zone.as_str()),
-            ("eu-west-1", "eu-west-1a")
-        );
-        assert_eq!(Locality::parse("r/z/s").unwrap().subzone, "s");
-        assert!(Locality::parse("just-a-zone").is_err());
-        assert!(Locality::parse("/z").is_err());
-    }
 
     #[test]
     fn upstream_versions() {

@@ -12,10 +12,11 @@ use futures_util::FutureExt;
 use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
+use tandem_balancer::PickError;
 
-use crate::balancer::PickError;
 use crate::body::{ClientBodyError, ProxyBody, RequestBody};
 use crate::connections::ConnControl;
+use crate::deadline::ResponseLimit;
 use crate::destination::{Backend, BackendSet, Destination, Destinations, Resolution};
 use crate::http1::head::valid_host;
 use crate::metrics::{DestinationStats, ProxyErrorKind};
@@ -435,9 +436,9 @@ impl Forwarder {
     }
 
     /// Handles one request (one HTTP/2 stream); never fails: errors become responses.
-    /// Generic over the body so tests can drive it without a socket. `activity`:
-    /// the client connection, for a request whose body may still be arriving (the
-    /// stream idle timeout then waits while it moves).
+    /// Generic over the body so tests can drive it without a socket. `conn`: the
+    /// client connection, whose sweeps bound the wait for a response (see
+    /// [`crate::deadline`]).
     ///
     /// Not an `async fn`, nor is `forward`: an async fn keeps its by-value arguments
     /// twice in its state (rust-lang/rust#62958), and this future is moved into place
@@ -445,7 +446,7 @@ impl Forwarder {
     pub fn handle<B>(
         self: Arc<Self>,
         req: Request<B>,
-        activity: Option<Arc<ConnControl>>,
+        conn: Option<Arc<ConnControl>>,
     ) -> impl Future<Output = Response<ProxyBody>> + 'static
     where
         B: RequestBody + 'static,
@@ -463,7 +464,7 @@ impl Forwarder {
             Ok(destination) => {
                 destination.touch(start);
                 let req = req.map(RequestBody::into_request_body);
-                Either::Left(self.forward(destination, req, start, grpc, activity))
+                Either::Left(self.forward(destination, req, start, grpc, conn))
             }
             Err(error) => Either::Right(std::future::ready(Err(error))),
         };
@@ -482,7 +483,7 @@ impl Forwarder {
         req: Request<ProxyBody>,
         start: Instant,
         grpc: bool,
-        activity: Option<Arc<ConnControl>>,
+        conn: Option<Arc<ConnControl>>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'static {
         // The one place the request is kept until a backend takes it: the sends borrow it.
         let mut slot: RequestSlot = Some(req);
@@ -500,7 +501,8 @@ impl Forwarder {
                 && http_body::Body::is_end_stream(req.body())
                 && is_idempotent(req.method().as_str());
             let mut replay: Option<Replay> = None;
-            let limit = self.response_limit(&set, activity.as_deref());
+            let body = !http_body::Body::is_end_stream(req.body());
+            let limit = self.response_limit(&set, conn.as_deref(), body);
             let mut attempts = Attempts::default();
             loop {
                 let backend = set.pick().map_err(|e| nothing_to_pick(&destination, e))?;
@@ -543,22 +545,18 @@ impl Forwarder {
     }
 
     /// How long a request may wait for its response's head: the service's timeout,
-    /// else `--request-timeout`, else the stream idle timeout, which waits longer
-    /// while the request's body is still arriving (on `activity`).
+    /// else `--request-timeout` (both precise), else the stream idle timeout (to the
+    /// second, through the client connection `conn`), which waits longer while the
+    /// request's body (`body`) may still be arriving.
     fn response_limit<'a>(
         &self,
         set: &BackendSet,
-        activity: Option<&'a ConnControl>,
+        conn: Option<&'a ConnControl>,
+        body: bool,
     ) -> ResponseLimit<'a> {
         match self.request_timeout(set) {
-            Some(limit) => ResponseLimit {
-                limit,
-                activity: None,
-            },
-            None => ResponseLimit {
-                limit: self.resilience.stream_idle_timeout,
-                activity,
-            },
+            Some(limit) => ResponseLimit::precise(limit),
+            None => ResponseLimit::stream_idle(self.resilience.stream_idle_timeout, conn, body),
         }
     }
 
@@ -593,69 +591,6 @@ impl Forwarder {
         set.policy
             .request_timeout
             .or(self.resilience.request_timeout)
-    }
-}
-
-/// How long a request waits for its response's head (see
-/// [`Forwarder::response_limit`]).
-pub(crate) struct ResponseLimit<'a> {
-    pub(crate) limit: Duration,
-    /// The client connection: while it moves bytes (the request body still
-    /// arriving) the wait goes on.
-    activity: Option<&'a ConnControl>,
-}
-
-/// The wait for a response's head ran out.
-#[derive(Debug)]
-pub(crate) struct Elapsed;
-
-impl<'a> ResponseLimit<'a> {
-    /// `work`, bounded by this limit.
-    pub(crate) fn bound<F: Future>(&self, work: F) -> Bounded<'a, F> {
-        Bounded {
-            work,
-            sleep: tokio::time::sleep(self.limit),
-            limit: self.limit,
-            activity: self.activity,
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A future with a deadline that a moving request body pushes back.
-    pub(crate) struct Bounded<'a, F> {
-        #[pin]
-        work: F,
-        #[pin]
-        sleep: tokio::time::Sleep,
-        limit: Duration,
-        activity: Option<&'a ConnControl>,
-    }
-}
-
-impl<F: Future> Future for Bounded<'_, F> {
-    type Output = Result<F::Output, Elapsed>;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let mut this = self.project();
-        if let std::task::Poll::Ready(output) = this.work.poll(cx) {
-            return std::task::Poll::Ready(Ok(output));
-        }
-        loop {
-            std::task::ready!(this.sleep.as_mut().poll(cx));
-            match this.activity {
-                Some(client) if client.quiet() < *this.limit => {
-                    let left = *this.limit - client.quiet();
-                    this.sleep
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + left);
-                }
-                _ => return std::task::Poll::Ready(Err(Elapsed)),
-            }
-        }
     }
 }
 
@@ -975,5 +910,26 @@ mod tests {
     fn grpc_messages_are_percent_encoded() {
         assert_eq!(grpc_message("no endpoints: 100%"), "no endpoints: 100%25");
         assert_eq!(grpc_message("é"), "%C3%A9");
+    }
+}
+
+#[cfg(test)]
+mod future_size {
+    use super::*;
+
+    /// The per-request future is moved into place for every HTTP/2 stream: a field
+    /// added to it costs every request a copy (see ARCHITECTURE.md).
+    #[test]
+    fn the_per_request_future_stays_small() {
+        let destination = Destination::new("static", Resolution::Pending);
+        let forwarder = Arc::new(Forwarder {
+            router: Arc::new(Router::Static(destination)),
+            discovery_timeout: Duration::from_secs(1),
+            resilience: Resilience::default(),
+            header_read_timeout: Duration::from_secs(1),
+        });
+        let future = forwarder.handle(Request::new(ProxyBody::Empty), None);
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 1_200, "the per-request future grew to {size} bytes");
     }
 }

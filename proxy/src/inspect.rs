@@ -12,9 +12,9 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use serde_json::json;
+use tandem_balancer::Health;
 use tandem_common::admin::{AdminResponse, AdminRoutes, json as json_response};
 
-use crate::balancer::Health;
 use crate::destination::{Destination, Resolution};
 use crate::discovery::ProxyLocality;
 use crate::forward::Router;

@@ -12,10 +12,10 @@
 //! - [`inspect`] serves `/config` and the per-destination metrics; [`metrics`] holds counters.
 
 pub mod app;
-pub mod balancer;
 pub mod body;
 pub mod clock;
 pub mod connections;
+pub mod deadline;
 pub mod destination;
 pub mod discovery;
 pub mod endpoint;
@@ -33,3 +33,6 @@ pub mod upgrade;
 pub mod upstream;
 
 pub use app::{Args, Error, run, run_blocking};
+/// The balancer is a crate of its own (`tandem-balancer`, std only); re-exported for
+/// code that reaches it through the proxy.
+pub use tandem_balancer as balancer;

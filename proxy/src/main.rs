@@ -1,9 +1,10 @@
 use clap::Parser;
 
-// jemalloc, as linkerd2-proxy uses: measured with bench/compare.sh's loads, about 10%
-// less CPU per HTTP/2 request than glibc's malloc (hyper and h2 allocate per stream),
-// the same on HTTP/1.1, and peak RSS still well under 20 MiB. (mimalloc was as fast
-// but its huge-page arenas took peak RSS to 27 MiB.)
+// jemalloc, as linkerd2-proxy uses: on bench/compare.sh's loads it cost less CPU per
+// HTTP/2 request than glibc's malloc (measured when HTTP/2 was the h2 crate, which
+// allocates per stream), the same on HTTP/1.1, within the proxy's memory targets.
+// mimalloc was as fast but its huge-page arenas took more memory than the targets
+// allow. Figures in bench/README.md.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
+use tandem_balancer::{BalancerConfig, Health};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::balancer::{BalancerConfig, Health};
 use crate::destination::{
     Backend, BackendSet, Destination, EndpointState, LocalHealth, Placement, Resolution,
 };

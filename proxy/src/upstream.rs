@@ -6,9 +6,8 @@
 //! HTTP/2 ([`Http2Connection`]): one shared connection, multiplexing every request;
 //! re-dialled when it closes. Requests beyond the backend's limit on concurrent
 //! streams wait, encoded, for one to end (as in Linkerd). Opening more connections
-//! instead (as Envoy does) cost more CPU per request in every round of an
-//! interleaved A/B on the benchmark (2026-12-03, with h2): each connection then
-//! batches fewer frames per read and write.
+//! instead (as Envoy does) cost more CPU per request when it was measured (with h2;
+//! bench/README.md): each connection then batches fewer frames per read and write.
 //! Raw HTTP/1 ([`RawConn`]): sockets the proxy's own HTTP/1 path ([`crate::http1`])
 //! speaks over, pooled the same way with their read buffers. Bodiless requests from
 //! elsewhere (HTTP/2 clients, hyper) to HTTP/1 backends use them too

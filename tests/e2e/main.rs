@@ -3,6 +3,7 @@
 //! workspace links once.
 
 mod balancing;
+mod cluster;
 mod control_plane_restart;
 mod demo;
 mod discovery_updates;
@@ -14,6 +15,7 @@ mod http1;
 mod http2;
 mod kubernetes;
 mod locality;
+mod node_agent;
 mod resilience;
 mod streaming;
 mod support;

@@ -43,20 +43,35 @@ impl From<Handoff> for Refusal {
     }
 }
 
-/// Whether every LF in `head` ends a CRLF: the only line ending a head is forwarded with.
+/// Whether the line whose content ends at `end` in `buf` ends in CRLF, after optional
+/// trailing whitespace: httparse also accepts a bare LF, which a server that splits
+/// lines on CRLF alone would read as part of the line. One look per line, in bytes
+/// httparse just read (a scan of the whole head for LFs cost ten times more).
 #[inline]
-pub fn crlf_only(head: &[u8]) -> bool {
-    memchr::memchr_iter(b'\n', head).all(|i| i > 0 && head[i - 1] == b'\r')
+fn ends_in_crlf(buf: &[u8], mut end: usize) -> bool {
+    while let Some(b' ' | b'\t') = buf.get(end) {
+        end += 1;
+    }
+    buf.get(end) == Some(&b'\r')
 }
 
-/// Whether `host` is a valid Host value (RFC 9112 §3.2, RFC 3986 §3.2.2): a name or
-/// address with an optional port, nothing that would make the authority another
-/// one to another parser (spaces, `/`, `?`, `#`, `@`, controls). Empty is valid.
-pub fn valid_host(host: &[u8]) -> bool {
-    host.iter().all(|b| {
-        b.is_ascii_alphanumeric()
+/// Whether the head of `len` bytes at the start of `buf` ends with CRLF CRLF.
+#[inline]
+fn ends_head_in_crlf(buf: &[u8], len: usize) -> bool {
+    len >= 2 && buf[len - 2] == b'\r'
+}
+
+/// Bytes a Host value may hold (RFC 9112 §3.2, RFC 3986 §3.2.2): a name or address
+/// and an optional port; nothing that would make it another authority to another
+/// parser (spaces, `/`, `?`, `#`, `@`, controls).
+static HOST_BYTES: [bool; 256] = {
+    let mut ok = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        ok[b] = c.is_ascii_alphanumeric()
             || matches!(
-                b,
+                c,
                 b'-' | b'.'
                     | b'_'
                     | b'~'
@@ -75,8 +90,17 @@ pub fn valid_host(host: &[u8]) -> bool {
                     | b':'
                     | b'['
                     | b']'
-            )
-    })
+            );
+        b += 1;
+    }
+    ok
+};
+
+/// Whether `host` is a valid Host value (see [`HOST_BYTES`]). Empty is valid.
+#[inline]
+pub fn valid_host(host: &[u8]) -> bool {
+    // Without an early exit: a host is short, and a branch per byte costs more.
+    host.iter().fold(true, |ok, b| ok & HOST_BYTES[*b as usize])
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,13 +218,25 @@ fn trim(bytes: &[u8]) -> &[u8] {
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
 /// `te: trailers` is the exception, as gRPC and Envoy have it: it is end to end.
+/// So are the headers this path framed and routed the message by, even when
+/// `Connection` names them (found by fuzzing, issue 22): the next hop must read the
+/// message as the proxy did. A request forwarded without its Content-Length would
+/// have its body read as the next request (smuggling); a response without its
+/// Content-Length or Transfer-Encoding would be framed otherwise by the client.
 fn is_hop_by_hop(name: &str, value: &[u8], tokens: &ConnectionTokens<'_>) -> bool {
     name.eq_ignore_ascii_case("connection")
         || name.eq_ignore_ascii_case("keep-alive")
         || name.eq_ignore_ascii_case("proxy-connection")
         || name.eq_ignore_ascii_case("upgrade")
         || (name.eq_ignore_ascii_case("te") && !trim(value).eq_ignore_ascii_case(b"trailers"))
-        || (!name.eq_ignore_ascii_case("te") && tokens.lists(name))
+        || (!name.eq_ignore_ascii_case("te") && !frames_message(name) && tokens.lists(name))
+}
+
+/// Headers the message is delimited or routed by.
+fn frames_message(name: &str) -> bool {
+    name.eq_ignore_ascii_case("content-length")
+        || name.eq_ignore_ascii_case("transfer-encoding")
+        || name.eq_ignore_ascii_case("host")
 }
 
 fn parse_length(value: &[u8]) -> Option<u64> {
@@ -216,6 +252,9 @@ fn offset(buf: &[u8], part: &[u8]) -> usize {
     part.as_ptr() as usize - buf.as_ptr() as usize
 }
 
+const BARE_LF: Refusal =
+    Refusal::Invalid("a line of the request head ends in a bare LF; HTTP/1.1 lines end in CRLF");
+
 /// Parses a request head at the start of `buf`: `Ok(None)` until it is complete.
 pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>, Refusal> {
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -226,17 +265,21 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>,
         Err(httparse::Error::TooManyHeaders) => return Err(Handoff("many headers").into()),
         Err(_) => return Err(Handoff("malformed head").into()),
     };
-    if !crlf_only(&buf[..len]) {
-        return Err(Refusal::Invalid(
-            "a line of the request head ends in a bare LF; HTTP/1.1 lines end in CRLF",
-        ));
-    }
     if req.version != Some(1) {
         return Err(Handoff("HTTP/1.0").into());
     }
     let method = req.method.unwrap_or_default();
-    if method == "CONNECT" || !req.path.is_some_and(|p| p.starts_with('/')) {
+    let Some(path) = req
+        .path
+        .filter(|p| p.starts_with('/') && method != "CONNECT")
+    else {
         return Err(Handoff("not an origin-form target").into());
+    };
+    // The request line ends after the target, " HTTP/1.1" and CRLF.
+    if !ends_in_crlf(buf, offset(buf, path.as_bytes()) + path.len() + 9)
+        || !ends_head_in_crlf(buf, len)
+    {
+        return Err(BARE_LF);
     }
     let mut tokens = ConnectionTokens::default();
     let mut head = RequestHead {
@@ -251,6 +294,9 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>,
     let mut seen_length = false;
     for h in req.headers.iter() {
         let name = h.name;
+        if !ends_in_crlf(buf, offset(buf, h.value) + h.value.len()) {
+            return Err(BARE_LF);
+        }
         match name.len() {
             4 if name.eq_ignore_ascii_case("host") => {
                 if head.host.is_some() {
@@ -370,9 +416,15 @@ pub fn parse_response(
     let mut chunked = false;
     let mut transfer_encoding = false;
     // A head with bare LFs is rebuilt with CRLFs: a client must read it one way only.
-    let mut rewrite = http10 || !crlf_only(&buf[..len]);
+    // The status line ends after its reason phrase (looked for only when it has none).
+    let status_line_crlf = match res.reason.filter(|r| !r.is_empty()) {
+        Some(reason) => ends_in_crlf(buf, offset(buf, reason.as_bytes()) + reason.len()),
+        None => memchr::memchr(b'\n', buf).is_some_and(|i| i > 0 && buf[i - 1] == b'\r'),
+    };
+    let mut rewrite = http10 || !status_line_crlf || !ends_head_in_crlf(buf, len);
     for h in res.headers.iter() {
         let name = h.name;
+        rewrite |= !ends_in_crlf(buf, offset(buf, h.value) + h.value.len());
         if name.eq_ignore_ascii_case("content-length") {
             let n = parse_length(h.value).ok_or(BadResponse("invalid Content-Length"))?;
             if length.is_some_and(|l| l != n) {
@@ -529,10 +581,11 @@ mod tests {
 
     #[test]
     fn reads_bodies_and_connection_options() {
-        let head =
-            request("POST /x HTTP/1.1\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello")
-                .unwrap()
-                .unwrap();
+        let head = request(
+            "POST /x HTTP/1.1\r\nHost: a\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(head.content_length, 5);
         assert!(head.close && head.rewrite && !head.idempotent);
     }
@@ -596,7 +649,7 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "GET / HTTP/1.1\r\nHost: web\r\nX-App: kept\r\n\r\n"
         );
-        let raw = "GET / HTTP/1.1\r\nte: trailers\r\n\r\n";
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nte: trailers\r\n\r\n";
         assert!(
             !request(raw).unwrap().unwrap().rewrite,
             "te: trailers is end to end"
@@ -657,5 +710,51 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "HTTP/1.1 200 OK\r\ncontent-length: 1\r\nconnection: close\r\n\r\n"
         );
+    }
+
+    /// Fuzzing regressions (issue 22, fuzz/regressions/http1_request and
+    /// http1_response): a `Connection` header naming a header the message is framed
+    /// or routed by must not remove it, or the next hop reads another message.
+    #[test]
+    fn fuzz_regression_connection_names_a_framing_header() {
+        let raw = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\nhello";
+        let head = request(raw).unwrap().unwrap();
+        let mut out = Vec::new();
+        rewrite_request(raw.as_bytes(), &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"
+        );
+        assert_eq!(head.content_length, 5);
+
+        let raw = "GET / HTTP/1.1\r\nHost: web\r\nConnection: host\r\n\r\n";
+        let mut out = Vec::new();
+        rewrite_request(raw.as_bytes(), &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nHost: web\r\n\r\n"
+        );
+
+        for (raw, framing) in [
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\n",
+                Framing::Length(5),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: transfer-encoding\r\n\r\n",
+                Framing::Chunked,
+            ),
+        ] {
+            assert_eq!(response(raw, false).framing, framing);
+            let mut out = Vec::new();
+            rewrite_response(raw.as_bytes(), false, &mut out);
+            let again = parse_response(&out, false).unwrap().unwrap();
+            assert_eq!(
+                again.framing,
+                framing,
+                "{:?}",
+                String::from_utf8_lossy(&out)
+            );
+        }
     }
 }

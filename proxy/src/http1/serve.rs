@@ -186,16 +186,31 @@ pub async fn read_more<IO: AsyncRead + Unpin>(
     .await
 }
 
-/// Runs `work` unless the connection's limits stop it first.
-async fn unless_stopped<F: Future>(control: &ConnControl, work: F) -> Result<F::Output, Stop> {
-    tokio::pin!(work);
-    std::future::poll_fn(|cx| {
-        if let Some(stop) = control.stopping(cx) {
+/// Runs `work` unless the connection's limits stop it first. Only a look at a flag
+/// per poll, no waker registration: the sweeper wakes the connection's task through
+/// the waker [`read_more`] registered, and everything here runs in that one task.
+fn unless_stopped<F: Future>(control: &ConnControl, work: F) -> UnlessStopped<'_, F> {
+    UnlessStopped { control, work }
+}
+
+pin_project_lite::pin_project! {
+    struct UnlessStopped<'c, F> {
+        control: &'c ConnControl,
+        #[pin]
+        work: F,
+    }
+}
+
+impl<F: Future> Future for UnlessStopped<'_, F> {
+    type Output = Result<F::Output, Stop>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Some(stop) = this.control.stop_reason() {
             return Poll::Ready(Err(stop));
         }
-        work.as_mut().poll(cx).map(Ok)
-    })
-    .await
+        this.work.poll(cx).map(Ok)
+    }
 }
 
 struct ClientConn<'a> {

@@ -3,10 +3,10 @@
 //! Written for a proxy rather than taken from the `h2` crate (which hyper uses):
 //! h2 queues every frame as a struct and encodes it later, keeps each stream's
 //! state in a slab it moves whole, and indexes and Huffman-codes every header it
-//! sends; per proxied request that was 40,000 instructions, 85% of them in h2 and
-//! 15% `memcpy` (callgrind, 2026-12-06). Here a frame is written into the
-//! connection's output buffer as it is made and a header block is encoded in
-//! place, as literals (see [`hpack::encoder`]).
+//! sends, which made it most of the proxy's instructions per HTTP/2 request (the
+//! profile is in bench/README.md). Here a frame is written into the connection's
+//! output buffer as it is made and a header block is encoded in place, as
+//! literals (see [`hpack::encoder`]).
 //!
 //! A client connection's streams all run inside the connection's own task
 //! ([`serve`]), and a request to a backend is opened and awaited from that same

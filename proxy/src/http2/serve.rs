@@ -91,10 +91,8 @@ where
             conn.session().lock().final_go_away();
         }
         while let Some((req, respond)) = conn.accept() {
-            // A body still arriving: the connection's bytes keep the request's
-            // stream idle timeout from running out.
-            let activity = (!req.body().is_end_stream()).then(|| control.clone());
-            streams.push(stream(forwarder.clone(), req, respond, activity));
+            let conn = Some(control.clone());
+            streams.push(stream(forwarder.clone(), req, respond, conn));
         }
         // Every stream woken makes progress; what they write leaves in the flush
         // below, so one wake-up's responses leave in one write.
@@ -126,10 +124,10 @@ fn stream(
     forwarder: Arc<Forwarder>,
     req: Request<RecvStream>,
     respond: SendResponse,
-    activity: Option<Arc<ConnControl>>,
+    conn: Option<Arc<ConnControl>>,
 ) -> impl Future<Output = ()> {
     UntilReset {
-        handling: forwarder.handle(req, activity),
+        handling: forwarder.handle(req, conn),
         respond: Some(respond),
     }
     .then(|answered| match answered {

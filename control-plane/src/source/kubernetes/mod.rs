@@ -25,6 +25,8 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
 
+use tandem_common::Readiness;
+
 use crate::index::ServiceIndex;
 use crate::metrics::{KindLabel, Metrics};
 use objects::Ignored;
@@ -85,6 +87,39 @@ impl Kind {
             Kind::Pod => "pod",
         }
     }
+
+    /// The resource as RBAC names it (`resource.group`).
+    fn resource(self) -> &'static str {
+        match self {
+            Kind::Service => "services",
+            Kind::Slice => "endpointslices.discovery.k8s.io",
+            Kind::Node => "nodes",
+            Kind::Pod => "pods",
+        }
+    }
+}
+
+/// A watch the API server refused for want of a permission (403): the verb that was
+/// refused, and the server's own words.
+#[derive(Debug, Clone)]
+struct Forbidden {
+    verb: &'static str,
+    message: String,
+}
+
+/// The 403 behind a watcher error, if that is what it was.
+fn forbidden(error: &watcher::Error) -> Option<Forbidden> {
+    let (verb, status) = match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status)) => ("list", status),
+        watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => ("watch", status),
+        watcher::Error::WatchError(status) => ("watch", status),
+        _ => return None,
+    };
+    (status.code == 403).then(|| Forbidden {
+        verb,
+        message: status.message.clone(),
+    })
 }
 
 /// Boxed: objects differ a lot in size (a Pod is large), and the channel holds many.
@@ -94,6 +129,7 @@ enum Message {
     Node(Box<Event<PartialObjectMeta<Node>>>),
     Pod(Box<Event<Pod>>),
     Error(Kind, String),
+    Forbidden(Kind, Forbidden),
 }
 
 /// Keys seen during a relist, per kind: what is not seen again is deleted at its end.
@@ -109,14 +145,22 @@ pub struct KubernetesSource {
     client: Client,
     index: Arc<ServiceIndex>,
     metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
 }
 
 impl KubernetesSource {
-    pub fn new(client: Client, index: Arc<ServiceIndex>, metrics: Arc<Metrics>) -> Self {
+    /// `readiness` says what the source lacks: the first sync, or a permission.
+    pub fn new(
+        client: Client,
+        index: Arc<ServiceIndex>,
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+    ) -> Self {
         Self {
             client,
             index,
             metrics,
+            readiness,
         }
     }
 
@@ -161,6 +205,8 @@ impl KubernetesSource {
             synced: HashSet::new(),
             warned: HashSet::new(),
             api_down: false,
+            readiness: self.readiness,
+            forbidden: Default::default(),
         }
         .run(rx)
         .await;
@@ -182,7 +228,10 @@ fn spawn_watch<K, S>(
         while let Some(item) = stream.next().await {
             let message = match item {
                 Ok(event) => wrap(event),
-                Err(error) => Message::Error(kind, error.to_string()),
+                Err(error) => match forbidden(&error) {
+                    Some(refused) => Message::Forbidden(kind, refused),
+                    None => Message::Error(kind, error.to_string()),
+                },
             };
             if tx.send(message).await.is_err() {
                 return;
@@ -211,6 +260,9 @@ struct Runner {
     /// Keys of things already logged as ignored.
     warned: HashSet<String>,
     api_down: bool,
+    readiness: Arc<Readiness>,
+    /// Kinds the API server refused to list or watch (403), until it stops refusing.
+    forbidden: std::collections::BTreeMap<&'static str, &'static str>,
 }
 
 impl Runner {
@@ -277,12 +329,74 @@ impl Runner {
         }
     }
 
+    /// A refused permission: said once per resource in the log, and in `/ready`
+    /// until it is granted.
+    fn refused(&mut self, kind: Kind, refused: Forbidden) {
+        self.metrics
+            .source_errors
+            .get_or_create(&KindLabel { kind: "forbidden" })
+            .inc();
+        self.metrics.source_up.set(0);
+        if self
+            .forbidden
+            .insert(kind.resource(), refused.verb)
+            .is_none()
+        {
+            tracing::error!(
+                "missing permission: the control plane may not {} {} (403 Forbidden: {}); \
+                 its ClusterRole needs `list` and `watch` on {} (deploy/control-plane/rbac.yaml)",
+                refused.verb,
+                kind.resource(),
+                refused.message,
+                kind.resource(),
+            );
+        }
+        self.readiness.set_not_ready(self.missing());
+    }
+
+    /// What `/ready` says while permissions are missing.
+    fn missing(&self) -> String {
+        let missing: Vec<String> = self
+            .forbidden
+            .iter()
+            .map(|(resource, verb)| format!("{verb} {resource}"))
+            .collect();
+        format!(
+            "missing permission: the API server refuses to let the control plane {}",
+            missing.join(", ")
+        )
+    }
+
+    /// A kind that was refused works again.
+    fn granted(&mut self, kind: Kind) {
+        if self.forbidden.remove(kind.resource()).is_some() {
+            tracing::info!(resource = kind.resource(), "permission granted again");
+            if self.forbidden.is_empty() {
+                if self.index.is_synced() {
+                    self.readiness.set_ready();
+                } else {
+                    self.readiness
+                        .set_not_ready("waiting for the first sync with the API server");
+                }
+            } else {
+                self.readiness.set_not_ready(self.missing());
+            }
+        }
+    }
+
     fn handle(&mut self, message: Message) {
         let kind = match &message {
             Message::Service(_) => Kind::Service,
             Message::Slice(_) => Kind::Slice,
             Message::Node(_) => Kind::Node,
             Message::Pod(_) => Kind::Pod,
+            Message::Forbidden(..) => {
+                let Message::Forbidden(kind, refused) = message else {
+                    unreachable!("matched above")
+                };
+                self.refused(kind, refused);
+                return;
+            }
             Message::Error(kind, error) => {
                 self.metrics
                     .source_errors
@@ -300,6 +414,7 @@ impl Runner {
             self.api_down = false;
             tracing::info!("the API server answers again");
         }
+        self.granted(kind);
         self.metrics.source_up.set(1);
         self.metrics
             .watch_events
@@ -311,7 +426,7 @@ impl Runner {
             Message::Slice(event) => self.slice_event(*event, &mut ignored),
             Message::Node(event) => self.node_event(*event, &mut ignored),
             Message::Pod(event) => self.pod_event(*event, &mut ignored),
-            Message::Error(..) => {}
+            Message::Error(..) | Message::Forbidden(..) => {}
         }
         self.ignored(ignored);
     }

@@ -1,9 +1,12 @@
 //! The balancer: which endpoint gets the next request.
 //!
-//! A pure module: no I/O, no clock reads (ages are passed in), a seed instead of a
-//! global RNG. A [`Balancer`] is built from endpoint views whenever the set or its
-//! health changes, then answers picks from any thread without locks. The rules are
-//! DESIGN.md's ("The balancer"), with Envoy's semantics and defaults:
+//! Pure, and `std` only: no I/O, no clock reads (ages are passed in), no RNG (the
+//! caller passes a seed for the random start), so the proxy and `tandem simulate` run
+//! the same code and every rule is tested without sockets. The `serde` feature adds
+//! `Serialize` to what `/config` and `tandem simulate` print. A [`Balancer`] is built
+//! from endpoint views whenever the set or its health changes, then answers picks from
+//! any thread without locks. The rules, with Envoy's semantics and defaults (which
+//! operators already know):
 //!
 //! 1. Tiers against the proxy's locality: same zone, same region, anywhere.
 //! 2. A tier's health is `min(100, overprovisioning × healthy%)`; tier 0 takes its
@@ -23,16 +26,20 @@
 //! chooses a group by one deterministic weighted sequence and an endpoint by another:
 //! two atomic increments, exact shares over every window of picks.
 
+mod locality;
 pub mod sequence;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+pub use locality::Locality;
 use sequence::WeightedSequence;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum Health {
     #[default]
     Healthy,
@@ -133,16 +140,31 @@ pub struct Origin<'a> {
     pub callers: Option<&'a BTreeMap<String, f64>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PickError {
-    #[error("the destination has no endpoints")]
     NoEndpoints,
-    #[error("none of the destination's {total} endpoints can take requests")]
     NoHealthyEndpoints { total: usize },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+impl fmt::Display for PickError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoEndpoints => f.write_str("the destination has no endpoints"),
+            Self::NoHealthyEndpoints { total } => {
+                write!(
+                    f,
+                    "none of the destination's {total} endpoints can take requests"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for PickError {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Mode {
     /// The proxy's locality is unknown: one group of all healthy endpoints.
     Flat,
@@ -154,8 +176,9 @@ pub enum Mode {
     Panic,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Tier {
     Zone,
     Region,
@@ -176,7 +199,8 @@ struct Group {
 }
 
 /// Loads reported by `/config` and `tandem simulate`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct GroupLoad {
     pub tier: Tier,
     pub zone: Option<String>,
@@ -317,6 +341,7 @@ impl Balancer {
     }
 
     /// How many endpoints can receive new requests.
+    #[inline]
     pub fn pickable(&self) -> usize {
         self.group_index
             .iter()

@@ -1,13 +1,13 @@
 //! Balancer cost: a pick with 2, 100 and 10,000 endpoints (flat, tiered by locality,
 //! and zone-aware), and rebuilding the balancer after an update of 10,000 endpoints.
 //!
-//! `cargo bench -p tandem-proxy --bench balancer`
+//! `cargo bench -p tandem-balancer` (`-- --quick` for a rough figure in seconds)
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use tandem_proxy::balancer::{Balancer, BalancerConfig, EndpointView, Health, Origin};
+use tandem_balancer::{Balancer, BalancerConfig, EndpointView, Health, Origin};
 
 const ZONES: [(&str, &str); 3] = [("r1", "a"), ("r1", "b"), ("r2", "c")];
 
