@@ -5,18 +5,24 @@
 //!   how long until every proxy has the delta. Also the control plane's RSS, and its
 //!   growth per subscriber.
 //! - scale: a Kubernetes service of 10,000 endpoints in 100 EndpointSlices (and one of
-//!   1,000 in 10, for comparison): how long a new proxy waits for its first snapshot,
-//!   and how long a one-endpoint change of one slice takes to reach it.
+//!   1,000 in 10, for comparison), on a real API server (a cluster control plane of
+//!   the benchmark's own, `scripts/cluster.sh up`): how long the control plane takes
+//!   from its start to its first full sync, how long a new proxy waits for its first
+//!   snapshot, and how long a one-endpoint change of one slice (an API write) takes
+//!   to reach it.
 //!
 //! Run with `bench/discovery.sh`, which builds in release mode and passes the paths.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use futures_util::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tandem::process::{Options, Spawned, spawn_with};
 use tandem_proto::discovery::v1 as pb;
@@ -251,7 +257,74 @@ static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(
 /// Subscribers arrive in batches of this size, 20 ms apart (None: all at once).
 static BATCH: Option<usize> = None;
 
-fn slice(i: usize, port: u16, ready_first: bool) -> serde_json::Value {
+/// A cluster control plane of the benchmark's own (`scripts/cluster.sh up`): etcd,
+/// kube-apiserver and kube-controller-manager on loopback, in a temporary directory.
+/// Taken down when dropped; if this process dies first, the watcher `up` started for
+/// its pid does it.
+struct Cluster {
+    client: kube::Client,
+    down: Down,
+}
+
+impl Cluster {
+    async fn up(script: &Path) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("tandem-bench-cluster-{}", std::process::id()));
+        let t = Instant::now();
+        let status = tokio::process::Command::new(script)
+            .args(["up", "--dir", &dir.display().to_string()])
+            .args(["--watch-pid", &std::process::id().to_string()])
+            .stdin(std::process::Stdio::null())
+            // Keep stdout for the markdown: its progress goes to stderr.
+            .stdout(std::io::stderr())
+            .status()
+            .await
+            .with_context(|| format!("cannot run {}", script.display()))?;
+        // From here on, dropping `down` takes down whatever `up` left running.
+        let down = Down {
+            script: script.to_path_buf(),
+            dir,
+        };
+        if !status.success() {
+            bail!("{} up failed ({status})", script.display());
+        }
+        eprintln!(
+            "discovery_bench: cluster up in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        let client =
+            tandem_control_plane::source::kubernetes::client(Some(&down.kubeconfig())).await?;
+        Ok(Self { client, down })
+    }
+}
+
+/// `scripts/cluster.sh down --dir DIR`, then removes DIR.
+struct Down {
+    script: PathBuf,
+    dir: PathBuf,
+}
+
+impl Down {
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("admin.kubeconfig")
+    }
+}
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.script)
+            .args(["down", "--dir", &self.dir.display().to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::io::stderr())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Who manages the benchmark's slices: not the EndpointSlice controller (which leaves
+/// slices with another `managed-by` alone).
+const MANAGED_BY: &str = "discovery-bench.tandem.io";
+
+fn slice(namespace: &str, i: usize, ready_first: bool) -> serde_json::Value {
     let endpoints: Vec<serde_json::Value> = (0..100)
         .map(|j| {
             json!({
@@ -264,72 +337,106 @@ fn slice(i: usize, port: u16, ready_first: bool) -> serde_json::Value {
         .collect();
     json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": format!("web-{i}"), "namespace": "default",
-                     "labels": {"kubernetes.io/service-name": "web"}},
+        "metadata": {"name": format!("web-{i}"), "namespace": namespace,
+                     "labels": {"kubernetes.io/service-name": "web",
+                                "endpointslice.kubernetes.io/managed-by": MANAGED_BY}},
         "addressType": "IPv4",
         "endpoints": endpoints,
-        "ports": [{"name": "http", "port": port, "protocol": "TCP"}]
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
     })
 }
 
-/// PATCHes (JSON merge) one slice through the emulator's API.
-async fn patch_slice(api: SocketAddr, body: &serde_json::Value, name: &str) -> anyhow::Result<()> {
-    use http_body_util::{BodyExt, Full};
-    let stream = tokio::net::TcpStream::connect(api).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let request = http::Request::patch(format!(
-        "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices/{name}"
-    ))
-    .header(http::header::HOST, api.to_string())
-    .header(http::header::CONTENT_TYPE, "application/merge-patch+json")
-    .body(Full::new(bytes::Bytes::from(serde_json::to_vec(body)?)))?;
-    let response = sender.send_request(request).await?;
-    let status = response.status();
-    let text = response.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
-        bail!("PATCH {name}: {status} {}", String::from_utf8_lossy(&text));
+/// The three Nodes the endpoints name, with their zone and region (once per cluster).
+async fn create_nodes(client: &kube::Client) -> anyhow::Result<()> {
+    let nodes: kube::Api<Node> = kube::Api::all(client.clone());
+    for (n, zone) in ZONES.iter().enumerate() {
+        let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": format!("node-{n}"),
+            "labels": {"topology.kubernetes.io/zone": zone, "topology.kubernetes.io/region": "region-1"}}});
+        nodes
+            .create(&PostParams::default(), &serde_json::from_value(node)?)
+            .await
+            .context("creating a Node")?;
     }
     Ok(())
 }
 
-async fn scale(tandem: &Path, python: &Path, emulator: &Path, slices: usize) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!(
-        "tandem-bench-scale-{}-{slices}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir)?;
-    let mut objects = vec![json!({
-        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+/// Creates the namespace, the Service `web` (no selector: no controller writes its
+/// slices) and its `slices` EndpointSlices of 100 endpoints, `PARALLEL` requests at a
+/// time; returns how long the slices took. Waits until a list served from the API
+/// server's cache (what the control plane's first list gets) has them all.
+async fn create_service(
+    client: &kube::Client,
+    namespace: &str,
+    slices: usize,
+) -> anyhow::Result<Duration> {
+    const PARALLEL: usize = 16;
+    let namespaces: kube::Api<Namespace> = kube::Api::all(client.clone());
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
+    namespaces
+        .create(&PostParams::default(), &serde_json::from_value(ns)?)
+        .await
+        .context("creating the namespace")?;
+    let services: kube::Api<Service> = kube::Api::namespaced(client.clone(), namespace);
+    let service = json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": namespace},
         "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
-    })];
-    for (n, zone) in ZONES.iter().enumerate() {
-        objects.push(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": format!("node-{n}"),
-            "labels": {"topology.kubernetes.io/zone": zone, "topology.kubernetes.io/region": "region-1"}}}));
+    });
+    services
+        .create(&PostParams::default(), &serde_json::from_value(service)?)
+        .await
+        .context("creating the Service")?;
+    let api: kube::Api<EndpointSlice> = kube::Api::namespaced(client.clone(), namespace);
+    let objects = (0..slices)
+        .map(|i| serde_json::from_value::<EndpointSlice>(slice(namespace, i, true)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let t = Instant::now();
+    futures_util::stream::iter(objects)
+        .map(|object| {
+            let api = api.clone();
+            async move { api.create(&PostParams::default(), &object).await }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<_>>()
+        .await
+        .context("creating the EndpointSlices")?;
+    let created_in = t.elapsed();
+    let cached = ListParams::default().match_any();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while api.list_metadata(&cached).await?.items.len() < slices {
+        if Instant::now() > deadline {
+            bail!("the API server's cache did not show all {slices} slices within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    objects.extend((0..slices).map(|i| slice(i, 8080, true)));
-    let preload = dir.join("state.json");
-    std::fs::write(&preload, serde_json::to_vec(&objects)?)?;
-    let kubeconfig = dir.join("kubeconfig");
+    Ok(created_in)
+}
+
+/// Deletes the namespace and waits until it is gone, so that the next run's control
+/// plane does not find its objects.
+async fn delete_namespace(client: &kube::Client, namespace: &str) -> anyhow::Result<()> {
+    let namespaces: kube::Api<Namespace> = kube::Api::all(client.clone());
+    namespaces
+        .delete(namespace, &DeleteParams::default())
+        .await
+        .context("deleting the namespace")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while namespaces.get_opt(namespace).await?.is_some() {
+        if Instant::now() > deadline {
+            bail!("namespace {namespace} still there after 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+async fn scale(tandem: &Path, cluster: &Cluster, slices: usize) -> anyhow::Result<()> {
+    let namespace = format!("discovery-{slices}");
+    let created_in = create_service(&cluster.client, &namespace, slices).await?;
+    let kc = cluster.down.kubeconfig().display().to_string();
     let quiet = Options {
         envs: vec![("RUST_LOG", "warn")],
         capture_stderr: false,
     };
-    let args = [
-        emulator.display().to_string(),
-        "--port".into(),
-        "0".into(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-        "--preload".into(),
-        preload.display().to_string(),
-        "--log-level".into(),
-        "WARNING".into(),
-    ];
-    let api: Spawned =
-        spawn_with("emulator", python, &args, &quiet, Duration::from_secs(120)).await?;
-    let kc = kubeconfig.display().to_string();
     let started = Instant::now();
     let cp = spawn_with(
         "control-plane",
@@ -357,22 +464,28 @@ async fn scale(tandem: &Path, python: &Path, emulator: &Path, slices: usize) -> 
     let mut client = client(cp.addr("discovery")).await?;
     let mut stream = client
         .watch(pb::WatchRequest {
-            destination: "web.default:80".into(),
+            destination: format!("web.{namespace}:80"),
             proxy: None,
         })
         .await?
         .into_inner();
     let count = first_view(&mut stream).await?;
     let first_snapshot = t0.elapsed();
+    let endpoints = slices * 100;
+    if count != endpoints {
+        bail!("the first snapshot has {count} endpoints, not {endpoints}");
+    }
 
     // One endpoint of one slice goes unready and back, a few times.
     let mut delays = Vec::new();
-    let api_addr = api.addr("api");
+    let api: kube::Api<EndpointSlice> = kube::Api::namespaced(cluster.client.clone(), &namespace);
     for round in 0..10 {
-        let patched = slice(7, 8080, round % 2 == 1);
+        let patched = slice(&namespace, 7, round % 2 == 1);
         let body = json!({"endpoints": patched["endpoints"]});
         let t = Instant::now();
-        patch_slice(api_addr, &body, "web-7").await?;
+        api.patch("web-7", &PatchParams::default(), &Patch::Merge(&body))
+            .await
+            .context("patching web-7")?;
         let update = tokio::time::timeout(Duration::from_secs(10), stream.message())
             .await
             .context("no delta within 10 s")??
@@ -387,13 +500,16 @@ async fn scale(tandem: &Path, python: &Path, emulator: &Path, slices: usize) -> 
         }
     }
     delays.sort();
-    let endpoints = slices * 100;
     println!(
-        "## Scale: {endpoints} endpoints in {slices} EndpointSlices (Kubernetes source, kmock emulator)"
+        "## Scale: {endpoints} endpoints in {slices} EndpointSlices (Kubernetes source, real API server)"
     );
     println!();
     println!("| measure | value |");
     println!("| --- | ---: |");
+    println!(
+        "| {slices} EndpointSlices created through the API (16 requests at a time) | {} |",
+        ms(created_in)
+    );
     println!(
         "| control plane start → first full sync (ready) | {} |",
         ms(synced_in)
@@ -410,8 +526,7 @@ async fn scale(tandem: &Path, python: &Path, emulator: &Path, slices: usize) -> 
     println!("| control plane RSS | {:.1} MiB |", rss as f64 / 1024.0);
     println!();
     stop(cp).await;
-    drop(api);
-    let _ = std::fs::remove_dir_all(&dir);
+    delete_namespace(&cluster.client, &namespace).await?;
     Ok(())
 }
 
@@ -439,24 +554,21 @@ fn env_or(name: &str, default: usize) -> usize {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, tandem, python, emulator] = args.as_slice() else {
-        bail!("usage: discovery_bench TANDEM_BINARY PYTHON EMULATOR_PY (run bench/discovery.sh)");
+    let [_, tandem, cluster_sh] = args.as_slice() else {
+        bail!("usage: discovery_bench TANDEM_BINARY CLUSTER_SH (run bench/discovery.sh)");
     };
-    let (tandem, python, emulator) = (
-        PathBuf::from(tandem),
-        PathBuf::from(python),
-        PathBuf::from(emulator),
-    );
+    let (tandem, cluster_sh) = (PathBuf::from(tandem), PathBuf::from(cluster_sh));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let _keep = Arc::new(());
         let subscribers = env_or("SUBSCRIBERS", 1000);
         fanout(&tandem, subscribers, env_or("ENDPOINTS", 1000), 10).await?;
         if std::env::var("FANOUT_ONLY").is_err() {
-            scale(&tandem, &python, &emulator, 10).await?;
-            scale(&tandem, &python, &emulator, 100).await?;
+            let cluster = Cluster::up(&cluster_sh).await?;
+            create_nodes(&cluster.client).await?;
+            scale(&tandem, &cluster, 10).await?;
+            scale(&tandem, &cluster, 100).await?;
         }
         Ok(())
     })

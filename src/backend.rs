@@ -47,6 +47,10 @@ pub struct BackendArgs {
     /// (SETTINGS_MAX_CONCURRENT_STREAMS; hyper's default is 200).
     #[arg(long, default_value_t = 200)]
     pub max_concurrent_streams: u32,
+    /// On SIGTERM, go on serving this long before exiting, as an app in a pod does
+    /// while the mesh stops sending it requests (default: exit at once).
+    #[arg(long, value_parser = tandem_common::duration::parse, default_value = "0s")]
+    pub shutdown_delay: std::time::Duration,
 }
 
 struct Greeter {
@@ -252,6 +256,13 @@ fn websocket(mut req: Request<Incoming>, name: &str) -> Response<Body> {
 pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
+    let delay = args.shutdown_delay;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        terminate.recv().await;
+        tokio::time::sleep(delay).await;
+        std::process::exit(0);
+    });
     tandem_common::announce::listening(&[("http", addr)]);
     if !args.quiet {
         eprintln!("[{}] listening on {addr}", args.name);

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub source_reloads: Family<ResultLabel, Counter>,
     pub watch_events: Family<KindLabel, Counter>,
     pub source_errors: Family<KindLabel, Counter>,
+    /// Watches that had to list again (410 Gone), by kind of object.
+    pub relists: Family<KindLabel, Counter>,
     /// 1 while the source (file, API server) is reachable and its last read was good.
     pub source_up: Gauge,
 }
@@ -47,6 +49,7 @@ impl Default for Metrics {
             source_reloads: Family::default(),
             watch_events: Family::default(),
             source_errors: Family::default(),
+            relists: Family::default(),
             source_up: Gauge::default(),
         }
     }
@@ -99,6 +102,11 @@ impl Metrics {
             "source_errors",
             "Errors reading the source (API server unreachable, malformed file) by kind",
             self.source_errors.clone(),
+        );
+        r.register(
+            "relists",
+            "Watches that listed again because the API server no longer had their history (410 Gone)",
+            self.relists.clone(),
         );
         r.register(
             "source_up",

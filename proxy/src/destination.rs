@@ -221,6 +221,15 @@ impl Destination {
         self.resolution.load()
     }
 
+    /// The backend set to try again with after a failure: the current one (endpoints
+    /// may have gone since the request began, a rollout's say), else `set` as it was.
+    pub fn fresher(&self, set: Arc<BackendSet>) -> Arc<BackendSet> {
+        match &**self.resolution.load() {
+            Resolution::Ready(now) if !Arc::ptr_eq(now, &set) => now.clone(),
+            _ => set,
+        }
+    }
+
     pub fn set(&self, resolution: Resolution) {
         self.resolution.store(Arc::new(resolution));
         self.resolved.notify_waiters();

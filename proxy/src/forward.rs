@@ -488,7 +488,7 @@ impl Forwarder {
         // The one place the request is kept until a backend takes it: the sends borrow it.
         let mut slot: RequestSlot = Some(req);
         async move {
-            let (destination, set) = self.backends(&destination).await?;
+            let (destination, mut set) = self.backends(&destination).await?;
             let stats = &destination.stats;
             let _admitted = self.admit(&destination)?;
             let req = slot.as_mut().expect("the request, not sent yet");
@@ -540,6 +540,7 @@ impl Forwarder {
                     slot = replay.as_ref().map(Replay::request);
                 }
                 retrying(&destination, backend, &error, attempts.count(), written).await;
+                set = destination.fresher(set);
             }
         }
     }

@@ -71,13 +71,43 @@ static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
 /// The shared cluster, started on first use. Panics (the test fails) with the
 /// failing component's last log lines if it cannot start.
 pub async fn cluster() -> &'static Cluster {
-    let started = tokio::task::spawn_blocking(|| CLUSTER.get_or_init(start))
+    let started = tokio::task::spawn_blocking(|| CLUSTER.get_or_init(|| start(&Own::Shared)))
         .await
         .expect("the cluster start-up task");
     match started {
         Ok(cluster) => cluster,
         Err(e) => panic!("no test cluster: {e}"),
     }
+}
+
+/// A cluster of one test's own, for what would disturb the others (restarting the
+/// API server, compacting etcd): its own dir, bridge and pod addresses, and more
+/// kube-apiserver flags if asked. Take it down with [`Cluster::stop`] (if the test
+/// fails first, the process's exit does).
+pub async fn own_cluster(name: &str, apiserver_flags: &str) -> &'static Cluster {
+    let own = Own::Named {
+        name: name.to_string(),
+        apiserver_flags: apiserver_flags.to_string(),
+    };
+    let started = tokio::task::spawn_blocking(move || start(&own))
+        .await
+        .expect("the cluster start-up task");
+    match started {
+        // Tests hold `&'static Cluster`: one per such test, for the process's life.
+        Ok(cluster) => Box::leak(Box::new(cluster)),
+        Err(e) => panic!("no cluster of the test's own: {e}"),
+    }
+}
+
+/// Which cluster [`start`] brings up.
+enum Own {
+    /// The one every test shares (or the running one `TANDEM_CLUSTER_DIR` names).
+    Shared,
+    /// One test's own.
+    Named {
+        name: String,
+        apiserver_flags: String,
+    },
 }
 
 fn repo() -> &'static Path {
@@ -178,14 +208,34 @@ fn pod_cidr(pid: u32) -> (String, Ipv4Addr) {
     )
 }
 
-fn start() -> Result<Cluster, String> {
+/// A /24 of 172.16.0.0/12 for a test's own cluster, from the pid and its number.
+fn own_pod_cidr(pid: u32, n: u32) -> (String, Ipv4Addr) {
+    let b = 16 + (pid / 256) % 16;
+    let c = (pid + n * 97) % 256;
+    (
+        format!("172.{b}.{c}.0/24"),
+        Ipv4Addr::new(172, b as u8, c as u8, 1),
+    )
+}
+
+fn start(own: &Own) -> Result<Cluster, String> {
     let t0 = Instant::now();
     let pid = std::process::id();
     let target = target_dir();
     let kubectl = bin_dir("kubernetes")?.join("kubectl");
-    let existing = std::env::var_os("TANDEM_CLUSTER_DIR")
-        .map(PathBuf::from)
-        .filter(|d| running(d));
+    let existing = match own {
+        Own::Shared => std::env::var_os("TANDEM_CLUSTER_DIR")
+            .map(PathBuf::from)
+            .filter(|d| running(d)),
+        Own::Named { .. } => None,
+    };
+    let (suffix, apiserver_flags) = match own {
+        Own::Shared => (String::new(), ""),
+        Own::Named {
+            name,
+            apiserver_flags,
+        } => (format!("-{name}"), apiserver_flags.as_str()),
+    };
     let (dir, owned) = match existing {
         Some(dir) => {
             eprintln!("cluster: using the running cluster in {}", dir.display());
@@ -199,16 +249,17 @@ fn start() -> Result<Cluster, String> {
                     ));
                 }
             }
-            let dir = target.join(format!("e2e-cluster-{pid}"));
-            remove_stale_dirs(&target, &dir);
-            let out = cluster_sh(&[
-                "up",
-                "--dir",
-                &dir.display().to_string(),
-                "--watch-pid",
-                &pid.to_string(),
-            ])
-            .map_err(|e| format!("cannot run scripts/cluster.sh: {e}"))?;
+            let dir = target.join(format!("e2e-cluster-{pid}{suffix}"));
+            if suffix.is_empty() {
+                remove_stale_dirs(&target, &dir);
+            }
+            let out = std::process::Command::new(repo().join("scripts/cluster.sh"))
+                .args(["up", "--dir", &dir.display().to_string()])
+                .args(["--watch-pid", &pid.to_string()])
+                .env("TANDEM_APISERVER_FLAGS", apiserver_flags)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run scripts/cluster.sh: {e}"))?;
             if !out.status.success() {
                 return Err(format!(
                     "scripts/cluster.sh up failed ({}):\n{}",
@@ -222,8 +273,14 @@ fn start() -> Result<Cluster, String> {
     let cluster_up = t0.elapsed();
     let kubeconfig = dir.join("admin.kubeconfig");
 
-    let bridge = format!("tnd{pid}");
-    let (cidr, gateway) = pod_cidr(pid);
+    let (bridge, (cidr, gateway)) = match own {
+        Own::Shared => (format!("tnd{pid}"), pod_cidr(pid)),
+        Own::Named { .. } => {
+            static OWN: AtomicUsize = AtomicUsize::new(0);
+            let n = OWN.fetch_add(1, Ordering::Relaxed) as u32;
+            (format!("tno{pid}{n}"), own_pod_cidr(pid, n))
+        }
+    };
     let agent_state = dir.join(format!("node-agent-{pid}"));
     let agent_log = dir.join(format!("node-agent-{pid}.log"));
     let log = std::fs::File::create(&agent_log)
@@ -381,6 +438,58 @@ fn list_of(objects: &[Value]) -> Vec<u8> {
 }
 
 impl Cluster {
+    /// Takes a test's own cluster down: the node agent, then the cluster's processes
+    /// (by their pids, through scripts/cluster.sh).
+    pub fn stop(&self) {
+        if let Ok(mut agent) = self._agent.lock() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+        if self.owned {
+            let _ = cluster_sh(&["down", "--dir", &self.dir.display().to_string()]);
+        }
+    }
+
+    /// Kills the API server (as a crash would), or starts it again on the same port.
+    pub async fn stop_apiserver(&self) {
+        let dir = self.dir.display().to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            cluster_sh(&["stop", "kube-apiserver", "--dir", &dir])
+        })
+        .await
+        .expect("cluster.sh")
+        .expect("cluster.sh runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub async fn start_apiserver(&self) {
+        let dir = self.dir.display().to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            cluster_sh(&["start", "kube-apiserver", "--dir", &dir])
+        })
+        .await
+        .expect("cluster.sh")
+        .expect("cluster.sh runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// etcd's client URL (its JSON gateway: `/v3/kv/...`).
+    pub fn etcd_url(&self) -> String {
+        let env = std::fs::read_to_string(self.dir.join("cluster.env")).unwrap_or_default();
+        env.lines()
+            .find_map(|l| l.strip_prefix("TANDEM_CLUSTER_ETCD="))
+            .map(|v| v.trim_matches('\'').to_string())
+            .expect("cluster.env names etcd")
+    }
+
     /// The admin kubeconfig (client certificate, system:masters).
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig

@@ -234,7 +234,7 @@ impl ClientConn<'_> {
             Err(error) => return self.answer(client, error, head).await,
         };
         destination.touch(start);
-        let (destination, set) = match forwarder.backends(&destination).await {
+        let (destination, mut set) = match forwarder.backends(&destination).await {
             Ok(found) => found,
             Err(error) => return self.answer(client, error, head).await,
         };
@@ -307,6 +307,7 @@ impl ClientConn<'_> {
                     }
                     let written = !failure.unsent();
                     retrying(&destination, backend, &failure, attempts.count(), written).await;
+                    set = destination.fresher(set);
                 }
             }
         };

@@ -8,6 +8,7 @@
 //! relist (410 Gone, API server restart) re-applies every object: unchanged ones
 //! produce no change, so proxies see nothing for endpoints that did not change.
 
+mod health;
 mod objects;
 pub mod state;
 
@@ -29,6 +30,7 @@ use tandem_common::Readiness;
 
 use crate::index::ServiceIndex;
 use crate::metrics::{KindLabel, Metrics};
+use health::{Refusal, SourceHealth};
 use objects::Ignored;
 use state::ClusterState;
 
@@ -68,7 +70,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubernetesError
     Ok(Client::try_from(config)?)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Kind {
     Service,
     Slice,
@@ -99,16 +101,8 @@ impl Kind {
     }
 }
 
-/// A watch the API server refused for want of a permission (403): the verb that was
-/// refused, and the server's own words.
-#[derive(Debug, Clone)]
-struct Forbidden {
-    verb: &'static str,
-    message: String,
-}
-
 /// The 403 behind a watcher error, if that is what it was.
-fn forbidden(error: &watcher::Error) -> Option<Forbidden> {
+fn forbidden(error: &watcher::Error) -> Option<Refusal> {
     let (verb, status) = match error {
         watcher::Error::InitialListFailed(kube::Error::Api(status)) => ("list", status),
         watcher::Error::WatchStartFailed(kube::Error::Api(status))
@@ -116,10 +110,18 @@ fn forbidden(error: &watcher::Error) -> Option<Forbidden> {
         watcher::Error::WatchError(status) => ("watch", status),
         _ => return None,
     };
-    (status.code == 403).then(|| Forbidden {
-        verb,
-        message: status.message.clone(),
-    })
+    (status.code == 403).then(|| Refusal::new(verb, status.message.clone()))
+}
+
+/// Whether a watcher error is a 410 Gone: the history it would resume from was
+/// compacted away, and the watcher lists again.
+fn expired(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::WatchError(status) => status.code == 410,
+        watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 410,
+        _ => false,
+    }
 }
 
 /// Boxed: objects differ a lot in size (a Pod is large), and the channel holds many.
@@ -129,7 +131,23 @@ enum Message {
     Node(Box<Event<PartialObjectMeta<Node>>>),
     Pod(Box<Event<Pod>>),
     Error(Kind, String),
-    Forbidden(Kind, Forbidden),
+    Forbidden(Kind, Refusal),
+    /// The API server no longer has the history the watch would resume from (410
+    /// Gone, after an etcd compaction): the watcher lists again.
+    Expired(Kind),
+}
+
+impl Message {
+    /// A watcher's "listing starts" (sent before any request).
+    fn is_start(&self) -> bool {
+        match self {
+            Message::Service(e) => matches!(**e, Event::Init),
+            Message::Slice(e) => matches!(**e, Event::Init),
+            Message::Node(e) => matches!(**e, Event::Init),
+            Message::Pod(e) => matches!(**e, Event::Init),
+            _ => false,
+        }
+    }
 }
 
 /// Keys seen during a relist, per kind: what is not seen again is deleted at its end.
@@ -197,16 +215,16 @@ impl KubernetesSource {
             Kind::Pod,
             |e| Message::Pod(Box::new(e)),
         );
+        let metrics = self.metrics;
         Runner {
             state: ClusterState::new(self.index.cluster_domain()),
             index: self.index,
-            metrics: self.metrics,
+            metrics: metrics.clone(),
             relist: Relist::default(),
             synced: HashSet::new(),
             warned: HashSet::new(),
-            api_down: false,
-            readiness: self.readiness,
-            forbidden: Default::default(),
+            health: SourceHealth::new(self.readiness, metrics.clone()),
+            client: self.client,
         }
         .run(rx)
         .await;
@@ -228,6 +246,7 @@ fn spawn_watch<K, S>(
         while let Some(item) = stream.next().await {
             let message = match item {
                 Ok(event) => wrap(event),
+                Err(error) if expired(&error) => Message::Expired(kind),
                 Err(error) => match forbidden(&error) {
                     Some(refused) => Message::Forbidden(kind, refused),
                     None => Message::Error(kind, error.to_string()),
@@ -259,16 +278,16 @@ struct Runner {
     synced: HashSet<Kind>,
     /// Keys of things already logged as ignored.
     warned: HashSet<String>,
-    api_down: bool,
-    readiness: Arc<Readiness>,
-    /// Kinds the API server refused to list or watch (403), until it stops refusing.
-    forbidden: std::collections::BTreeMap<&'static str, &'static str>,
+    health: SourceHealth,
+    client: Client,
 }
 
 impl Runner {
     async fn run(mut self, mut rx: mpsc::Receiver<Message>) {
         let mut first_pending: Option<Instant> = None;
         let mut last_event = Instant::now();
+        let mut probe = tokio::time::interval(health::PROBE_EVERY);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = first_pending.map(|first| (first + MAX_DELAY).min(last_event + QUIET));
             tokio::select! {
@@ -281,11 +300,16 @@ impl Runner {
                         // The first full view: publish it at once.
                         self.flush(Instant::now());
                         self.index.mark_synced();
+                        self.health.synced = true;
                         tracing::info!(services = self.index.service_count(), "initial sync with the API server done");
                         first_pending = None;
                     } else if self.state.has_pending() && first_pending.is_none() {
                         first_pending = Some(last_event);
                     }
+                }
+                // A watch back after an outage sends nothing until something changes.
+                _ = probe.tick(), if self.health.needs_probe() => {
+                    self.health.probe(&self.client).await;
                 }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {
                     if self.index.is_synced() {
@@ -329,61 +353,6 @@ impl Runner {
         }
     }
 
-    /// A refused permission: said once per resource in the log, and in `/ready`
-    /// until it is granted.
-    fn refused(&mut self, kind: Kind, refused: Forbidden) {
-        self.metrics
-            .source_errors
-            .get_or_create(&KindLabel { kind: "forbidden" })
-            .inc();
-        self.metrics.source_up.set(0);
-        if self
-            .forbidden
-            .insert(kind.resource(), refused.verb)
-            .is_none()
-        {
-            tracing::error!(
-                "missing permission: the control plane may not {} {} (403 Forbidden: {}); \
-                 its ClusterRole needs `list` and `watch` on {} (deploy/control-plane/rbac.yaml)",
-                refused.verb,
-                kind.resource(),
-                refused.message,
-                kind.resource(),
-            );
-        }
-        self.readiness.set_not_ready(self.missing());
-    }
-
-    /// What `/ready` says while permissions are missing.
-    fn missing(&self) -> String {
-        let missing: Vec<String> = self
-            .forbidden
-            .iter()
-            .map(|(resource, verb)| format!("{verb} {resource}"))
-            .collect();
-        format!(
-            "missing permission: the API server refuses to let the control plane {}",
-            missing.join(", ")
-        )
-    }
-
-    /// A kind that was refused works again.
-    fn granted(&mut self, kind: Kind) {
-        if self.forbidden.remove(kind.resource()).is_some() {
-            tracing::info!(resource = kind.resource(), "permission granted again");
-            if self.forbidden.is_empty() {
-                if self.index.is_synced() {
-                    self.readiness.set_ready();
-                } else {
-                    self.readiness
-                        .set_not_ready("waiting for the first sync with the API server");
-                }
-            } else {
-                self.readiness.set_not_ready(self.missing());
-            }
-        }
-    }
-
     fn handle(&mut self, message: Message) {
         let kind = match &message {
             Message::Service(_) => Kind::Service,
@@ -391,10 +360,27 @@ impl Runner {
             Message::Node(_) => Kind::Node,
             Message::Pod(_) => Kind::Pod,
             Message::Forbidden(..) => {
-                let Message::Forbidden(kind, refused) = message else {
+                let Message::Forbidden(kind, refusal) = message else {
                     unreachable!("matched above")
                 };
-                self.refused(kind, refused);
+                self.metrics
+                    .source_errors
+                    .get_or_create(&KindLabel { kind: "forbidden" })
+                    .inc();
+                self.health.forbidden(kind, refusal);
+                return;
+            }
+            Message::Expired(kind) => {
+                // Not an outage: the relist that follows re-applies every object, and
+                // only real differences reach proxies.
+                self.metrics
+                    .relists
+                    .get_or_create(&KindLabel { kind: kind.label() })
+                    .inc();
+                tracing::info!(
+                    kind = kind.label(),
+                    "the API server's history was compacted (410 Gone): listing again"
+                );
                 return;
             }
             Message::Error(kind, error) => {
@@ -402,20 +388,15 @@ impl Runner {
                     .source_errors
                     .get_or_create(&KindLabel { kind: "api" })
                     .inc();
-                self.metrics.source_up.set(0);
-                if !self.api_down {
-                    self.api_down = true;
-                    tracing::warn!(kind = kind.label(), %error, "cannot watch the API server; proxies keep the last state; retrying");
-                }
+                self.health.unreachable(*kind, error);
                 return;
             }
         };
-        if self.api_down {
-            self.api_down = false;
-            tracing::info!("the API server answers again");
+        // A watcher says it starts listing before it asks anything: only what came
+        // from the API server shows that it answers.
+        if !message.is_start() {
+            self.health.answered(kind);
         }
-        self.granted(kind);
-        self.metrics.source_up.set(1);
         self.metrics
             .watch_events
             .get_or_create(&KindLabel { kind: kind.label() })
@@ -426,7 +407,7 @@ impl Runner {
             Message::Slice(event) => self.slice_event(*event, &mut ignored),
             Message::Node(event) => self.node_event(*event, &mut ignored),
             Message::Pod(event) => self.pod_event(*event, &mut ignored),
-            Message::Error(..) | Message::Forbidden(..) => {}
+            Message::Error(..) | Message::Forbidden(..) | Message::Expired(..) => {}
         }
         self.ignored(ignored);
     }
