@@ -12,6 +12,10 @@
 //! - `/chunks/N` → N lines `chunk I`, each its own chunk, no Content-Length
 //! - `/ws` → a WebSocket (HTTP/1.1 Upgrade) that echoes every message back
 //! - gRPC `tandem.demo.v1.Greeter` → replies carry `instance: NAME`
+//!
+//! With `--tcp-echo ADDR` it also echoes raw TCP there (an opaque protocol), and with
+//! `--tcp-greet ADDR` it speaks first (`220 NAME ready`, as SMTP or MySQL servers do),
+//! then echoes.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -47,6 +51,13 @@ pub struct BackendArgs {
     /// (SETTINGS_MAX_CONCURRENT_STREAMS; hyper's default is 200).
     #[arg(long, default_value_t = 200)]
     pub max_concurrent_streams: u32,
+    /// Also echo raw TCP on this address (an opaque protocol for the mesh).
+    #[arg(long)]
+    pub tcp_echo: Option<SocketAddr>,
+    /// Also serve a server-speaks-first protocol here: `220 NAME ready\r\n` on accept,
+    /// then an echo.
+    #[arg(long)]
+    pub tcp_greet: Option<SocketAddr>,
     /// On SIGTERM, go on serving this long before exiting, as an app in a pod does
     /// while the mesh stops sending it requests (default: exit at once).
     #[arg(long, value_parser = tandem_common::duration::parse, default_value = "0s")]
@@ -252,6 +263,23 @@ fn websocket(mut req: Request<Incoming>, name: &str) -> Response<Body> {
     r
 }
 
+/// Echoes every connection's bytes back, after `greeting` if any.
+async fn echo(listener: TcpListener, greeting: Option<String>) {
+    use tokio::io::AsyncWriteExt;
+    while let Ok((stream, _)) = listener.accept().await {
+        let greeting = greeting.clone();
+        tokio::spawn(async move {
+            let (mut read, mut write) = stream.into_split();
+            if let Some(greeting) = greeting
+                && write.write_all(greeting.as_bytes()).await.is_err()
+            {
+                return;
+            }
+            let _ = tokio::io::copy(&mut read, &mut write).await;
+        });
+    }
+}
+
 /// Serves until the process is stopped.
 pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen).await?;
@@ -263,7 +291,22 @@ pub async fn run(args: BackendArgs) -> anyhow::Result<()> {
         tokio::time::sleep(delay).await;
         std::process::exit(0);
     });
-    tandem_common::announce::listening(&[("http", addr)]);
+    let mut announced = vec![("http", addr)];
+    for (which, bind, greeting) in [
+        ("tcp-echo", args.tcp_echo, None),
+        (
+            "tcp-greet",
+            args.tcp_greet,
+            Some(format!("220 {} ready\r\n", args.name)),
+        ),
+    ] {
+        if let Some(bind) = bind {
+            let tcp = TcpListener::bind(bind).await?;
+            announced.push((which, tcp.local_addr()?));
+            tokio::spawn(echo(tcp, greeting));
+        }
+    }
+    tandem_common::announce::listening(&announced);
     if !args.quiet {
         eprintln!("[{}] listening on {addr}", args.name);
     }

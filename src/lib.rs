@@ -6,6 +6,7 @@ pub mod backend;
 pub mod client;
 pub mod demo;
 pub mod endpoints;
+pub mod inject;
 pub mod node_agent;
 pub mod process;
 pub mod simulate;

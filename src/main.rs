@@ -19,9 +19,11 @@ enum Command {
     /// A tiny HTTP/1.1, HTTP/2 and gRPC server that answers with its name.
     Backend(tandem::backend::BackendArgs),
     /// Run the proxy (the same as the tandem-proxy binary).
-    Proxy(Box<tandem_proxy::Args>),
+    Proxy(Box<tandem_proxy::Cli>),
     /// Run the control plane (the same as the tandem-control-plane binary).
     ControlPlane(Box<tandem_control_plane::Args>),
+    /// Add the proxy to workloads in YAML files (or stdin), as the webhook would.
+    Inject(Box<tandem::inject::InjectCommand>),
     /// Stand in for the kubelets and the scheduler of a test cluster (see tests/cluster).
     NodeAgent(Box<tandem::node_agent::NodeAgentArgs>),
 }
@@ -49,7 +51,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Endpoints(args) => current_thread()?.block_on(tandem::endpoints::run(args)),
         Command::Simulate(args) => tandem::simulate::run(args),
         Command::Backend(args) => current_thread()?.block_on(tandem::backend::run(args)),
-        Command::Proxy(args) => Ok(tandem_proxy::run_blocking(*args)?),
+        Command::Proxy(cli) => Ok(tandem_proxy::main(*cli)?),
+        Command::Inject(args) => tandem::inject::run(*args),
         Command::NodeAgent(args) => current_thread()?.block_on(tandem::node_agent::run(*args)),
         Command::ControlPlane(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -515,7 +515,9 @@ fn zone_shares(
         .sum();
     let upstream = |zone: &str| capacity.get(zone).copied().unwrap_or(0.0) / total_capacity;
     let caller = |zone: &str| {
-        if total_callers > 0.0 {
+        // Shares that do not add up to a number (an infinite one, or a sum that
+        // overflows) count as unknown callers: NaN shares would route nowhere.
+        if total_callers > 0.0 && total_callers.is_finite() {
             caller_of(zone) / total_callers
         } else {
             0.0

@@ -298,3 +298,33 @@ proptest! {
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
+
+/// Fuzzing regression (issue 22, fuzz/regressions/discovery): caller shares that are
+/// infinite, or whose sum overflows to infinity, made every zone's share NaN, so the
+/// region tier had no group and nothing was picked with healthy endpoints (every
+/// request a 503). Callers that cannot be counted are treated as unknown.
+#[test]
+fn fuzz_regression_infinite_caller_shares_still_pick() {
+    let mut set: Vec<EndpointView<'_>> = (0..6)
+        .map(|i| healthy("r1", if i % 2 == 0 { "a" } else { "b" }))
+        .collect();
+    set.push(healthy("r2", "c"));
+    for callers in [
+        BTreeMap::from([("a".to_string(), f64::INFINITY)]),
+        BTreeMap::from([("b".to_string(), f64::INFINITY), ("a".to_string(), 1.0)]),
+        BTreeMap::from([("a".to_string(), f64::MAX), ("b".to_string(), f64::MAX)]),
+        BTreeMap::from([("a".to_string(), f64::NAN), ("b".to_string(), 1.0)]),
+    ] {
+        let b = Balancer::build(&set, &origin(Some(&callers)), &BalancerConfig::default(), 0);
+        assert!(
+            b.pick().is_ok(),
+            "no pick with callers {callers:?}: {:?}",
+            b.loads()
+        );
+        let sum: f64 = b.expected_shares().iter().sum();
+        assert!(
+            (sum - 1.0).abs() < 1e-9,
+            "shares sum to {sum} with callers {callers:?}"
+        );
+    }
+}

@@ -11,6 +11,7 @@ use tandem_common::process_metrics::ProcessCollector;
 use tandem_common::{Admin, Readiness, Shutdown, announce};
 
 use crate::index::ServiceIndex;
+use crate::injection::{self, InjectArgs, tls::TlsSettings};
 use crate::metrics::Metrics;
 use crate::server::DiscoveryService;
 use crate::source::file::{FileError, FileSource};
@@ -34,6 +35,28 @@ impl FromStr for SourceArg {
         }
     }
 }
+
+/// `--webhook-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookListen {
+    Off,
+    Addr(SocketAddr),
+}
+
+impl FromStr for WebhookListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(Self::Off);
+        }
+        s.parse()
+            .map(Self::Addr)
+            .map_err(|_| format!("{s:?}: use ADDRESS:PORT or off"))
+    }
+}
+
+/// Where the webhook listens unless `--webhook-listen` says.
+pub const DEFAULT_WEBHOOK_LISTEN: &str = "0.0.0.0:9443";
 
 /// tandem-control-plane: serves backend sets to Tandem proxies over gRPC.
 #[derive(Debug, Clone, clap::Parser)]
@@ -61,6 +84,29 @@ pub struct Args {
     /// After a shutdown signal, how long in-flight calls may finish.
     #[arg(long, default_value = "5s", value_parser = tandem_common::duration::parse)]
     pub shutdown_grace: std::time::Duration,
+    /// The sidecar injection webhook (AdmissionReview v1 over HTTPS at /mutate), with
+    /// --source kubernetes only: ADDRESS:PORT, or `off`. Default 0.0.0.0:9443; if that
+    /// default address is taken, the control plane runs without the webhook and says so.
+    #[arg(long, env = "TANDEM_WEBHOOK_LISTEN")]
+    pub webhook_listen: Option<WebhookListen>,
+    /// The namespace of the webhook's Secret (tandem-webhook-tls) and Service.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tandem-system")]
+    pub webhook_namespace: String,
+    /// The webhook's Service: its certificate is for SERVICE.NAMESPACE.svc.
+    #[arg(long, default_value = "tandem-webhook")]
+    pub webhook_service: String,
+    /// More names or IP addresses for the webhook's certificate (repeatable).
+    #[arg(long = "webhook-cert-san")]
+    pub webhook_cert_sans: Vec<String>,
+    /// The MutatingWebhookConfiguration whose caBundle the control plane keeps.
+    #[arg(long, default_value = "tandem-injector")]
+    pub webhook_config_name: String,
+    /// How often pods in injection-enabled namespaces are counted for
+    /// tandem_control_plane_unmeshed_pods (with --source kubernetes).
+    #[arg(long, default_value = "30s", value_parser = tandem_common::duration::parse)]
+    pub unmeshed_pods_interval: std::time::Duration,
+    #[command(flatten)]
+    pub inject: InjectArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,11 +119,14 @@ pub enum Error {
     Kubernetes(#[from] crate::source::kubernetes::KubernetesError),
     #[error("the discovery server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Runs the control plane until SIGTERM/SIGINT or `POST /shutdown`.
 pub async fn run(args: Args) -> Result<(), Error> {
     tandem_common::logging::init(args.log_format);
+    let inject_config = Arc::new(args.inject.validate().map_err(Error::Config)?);
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();
 
@@ -91,6 +140,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         metrics.clone(),
     ));
     let readiness = Arc::new(Readiness::not_ready("reading the source"));
+    let mut kube_client = None;
     match &args.source {
         SourceArg::File(path) => {
             let source = FileSource::start(path.clone(), index.clone(), metrics.clone())?;
@@ -99,6 +149,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         }
         SourceArg::Kubernetes => {
             let client = crate::source::kubernetes::client(args.kubeconfig.as_deref()).await?;
+            kube_client = Some(client.clone());
             readiness.set_not_ready("waiting for the first sync with the API server");
             let source =
                 KubernetesSource::new(client, index.clone(), metrics.clone(), readiness.clone());
@@ -128,6 +179,17 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let admin_listener = tandem_common::listen::bind("admin (--admin)", args.admin).await?;
     let grpc_addr = grpc_listener.local_addr().unwrap_or(args.listen);
     let admin_addr = admin_listener.local_addr().unwrap_or(args.admin);
+    let webhook_addr = match &kube_client {
+        Some(client) => {
+            start_injection(&args, client.clone(), inject_config, metrics.clone()).await?
+        }
+        None => {
+            if let Some(WebhookListen::Addr(addr)) = args.webhook_listen {
+                tracing::warn!(%addr, "--webhook-listen needs --source kubernetes: no webhook");
+            }
+            None
+        }
+    };
 
     let admin = Arc::new(Admin {
         registry,
@@ -138,7 +200,9 @@ pub async fn run(args: Args) -> Result<(), Error> {
     tokio::spawn(admin.serve(admin_listener));
 
     tracing::info!(discovery = %grpc_addr, admin = %admin_addr, services = index.service_count(), "control plane ready");
-    announce::listening(&[("discovery", grpc_addr), ("admin", admin_addr)]);
+    let mut listening = vec![("discovery", grpc_addr), ("admin", admin_addr)];
+    listening.extend(webhook_addr.map(|addr| ("webhook", addr)));
+    announce::listening(&listening);
 
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
     let wait = shutdown.clone();
@@ -159,4 +223,59 @@ pub async fn run(args: Args) -> Result<(), Error> {
     }
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// With --source kubernetes: the count of unmeshed pods, and the webhook (its
+/// listener, its certificate and caBundle) unless it is off. Where it listens.
+async fn start_injection(
+    args: &Args,
+    client: kube::Client,
+    config: Arc<injection::InjectConfig>,
+    metrics: Arc<Metrics>,
+) -> Result<Option<SocketAddr>, Error> {
+    tokio::spawn(injection::unmeshed::run(
+        client.clone(),
+        config.clone(),
+        metrics.clone(),
+        args.unmeshed_pods_interval,
+    ));
+    let listener = match args.webhook_listen {
+        Some(WebhookListen::Off) => return Ok(None),
+        Some(WebhookListen::Addr(addr)) => {
+            tandem_common::listen::bind("webhook (--webhook-listen)", addr).await?
+        }
+        None => {
+            let addr = DEFAULT_WEBHOOK_LISTEN.parse().expect("a socket address");
+            match tandem_common::listen::bind("webhook (--webhook-listen)", addr).await {
+                Ok(listener) => listener,
+                Err(e) => {
+                    tracing::warn!(
+                        "{e}: running without the injection webhook (--webhook-listen ADDRESS or off says where, or that it is meant)"
+                    );
+                    return Ok(None);
+                }
+            }
+        }
+    };
+    let addr = listener.local_addr().ok();
+    let certs = Arc::new(injection::tls::CertStore::default());
+    let settings = TlsSettings {
+        namespace: args.webhook_namespace.clone(),
+        service: args.webhook_service.clone(),
+        extra_names: args.webhook_cert_sans.clone(),
+        config_name: args.webhook_config_name.clone(),
+    };
+    tokio::spawn(injection::tls::maintain(
+        client.clone(),
+        settings,
+        certs.clone(),
+    ));
+    tokio::spawn(injection::webhook::serve(
+        listener,
+        certs,
+        config,
+        Arc::new(injection::webhook::ApiNamespaces(client)),
+        metrics,
+    ));
+    Ok(addr)
 }

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod index;
+pub mod injection;
 pub mod metrics;
 pub mod model;
 pub mod server;

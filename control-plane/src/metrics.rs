@@ -33,6 +33,10 @@ pub struct Metrics {
     pub relists: Family<KindLabel, Counter>,
     /// 1 while the source (file, API server) is reachable and its last read was good.
     pub source_up: Gauge,
+    /// Admission reviews answered, by result (injected, skipped, unmeshed, error).
+    pub webhook_calls: Family<ResultLabel, Counter>,
+    /// Pods in injection-enabled namespaces that should be meshed and are not.
+    pub unmeshed_pods: Gauge,
 }
 
 impl Default for Metrics {
@@ -51,6 +55,8 @@ impl Default for Metrics {
             source_errors: Family::default(),
             relists: Family::default(),
             source_up: Gauge::default(),
+            webhook_calls: Family::default(),
+            unmeshed_pods: Gauge::default(),
         }
     }
 }
@@ -112,6 +118,16 @@ impl Metrics {
             "source_up",
             "1 when the source is reachable and its last read was good",
             self.source_up.clone(),
+        );
+        r.register(
+            "webhook_calls",
+            "Admission reviews answered by the injection webhook, by result",
+            self.webhook_calls.clone(),
+        );
+        r.register(
+            "unmeshed_pods",
+            "Pods in injection-enabled namespaces without the proxy (created while the webhook was down, or with an invalid annotation)",
+            self.unmeshed_pods.clone(),
         );
     }
 }

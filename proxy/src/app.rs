@@ -12,6 +12,7 @@ use tandem_common::logging::LogFormat;
 use tandem_common::process_metrics::ProcessCollector;
 use tandem_common::{Admin, Readiness, Shutdown, announce};
 use tandem_proto::discovery::v1 as pb;
+use tracing::Instrument;
 
 use crate::connections::Limits;
 use crate::destination::{Destination, Destinations, Resolution};
@@ -49,6 +50,33 @@ fn default_threads() -> usize {
 }
 
 /// tandem-proxy: balances HTTP/1.1, HTTP/2 and gRPC requests across backends.
+/// tandem-proxy: balances HTTP/1.1, HTTP/2 and gRPC requests across backends; `init`
+/// installs the interception rules (the init container's job).
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "tandem-proxy", version)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub args: Args,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Install the nat rules that send this pod's TCP through its proxy (IPv4 and IPv6;
+    /// needs NET_ADMIN and NET_RAW: the init container's job).
+    Init(crate::init::InitArgs),
+}
+
+/// Runs what `cli` asks for: the proxy until it stops, or `init`.
+pub fn main(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Some(Command::Init(init)) => crate::init::run_init(&init).map_err(Error::Init),
+        None => run_blocking(cli.args),
+    }
+}
+
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "tandem-proxy", version)]
 #[command(group(clap::ArgGroup::new("backends-source").required(true).args(["control_plane", "backends"])))]
@@ -175,6 +203,8 @@ pub enum Error {
     Config(String),
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("init: {0}")]
+    Init(crate::init::InitError),
 }
 
 /// Builds the runtime `--threads` asks for and runs the proxy on it.
@@ -286,11 +316,15 @@ pub async fn run(args: Args) -> Result<(), Error> {
             let destination = Destination::new("static", Resolution::Pending);
             let (views, views_rx) = tokio::sync::watch::channel(Some(view));
             let manager = Manager::new(destination.clone(), settings.clone());
-            tokio::spawn(async move {
-                // Holding the sender keeps the manager running for the process's life.
-                let _views = views;
-                manager.run(views_rx).await;
-            });
+            let span = crate::manager::span(&destination);
+            tokio::spawn(
+                async move {
+                    // Holding the sender keeps the manager running for the process's life.
+                    let _views = views;
+                    manager.run(views_rx).await;
+                }
+                .instrument(span),
+            );
             metrics.discovery_connected.set(1);
             readiness.set_ready();
             Router::Static(destination)

@@ -7,9 +7,9 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tandem_h2::RecvStream;
 
 use crate::http1::client::ResponseBody;
-use crate::http2::{self, RecvStream};
 use crate::upstream::Lease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -32,10 +32,11 @@ pub enum ProxyBody {
     /// An upstream HTTP/1 response body read over a raw connection
     /// ([`crate::http1::client`]); boxed, it keeps the enum small.
     Http1(Box<ResponseBody>),
-    /// An HTTP/2 stream's body (from a client or a backend), streamed through.
+    /// An HTTP/2 stream's body (from a client or a backend), streamed through:
+    /// window is given back as each frame is taken, so what it holds is what the
+    /// other side has not yet taken.
     Http2 {
         recv: RecvStream,
-        data_done: bool,
         /// A client's request: its errors are the client's ([`ClientBodyError`]).
         from_client: bool,
     },
@@ -93,7 +94,6 @@ impl RequestBody for RecvStream {
     fn into_request_body(self) -> ProxyBody {
         ProxyBody::Http2 {
             recv: self,
-            data_done: false,
             from_client: true,
         }
     }
@@ -117,7 +117,6 @@ impl From<RecvStream> for ProxyBody {
     fn from(recv: RecvStream) -> Self {
         Self::Http2 {
             recv,
-            data_done: false,
             from_client: false,
         }
     }
@@ -150,15 +149,11 @@ impl Body for ProxyBody {
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             ProxyBody::Http1(body) => Pin::new(&mut **body).poll_frame(cx),
-            ProxyBody::Http2 {
-                recv,
-                data_done,
-                from_client,
-            } => {
-                let frame = ready!(poll_http2(recv, data_done, cx));
+            ProxyBody::Http2 { recv, from_client } => {
+                let frame = ready!(Pin::new(recv).poll_frame(cx));
                 Poll::Ready(match frame {
-                    Some(Err(e)) if *from_client => Some(Err(ClientBodyError(e).into())),
-                    frame => frame,
+                    Some(Err(e)) if *from_client => Some(Err(ClientBodyError(e.into()).into())),
+                    frame => frame.map(|f| f.map_err(Into::into)),
                 })
             }
         }
@@ -184,39 +179,8 @@ impl Body for ProxyBody {
             ProxyBody::Incoming(body) | ProxyBody::Request(body) => body.size_hint(),
             ProxyBody::Pooled { body, .. } => body.size_hint(),
             ProxyBody::Http1(body) => body.size_hint(),
-            ProxyBody::Http2 { recv, .. } if recv.is_end_stream() => SizeHint::with_exact(0),
-            // Its content-length, if any, travels as a header.
-            ProxyBody::Http2 { .. } => SizeHint::default(),
+            ProxyBody::Http2 { recv, .. } => recv.size_hint(),
         }
-    }
-}
-
-/// Data, then trailers. Window is given back as each frame is taken: the body is
-/// not buffered here, so what it holds is what the other side has not yet taken.
-fn poll_http2(
-    recv: &mut RecvStream,
-    data_done: &mut bool,
-    cx: &mut Context<'_>,
-) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-    if !*data_done {
-        match ready!(recv.poll_data(cx)) {
-            Some(Ok(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-            Some(Err(e)) => return Poll::Ready(early_end(e)),
-            None => *data_done = true,
-        }
-    }
-    match ready!(recv.poll_trailers(cx)) {
-        Ok(trailers) => Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t)))),
-        Err(e) => Poll::Ready(early_end(e)),
-    }
-}
-
-/// A reset with NO_ERROR ends a body early without failing it (RFC 9113 §8.1: the
-/// server answered without needing the rest of the request).
-fn early_end(e: http2::Error) -> Option<Result<Frame<Bytes>, BoxError>> {
-    match e {
-        http2::Error::Reset(http2::Reason::NO_ERROR) => None,
-        _ => Some(Err(e.into())),
     }
 }
 

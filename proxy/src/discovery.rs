@@ -17,6 +17,7 @@ use tandem_proto::discovery::v1 as pb;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 use crate::destination::{Destination, Resolution};
 use crate::endpoint::{EndpointMeta, Locality, locality_from_proto};
@@ -153,15 +154,19 @@ impl DiscoveryClient {
         let (views, views_rx) = watch::channel(None);
         let manager = Manager::new(destination.clone(), self.settings.clone());
         let evicted = destination.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = manager.run(views_rx) => {}
-                _ = evicted.evicted() => {}
+        let span = crate::manager::span(destination);
+        tokio::spawn(
+            async move {
+                tokio::select! {
+                    _ = manager.run(views_rx) => {}
+                    _ = evicted.evicted() => {}
+                }
             }
-        });
+            .instrument(span.clone()),
+        );
         let this = self.clone();
         let destination = destination.clone();
-        tokio::spawn(async move { this.watch(&destination, views).await });
+        tokio::spawn(async move { this.watch(&destination, views).await }.instrument(span));
     }
 
     /// Ends when the manager is gone (the destination was evicted).
@@ -178,7 +183,7 @@ impl DiscoveryClient {
             };
             match end {
                 StreamEnd::Unknown(message) => {
-                    tracing::debug!(destination = destination.name(), %message, "unknown destination");
+                    tracing::debug!(reason = %message, "unknown destination");
                     destination.set(Resolution::Unknown(message));
                 }
                 StreamEnd::Broken(message) => {
@@ -190,17 +195,14 @@ impl DiscoveryClient {
                         // Keep serving what we know.
                         Resolution::Ready(_) | Resolution::Unknown(_) => {}
                     }
-                    tracing::warn!(destination = destination.name(), error = %message, "discovery stream broke; keeping the last-known backends and reconnecting");
+                    tracing::warn!(error = %message, "discovery stream broke; keeping the last-known backends and reconnecting");
                 }
                 StreamEnd::Rejected(reason) => {
                     self.metrics.discovery_updates_rejected.inc();
-                    tracing::error!(destination = destination.name(), %reason, "rejected a discovery update; keeping the last good backends and resubscribing");
+                    tracing::error!(%reason, "rejected a discovery update; keeping the last good backends and resubscribing");
                 }
                 StreamEnd::Closed => {
-                    tracing::info!(
-                        destination = destination.name(),
-                        "the control plane closed the discovery stream; resubscribing"
-                    );
+                    tracing::info!("the control plane closed the discovery stream; resubscribing");
                 }
             }
             tokio::select! {

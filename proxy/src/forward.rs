@@ -220,24 +220,13 @@ pub fn normalize_name<'b>(authority: &str, buf: &'b mut [u8; 256]) -> Option<&'b
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Whether `name` only describes one connection and must not be forwarded.
-#[inline]
-pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::TE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
-}
-
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, not the
 /// message, and HTTP/2 forbids them. `te: trailers` stays: gRPC needs it end to end.
 /// Most messages carry none, so one pass over the names decides whether to look closer,
 /// and a message `received_over` HTTP/2 needs none: the HTTP/2 code refuses one with
 /// such headers (or `te` other than `trailers`) as malformed before it reaches the proxy.
 fn strip_hop_by_hop(received_over: Version, headers: &mut HeaderMap) {
-    if received_over == Version::HTTP_2 || !headers.keys().any(is_hop_by_hop) {
+    if received_over == Version::HTTP_2 || !headers.keys().any(tandem_h2::is_hop_by_hop) {
         return;
     }
     if let Some(connection) = headers.remove(header::CONNECTION)

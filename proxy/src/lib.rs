@@ -22,9 +22,11 @@ pub mod endpoint;
 pub mod forward;
 pub mod http1;
 pub mod http2;
+pub mod init;
 pub mod inspect;
 pub mod manager;
 pub mod metrics;
+pub mod original_dst;
 pub mod policy;
 pub mod rewind;
 pub mod server;
@@ -32,7 +34,7 @@ pub mod tls;
 pub mod upgrade;
 pub mod upstream;
 
-pub use app::{Args, Error, run, run_blocking};
+pub use app::{Args, Cli, Command, Error, main, run, run_blocking};
 /// The balancer is a crate of its own (`tandem-balancer`, std only); re-exported for
 /// code that reaches it through the proxy.
 pub use tandem_balancer as balancer;

@@ -9,7 +9,7 @@ use clap::Parser;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() {
-    if let Err(error) = tandem_proxy::run_blocking(tandem_proxy::Args::parse()) {
+    if let Err(error) = tandem_proxy::main(tandem_proxy::Cli::parse()) {
         eprintln!("error: {error}");
         std::process::exit(1);
     }

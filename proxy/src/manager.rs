@@ -39,6 +39,22 @@ pub struct OutlierConfig {
     pub max_ejection_percent: f64,
 }
 
+impl OutlierConfig {
+    /// How many of `total` endpoints may be ejected at once: the configured share,
+    /// rounded down, but always at least one.
+    pub fn max_ejected(&self, total: usize) -> usize {
+        ((total as f64 * self.max_ejection_percent / 100.0).floor() as usize).max(1)
+    }
+
+    /// How long an endpoint's `times`-th ejection in a row lasts: the base time that
+    /// many times, up to the maximum (never below the base).
+    pub fn ejection_time(&self, times: u32) -> Duration {
+        self.base_ejection_time
+            .saturating_mul(times)
+            .min(self.max_ejection_time.max(self.base_ejection_time))
+    }
+}
+
 impl Default for OutlierConfig {
     fn default() -> Self {
         Self {
@@ -56,6 +72,13 @@ pub struct ManagerSettings {
     pub balancer: BalancerConfig,
     pub outlier: OutlierConfig,
     pub locality: Arc<ProxyLocality>,
+}
+
+/// The span of a destination's tasks (its discovery watch and its manager), so that
+/// their log lines name it. A root span: the request that happened to create the
+/// destination is not what its tasks are about.
+pub fn span(destination: &Destination) -> tracing::Span {
+    tracing::info_span!(parent: None, "destination", destination = %destination.name())
 }
 
 /// How often the set is rebuilt while an endpoint ramps up (slow start).
@@ -229,7 +252,6 @@ impl Manager {
             self.seed,
         );
         tracing::debug!(
-            destination = self.destination.name(),
             version = set.version,
             endpoints = set.backends.len(),
             pickable = set.balancer.pickable(),
@@ -248,7 +270,7 @@ impl Manager {
             .values()
             .filter(|t| t.ejected_until.is_some())
             .count();
-        let limit = ((total as f64 * outlier.max_ejection_percent / 100.0).floor() as usize).max(1);
+        let limit = outlier.max_ejected(total);
         let Some(tracked) = self.endpoints.get_mut(&addr) else {
             return false;
         };
@@ -256,7 +278,7 @@ impl Manager {
             return false;
         }
         if ejected >= limit {
-            tracing::debug!(destination = self.destination.name(), %addr, limit, "not ejecting: the ejection limit is reached");
+            tracing::debug!(%addr, limit, "not ejecting: the ejection limit is reached");
             tracked.state.reset_failures();
             return false;
         }
@@ -268,15 +290,13 @@ impl Manager {
             tracked.times_ejected = 0;
         }
         tracked.times_ejected += 1;
-        let duration = (outlier.base_ejection_time * tracked.times_ejected)
-            .min(outlier.max_ejection_time.max(outlier.base_ejection_time));
+        let duration = outlier.ejection_time(tracked.times_ejected);
         tracked.ejected_until = Some(now + duration);
         self.destination
             .stats
             .ejections
             .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
-            destination = self.destination.name(),
             endpoint = %addr,
             failures = outlier.consecutive_failures,
             ejected_for = ?duration,
@@ -306,14 +326,14 @@ impl Manager {
             if c.failed && c.successes >= check.healthy_threshold {
                 c.failed = false;
                 tracked.healthy_since = Some(now);
-                tracing::info!(destination = self.destination.name(), endpoint = %addr, "health checks pass again");
+                tracing::info!(endpoint = %addr, "health checks pass again");
             }
         } else {
             c.failures += 1;
             c.successes = 0;
             if !c.failed && c.failures >= check.unhealthy_threshold {
                 c.failed = true;
-                tracing::warn!(destination = self.destination.name(), endpoint = %addr, path = %check.path, "health checks fail; out of rotation");
+                tracing::warn!(endpoint = %addr, path = %check.path, "health checks fail; out of rotation");
             }
         }
         was_failed != c.failed
@@ -353,7 +373,7 @@ impl Manager {
                 tracked.last_ejection_end = Some(now);
                 tracked.healthy_since = Some(now);
                 tracked.state.reset_failures();
-                tracing::info!(destination = self.destination.name(), endpoint = %addr, "ejection ended; back in rotation");
+                tracing::info!(endpoint = %addr, "ejection ended; back in rotation");
                 rebuild = true;
             }
             if let (Some(w), Some(since)) = (window, tracked.healthy_since)
@@ -402,4 +422,253 @@ async fn probe(addr: SocketAddr, check: HealthCheck) -> (SocketAddr, bool) {
         Ok(Some(true))
     );
     (addr, ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::ProxyLocality;
+    use crate::endpoint::EndpointMeta;
+
+    const BASE: Duration = Duration::from_secs(30);
+
+    fn outlier(max_ejection_percent: f64) -> OutlierConfig {
+        OutlierConfig {
+            consecutive_failures: 5,
+            base_ejection_time: BASE,
+            max_ejection_time: Duration::from_secs(100),
+            max_ejection_percent,
+        }
+    }
+
+    /// A manager of `n` endpoints, all healthy, with no timer or socket of its own:
+    /// the tests hand it the time and the failures' reports.
+    fn manager(outlier: OutlierConfig, n: u8) -> (Manager, Vec<SocketAddr>) {
+        let settings = Arc::new(ManagerSettings {
+            upstream: Arc::new(UpstreamSettings::default()),
+            balancer: BalancerConfig::default(),
+            outlier,
+            locality: Arc::new(ProxyLocality::new(None)),
+        });
+        let addrs: Vec<SocketAddr> = (1..=n)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
+            .collect();
+        let view = ServiceView {
+            service: "web".into(),
+            endpoints: addrs
+                .iter()
+                .map(|a| (*a, EndpointMeta::static_backend(*a)))
+                .collect(),
+            ..Default::default()
+        };
+        let destination = Destination::new("web:80", Resolution::Pending);
+        let mut manager = Manager::new(destination, settings);
+        manager.apply_view(view, true);
+        manager.rebuild(Instant::now());
+        (manager, addrs)
+    }
+
+    impl Manager {
+        /// `n` failed requests to `addr`, as the request path counts them.
+        fn fail(&self, addr: SocketAddr, n: u32) {
+            for _ in 0..n {
+                self.endpoints[&addr].state.failed();
+            }
+        }
+
+        fn succeed(&self, addr: SocketAddr) {
+            self.endpoints[&addr].state.succeeded();
+        }
+
+        /// The endpoints the request path reported (each reached the threshold).
+        fn reports(&mut self) -> Vec<SocketAddr> {
+            std::iter::from_fn(|| self.reports_rx.try_recv().ok()).collect()
+        }
+
+        /// Handles the reports as `run` does at `now`; true if any was ejected.
+        fn handle_reports(&mut self, now: Instant) -> bool {
+            let mut ejected = false;
+            for addr in self.reports() {
+                ejected |= self.eject(addr, now);
+            }
+            if ejected {
+                self.rebuild(now);
+            }
+            ejected
+        }
+
+        fn ejected_until(&self, addr: SocketAddr) -> Option<Instant> {
+            self.endpoints[&addr].ejected_until
+        }
+
+        /// Whether the backend set the request path reads has `addr` ejected.
+        fn ejected_in_set(&self, addr: SocketAddr) -> bool {
+            let Resolution::Ready(set) = &**self.destination.resolution() else {
+                panic!("no backend set");
+            };
+            let i = set
+                .backends
+                .iter()
+                .position(|b| b.meta.address == addr)
+                .unwrap();
+            set.local[i].ejected
+        }
+
+        fn ejections(&self) -> u64 {
+            self.destination.stats.ejections.load(Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn consecutive_failures_reaching_the_threshold_eject() {
+        let (mut m, addrs) = manager(outlier(100.0), 3);
+        let (a, now) = (addrs[0], Instant::now());
+        m.fail(a, 4);
+        assert!(m.reports().is_empty(), "4 failures are below the threshold");
+        m.fail(a, 1);
+        assert_eq!(m.reports(), [a], "the 5th is reported");
+        m.fail(a, 3);
+        assert!(
+            m.reports().is_empty(),
+            "reported once, not at every failure"
+        );
+
+        assert!(m.eject(a, now));
+        m.rebuild(now);
+        assert_eq!(m.ejected_until(a), Some(now + BASE));
+        assert!(m.ejected_in_set(a));
+        assert!(!m.ejected_in_set(addrs[1]));
+        assert_eq!(m.ejections(), 1);
+        // A report about an endpoint already out changes nothing.
+        assert!(!m.eject(a, now + Duration::from_secs(1)));
+        assert_eq!(m.ejected_until(a), Some(now + BASE));
+        assert_eq!(m.ejections(), 1);
+    }
+
+    #[test]
+    fn a_success_resets_the_count() {
+        let (mut m, addrs) = manager(outlier(100.0), 2);
+        let a = addrs[0];
+        m.fail(a, 4);
+        m.succeed(a);
+        m.fail(a, 4);
+        assert!(
+            m.reports().is_empty(),
+            "4 + 4 failures with a success between"
+        );
+        m.fail(a, 1);
+        assert_eq!(m.reports(), [a], "5 in a row");
+    }
+
+    #[test]
+    fn an_ejected_endpoint_comes_back_when_its_time_is_up() {
+        let (mut m, addrs) = manager(outlier(100.0), 2);
+        let (a, start) = (addrs[0], Instant::now());
+        m.fail(a, 5);
+        assert!(m.handle_reports(start));
+        assert_eq!(
+            m.next_timer(),
+            Some(start + BASE),
+            "the timer is its return"
+        );
+
+        assert!(!m.on_timer(start + BASE - Duration::from_millis(1)));
+        assert!(m.ejected_until(a).is_some(), "not before its time");
+
+        assert!(m.on_timer(start + BASE), "back: the set is rebuilt");
+        m.rebuild(start + BASE);
+        assert_eq!(m.ejected_until(a), None);
+        assert!(!m.ejected_in_set(a));
+        assert_eq!(m.next_timer(), None);
+        // It starts counting afresh: failures from before the ejection are gone.
+        m.fail(a, 4);
+        assert!(m.reports().is_empty());
+        m.fail(a, 1);
+        assert_eq!(m.reports(), [a]);
+    }
+
+    #[test]
+    fn ejection_time_grows_with_each_ejection_up_to_the_max() {
+        let (mut m, addrs) = manager(outlier(100.0), 2);
+        let a = addrs[0];
+        let mut now = Instant::now();
+        // Ejected again one second after each return: 30 s, 60 s, 90 s, then the max.
+        for expected in [30, 60, 90, 100, 100] {
+            m.fail(a, 5);
+            assert!(m.handle_reports(now));
+            let until = m.ejected_until(a).unwrap();
+            assert_eq!(until - now, Duration::from_secs(expected));
+            assert!(m.on_timer(until));
+            now = until + Duration::from_secs(1);
+        }
+        assert_eq!(m.ejections(), 5);
+
+        // In rotation for base × times ejected (here: 5 × 30 s) since its last
+        // return: it starts over at the base time.
+        let back = now - Duration::from_secs(1);
+        now = back + BASE * 5;
+        m.fail(a, 5);
+        assert!(m.handle_reports(now));
+        assert_eq!(m.ejected_until(a).unwrap() - now, BASE);
+    }
+
+    #[test]
+    fn never_more_than_the_max_ejection_percent_but_always_one() {
+        // 10% of 10: one at a time.
+        let (mut m, addrs) = manager(outlier(10.0), 10);
+        let now = Instant::now();
+        m.fail(addrs[0], 5);
+        assert!(m.handle_reports(now));
+        m.fail(addrs[1], 5);
+        assert!(!m.handle_reports(now), "a second would be 20%");
+        assert_eq!(m.ejected_until(addrs[1]), None);
+        assert!(!m.ejected_in_set(addrs[1]));
+        assert_eq!(m.ejections(), 1);
+        // Its count starts over: it is reported again after 5 more failures, and is
+        // ejected once the first is back.
+        m.fail(addrs[1], 4);
+        assert!(m.reports().is_empty());
+        assert!(m.on_timer(now + BASE));
+        m.fail(addrs[1], 1);
+        assert!(m.handle_reports(now + BASE));
+        assert!(m.ejected_until(addrs[1]).is_some());
+
+        // 10% of 3 rounds down to none, but one is always allowed.
+        let (mut m, addrs) = manager(outlier(10.0), 3);
+        for a in &addrs {
+            m.fail(*a, 5);
+        }
+        assert!(m.handle_reports(now));
+        let out = addrs.iter().filter(|a| m.ejected_until(**a).is_some());
+        assert_eq!(out.count(), 1);
+
+        // 30% of 10: three.
+        let (mut m, addrs) = manager(outlier(30.0), 10);
+        for a in &addrs {
+            m.fail(*a, 5);
+        }
+        m.handle_reports(now);
+        let out = addrs.iter().filter(|a| m.ejected_until(**a).is_some());
+        assert_eq!(out.count(), 3);
+        assert_eq!(m.ejections(), 3);
+    }
+
+    #[test]
+    fn the_limit_and_the_times_as_numbers() {
+        let o = outlier(10.0);
+        assert_eq!(
+            [1, 3, 9, 10, 19, 20, 100].map(|n| o.max_ejected(n)),
+            [1, 1, 1, 1, 1, 2, 10]
+        );
+        assert_eq!(outlier(100.0).max_ejected(4), 4);
+        assert_eq!(outlier(0.0).max_ejected(4), 1);
+        let secs = |times| o.ejection_time(times).as_secs();
+        assert_eq!([1, 2, 3, 4, 1000].map(secs), [30, 60, 90, 100, 100]);
+        // A maximum below the base: the base.
+        let short = OutlierConfig {
+            max_ejection_time: Duration::from_secs(10),
+            ..o
+        };
+        assert_eq!(short.ejection_time(3), BASE);
+    }
 }

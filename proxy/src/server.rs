@@ -17,6 +17,8 @@ use tandem_common::Shutdown;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+use tracing::field::display;
 
 use crate::connections::{ConnControl, Connections, Limits, Managed, Phase, Tracked};
 use crate::forward::Forwarder;
@@ -81,6 +83,9 @@ impl Server {
         let sweeper = tokio::spawn(connections.clone().sweep());
         let hyper = Arc::new(hyper_http1());
         let mut accept_errors = AcceptErrors::default();
+        let local = listener
+            .local_addr()
+            .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -107,14 +112,27 @@ impl Server {
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let hyper = hyper.clone();
-            tokio::spawn(async move {
-                this.metrics.connections.inc();
-                this.metrics.open_connections.inc();
-                this.connection(stream, guard.control(), &hyper).await;
-                this.metrics.open_connections.dec();
-                drop(guard);
-                tracing::trace!(%peer, "connection closed");
-            });
+            // One span per connection (not per request): every line logged while
+            // serving it names its peer. Debug, as all of the connection's own lines
+            // are: at info, it is never built.
+            let span = tracing::debug_span!(
+                "connection",
+                %peer,
+                listener = %local,
+                tls = self.tls.is_some(),
+                protocol = tracing::field::Empty,
+            );
+            tokio::spawn(
+                async move {
+                    this.metrics.connections.inc();
+                    this.metrics.open_connections.inc();
+                    this.connection(stream, guard.control(), &hyper).await;
+                    this.metrics.open_connections.dec();
+                    drop(guard);
+                    tracing::trace!("connection closed");
+                }
+                .instrument(span),
+            );
         }
         drop(listener);
         tracing::info!(grace = ?self.grace, "draining open connections");
@@ -143,8 +161,12 @@ impl Server {
             let mut io = Tracked::new(stream, control.clone());
             let mut buf = BytesMut::with_capacity(CLIENT_BUFFER);
             match detect(&mut io, &mut buf, control).await {
-                Detected::Http1 => self.http1(io, buf, control, hyper).await,
+                Detected::Http1 => {
+                    tracing::Span::current().record("protocol", display("http1"));
+                    self.http1(io, buf, control, hyper).await
+                }
                 Detected::Http2 => {
+                    tracing::Span::current().record("protocol", display("http2"));
                     control.set_phase(Phase::Multiplexed);
                     let io = Rewind::new(io, buf.freeze());
                     crate::http2::serve(&self.forwarder, control, io).await;
@@ -185,7 +207,10 @@ impl Server {
             }
         };
         self.tls_result("ok");
-        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let protocol = if h2 { "http2" } else { "http1" };
+        tracing::Span::current().record("protocol", display(protocol));
+        if h2 {
             control.set_phase(Phase::Multiplexed);
             crate::http2::serve(&self.forwarder, control, tls).await;
         } else {

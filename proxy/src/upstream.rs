@@ -33,6 +33,7 @@ use crate::clock;
 use crate::http1::SendFailure;
 use crate::http1::client;
 use crate::http2::client::{Http2Connection, Http2Error};
+use crate::http2::request_body_failed;
 
 /// How long a pooled HTTP/1 connection may take to become ready before it is given up.
 const READY_WAIT: Duration = Duration::from_millis(250);
@@ -131,7 +132,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect(error) => connect_fault(error),
             UpstreamError::Request(error) if ClientBodyError::caused(error) => Fault::Client,
-            UpstreamError::Http2(Http2Error::Failed(error)) if error.request_body_failed() => {
+            UpstreamError::Http2(Http2Error::Failed(error)) if request_body_failed(error) => {
                 Fault::Client
             }
             UpstreamError::Http1(failure) => failure.fault(),

@@ -30,11 +30,13 @@ async fn proxy_keeps_routing_without_the_control_plane_and_resubscribes() {
         // proxy picks it up by resubscribing.
         let third = backend("instance-3").await;
         let endpoints = [
-            (mesh.backends[0].addr("http"), 1),
-            (mesh.backends[1].addr("http"), 1),
-            (third.addr("http"), 1),
+            mesh.backends[0].addr("http"),
+            mesh.backends[1].addr("http"),
+            third.addr("http"),
         ];
-        replace_file(&mesh.file, &services_yaml("web", 80, &endpoints));
+        Services::new()
+            .service(Service::new("web", 80).endpoints(endpoints))
+            .replace(&mesh.file);
         mesh.control_plane = control_plane_on(&mesh.file, &discovery.to_string()).await;
         eventually(
             Duration::from_secs(20),

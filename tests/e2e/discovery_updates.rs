@@ -71,14 +71,9 @@ async fn edits_reach_the_proxy_within_a_second_without_failing_requests() {
 
         // Add instance-3.
         let added_at = Instant::now();
-        replace_file(
-            &mesh.file,
-            &services_yaml(
-                "web",
-                80,
-                &[(addr(0), 1), (addr(1), 1), (third.addr("http"), 1)],
-            ),
-        );
+        Services::new()
+            .service(Service::new("web", 80).endpoints([addr(0), addr(1), third.addr("http")]))
+            .replace(&mesh.file);
         let first_hit = eventually(Duration::from_secs(5), "instance-3 to get traffic", || {
             let observed = observed.clone();
             async move {
@@ -97,10 +92,9 @@ async fn edits_reach_the_proxy_within_a_second_without_failing_requests() {
         );
 
         // Remove instance-1.
-        replace_file(
-            &mesh.file,
-            &services_yaml("web", 80, &[(addr(1), 1), (third.addr("http"), 1)]),
-        );
+        Services::new()
+            .service(Service::new("web", 80).endpoints([addr(1), third.addr("http")]))
+            .replace(&mesh.file);
         let admin = mesh.proxy.addr("admin");
         let gone = addr(0).to_string();
         eventually(
@@ -152,22 +146,41 @@ async fn a_malformed_edit_is_reported_with_its_line_and_changes_nothing() {
         let mesh = Mesh::start("malformed", &[1, 1]).await;
         let a = mesh.backends[0].addr("http");
         let b = mesh.backends[1].addr("http");
-        // Line 7 has a broken address.
-        replace_file(
-            &mesh.file,
-            &format!(
-                "services:\n  - name: web\n    namespace: default\n    port: 80\n    endpoints:\n      - {{address: \"{a}\"}}\n      - {{address: \"127.0.0.1:not-a-port\"}}\n"
-            ),
-        );
-        eventually(Duration::from_secs(5), "the control plane to log the rejected edit", || async {
-            let log = mesh.control_plane.log_text();
-            log.lines()
-                .find(|l| l.contains("rejected an edit") && l.contains("line 7") && l.contains("invalid socket address"))
-                .map(|_| ())
-        })
+        // One line has a broken address.
+        let broken = Services::new()
+            .service(
+                Service::new("web", 80)
+                    .namespace("default")
+                    .endpoint(a)
+                    .endpoint(Endpoint::new("127.0.0.1:not-a-port")),
+            )
+            .yaml();
+        let line = 1 + broken
+            .lines()
+            .position(|l| l.contains("not-a-port"))
+            .unwrap();
+        let at_line = format!("line {line}");
+        replace_file(&mesh.file, &broken);
+        eventually(
+            Duration::from_secs(5),
+            "the control plane to log the rejected edit",
+            || async {
+                let log = mesh.control_plane.log_text();
+                log.lines()
+                    .find(|l| {
+                        l.contains("rejected an edit")
+                            && l.contains(&at_line)
+                            && l.contains("invalid socket address")
+                    })
+                    .map(|_| ())
+            },
+        )
         .await;
         let cp_metrics = admin_get(mesh.control_plane.addr("admin"), "/metrics").await;
-        assert!(cp_metrics.contains("tandem_control_plane_source_up 0"), "{cp_metrics}");
+        assert!(
+            cp_metrics.contains("tandem_control_plane_source_up 0"),
+            "{cp_metrics}"
+        );
 
         // The proxy still balances over the last good set.
         let mut conn = mesh.connect().await;
@@ -175,7 +188,9 @@ async fn a_malformed_edit_is_reported_with_its_line_and_changes_nothing() {
         assert_eq!(counts(&seen).len(), 2, "{seen:?}");
 
         // Fixing the file resumes updates.
-        replace_file(&mesh.file, &services_yaml("web", 80, &[(b, 1)]));
+        Services::new()
+            .service(Service::new("web", 80).endpoint(b))
+            .replace(&mesh.file);
         eventually(Duration::from_secs(5), "the fixed file to apply", || {
             let proxy = mesh.proxy_addr();
             async move {
@@ -202,13 +217,13 @@ async fn a_file_of_100000_endpoints_is_served_whole() {
         const N: u32 = 100_000;
         let dir = TestDir::new("100k");
         let file = dir.path("services.yaml");
-        let endpoints: Vec<(SocketAddr, u32)> = (0..N)
-            .map(|i| {
-                let [_, a, b, c] = i.to_be_bytes();
-                (SocketAddr::from(([10, a, b, c], 8080)), 1)
-            })
-            .collect();
-        std::fs::write(&file, services_yaml("web", 80, &endpoints)).expect("write services");
+        let endpoints = (0..N).map(|i| {
+            let [_, a, b, c] = i.to_be_bytes();
+            SocketAddr::from(([10, a, b, c], 8080))
+        });
+        Services::new()
+            .service(Service::new("web", 80).endpoints(endpoints))
+            .write(&file);
         let control_plane = control_plane(&file).await;
 
         // What a proxy would get, as `tandem endpoints` shows it.
@@ -242,7 +257,9 @@ async fn restoring_the_last_good_file_after_a_bad_edit_clears_the_alarm() {
     bounded(LIMIT, async {
         let dir = TestDir::new("restore");
         let file = dir.path("services.yaml");
-        let good = services_yaml("web", 80, &[("127.0.0.1:9001".parse().unwrap(), 1)]);
+        let good = Services::new()
+            .service(Service::new("web", 80).endpoint(Endpoint::new("127.0.0.1:9001")))
+            .yaml();
         std::fs::write(&file, &good).expect("write services");
         let control_plane = control_plane(&file).await;
         let admin = control_plane.addr("admin");

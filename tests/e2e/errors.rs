@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use tandem::client::Connection;
 use tandem_proto::demo::v1 as demo;
 
@@ -16,14 +17,13 @@ async fn unknown_destination_and_empty_service_are_told_apart() {
         let dir = TestDir::new("errors");
         let live = backend("instance-1").await;
         let file = dir.path("services.yaml");
-        std::fs::write(
-            &file,
-            format!(
-                "services:\n  - name: empty\n    port: 80\n    endpoints: []\n  - name: draining\n    port: 80\n    endpoints:\n      - {{address: \"{}\", health: draining}}\n",
-                live.addr("http")
-            ),
-        )
-        .unwrap();
+        Services::new()
+            .service(Service::new("empty", 80))
+            .service(
+                Service::new("draining", 80)
+                    .endpoint(Endpoint::new(live.addr("http")).health(Health::Draining)),
+            )
+            .write(&file);
         let cp = control_plane(&file).await;
         let proxy = proxy(cp.addr("discovery"), &[]).await;
         let mut conn = Connection::http1(proxy.addr("proxy")).await.unwrap();
@@ -36,24 +36,39 @@ async fn unknown_destination_and_empty_service_are_told_apart() {
         let start = Instant::now();
         let reply = conn.get("empty", "/").await.unwrap();
         assert_eq!(reply.status, 503);
-        assert!(reply.text().contains("has no endpoints"), "{}", reply.text());
-        assert!(start.elapsed() < Duration::from_secs(1), "503 must come at once");
+        assert!(
+            reply.text().contains("has no endpoints"),
+            "{}",
+            reply.text()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "503 must come at once"
+        );
         let start = Instant::now();
         let reply = conn.get("empty", "/").await.unwrap();
         assert_eq!(reply.status, 503);
-        assert!(start.elapsed() < Duration::from_millis(200), "and stay immediate");
+        assert!(
+            start.elapsed() < Duration::from_millis(200),
+            "and stay immediate"
+        );
 
         let reply = conn.get("draining", "/").await.unwrap();
         assert_eq!(reply.status, 503);
-        assert!(reply.text().contains("no healthy endpoints"), "{}", reply.text());
+        assert!(
+            reply.text().contains("no healthy endpoints"),
+            "{}",
+            reply.text()
+        );
 
         // gRPC callers get a gRPC status, not an HTML-ish page.
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.addr("proxy")))
-            .unwrap()
-            .origin("http://nope:80".parse().unwrap())
-            .connect()
-            .await
-            .unwrap();
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.addr("proxy")))
+                .unwrap()
+                .origin("http://nope:80".parse().unwrap())
+                .connect()
+                .await
+                .unwrap();
         let status = demo::greeter_client::GreeterClient::new(channel)
             .say_hello(demo::HelloRequest::default())
             .await
@@ -75,11 +90,9 @@ async fn unreachable_endpoint_is_skipped_before_the_request_is_sent() {
             .local_addr()
             .unwrap();
         let file = dir.path("services.yaml");
-        std::fs::write(
-            &file,
-            services_yaml("web", 80, &[(live.addr("http"), 1), (dead, 1)]),
-        )
-        .unwrap();
+        Services::new()
+            .service(Service::new("web", 80).endpoints([live.addr("http"), dead]))
+            .write(&file);
         let cp = control_plane(&file).await;
         let proxy = proxy(cp.addr("discovery"), &[]).await;
         let mut conn = Connection::http1(proxy.addr("proxy")).await.unwrap();
@@ -109,7 +122,7 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
         assert!(metrics.contains("tandem_proxy_response_latency_seconds_bucket{"), "{metrics}");
         assert!(metrics.contains("tandem_proxy_response_latency_seconds_count{direction=\"outbound\",destination=\"web:80\""));
         assert!(metrics.contains("process_resident_memory_bytes"));
-        let config: serde_json::Value = serde_json::from_str(&admin_get(admin, "/config").await).unwrap();
+        let config = config(admin).await;
         let web = &config["destinations"][0];
         assert_eq!(web["name"], "web:80");
         assert_eq!(web["service"], "web.default.svc.cluster.local:80");
@@ -158,7 +171,7 @@ async fn proxy_is_not_ready_until_the_control_plane_answers() {
         // Now start the control plane on that port: the proxy becomes ready by itself.
         let dir = TestDir::new("ready");
         let file = dir.path("services.yaml");
-        std::fs::write(&file, "services: []\n").unwrap();
+        Services::new().write(&file);
         let _cp = control_plane_on(&file, &port.to_string()).await;
         wait_ready(admin).await;
     })
@@ -200,26 +213,94 @@ async fn locality_comes_from_the_control_plane_and_the_flag_overrides_it() {
     bounded(LIMIT, async {
         let dir = TestDir::new("locality");
         let file = dir.path("services.yaml");
-        std::fs::write(
-            &file,
-            "services: []\nnodes:\n  - {name: node-a, region: region-1, zone: zone-a}\n",
-        )
-        .unwrap();
+        Services::new()
+            .node(Node::new("node-a").region("region-1").zone("zone-a"))
+            .write(&file);
         let cp = control_plane(&file).await;
         let told = proxy(cp.addr("discovery"), &["--node", "node-a"]).await;
-        let config: serde_json::Value =
-            serde_json::from_str(&admin_get(told.addr("admin"), "/config").await).unwrap();
-        assert_eq!(config["locality"]["region"], "region-1", "{config}");
-        assert_eq!(config["locality"]["zone"], "zone-a", "{config}");
+        let cfg = config(told.addr("admin")).await;
+        assert_eq!(cfg["locality"]["region"], "region-1", "{cfg}");
+        assert_eq!(cfg["locality"]["zone"], "zone-a", "{cfg}");
 
         let overridden = proxy(
             cp.addr("discovery"),
             &["--node", "node-a", "--locality", "region-2/zone-x"],
         )
         .await;
-        let config: serde_json::Value =
-            serde_json::from_str(&admin_get(overridden.addr("admin"), "/config").await).unwrap();
-        assert_eq!(config["locality"]["zone"], "zone-x", "{config}");
+        let cfg = config(overridden.addr("admin")).await;
+        assert_eq!(cfg["locality"]["zone"], "zone-x", "{cfg}");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn log_lines_name_their_client_connection_and_their_destination() {
+    bounded(LIMIT, async {
+        let dir = TestDir::new("log-spans");
+        // A port nothing listens on: bind, note it, close.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let file = dir.path("services.yaml");
+        Services::new()
+            .service(Service::new("web", 80).endpoint(dead))
+            .write(&file);
+        let cp = control_plane(&file).await;
+        let proxy = proxy_logging(
+            cp.addr("discovery"),
+            &["--log-format", "json"],
+            "info,tandem_proxy=debug",
+        )
+        .await;
+        let listener = proxy.addr("proxy");
+        let mut client = Raw::connect(listener).await;
+        let peer = client.stream.local_addr().unwrap().to_string();
+        client.send(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").await;
+        assert_eq!(client.response(false).await.status, 502);
+        client.send(b"GET / HTTP/1.1\r\nHost: nope\r\n\r\n").await;
+        assert_eq!(client.response(false).await.status, 404);
+
+        // The first JSON log line with `message`, and whatever else `also` wants of it.
+        let line = |message: &'static str, also: fn(&Value) -> bool| {
+            let proxy = &proxy;
+            move || async move {
+                proxy
+                    .log_text()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .find(|l| l["message"] == message && also(l))
+            }
+        };
+        let failed = eventually(
+            STEP,
+            "the failed request's log line",
+            line("upstream request failed", |_| true),
+        )
+        .await;
+        assert_eq!(failed["backend"], dead.to_string(), "{failed}");
+        // Its connection: who, on which listener, how.
+        let span = &failed["span"];
+        assert_eq!(span["name"], "connection", "{failed}");
+        assert_eq!(span["peer"], peer, "{failed}");
+        assert_eq!(span["listener"], listener.to_string(), "{failed}");
+        assert_eq!(span["tls"], false, "{failed}");
+        assert_eq!(span["protocol"], "http1", "{failed}");
+
+        // The destinations' own tasks: each line names its destination.
+        for (message, destination) in [
+            ("backend set rebuilt", "web:80"),
+            ("unknown destination", "nope:80"),
+        ] {
+            let logged = eventually(
+                STEP,
+                message,
+                line(message, |l| l["span"]["name"] == "destination"),
+            )
+            .await;
+            assert_eq!(logged["span"]["destination"], destination, "{logged}");
+            assert!(logged["span"].get("peer").is_none(), "{logged}");
+        }
     })
     .await
 }

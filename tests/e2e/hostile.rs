@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
 use tandem::process::Spawned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -20,38 +19,6 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::support::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-async fn two_backends(proxy_args: &[&str]) -> (Vec<Spawned>, Spawned) {
-    let a = backend("instance-1").await;
-    let b = backend("instance-2").await;
-    let proxy = static_proxy(&[a.addr("http"), b.addr("http")], proxy_args).await;
-    (vec![a, b], proxy)
-}
-
-async fn config(admin: SocketAddr) -> Value {
-    serde_json::from_str(&admin_get(admin, "/config").await).expect("/config is JSON")
-}
-
-/// The sum of every sample of `name` (any labels) in a Prometheus text page.
-fn metric(page: &str, name: &str) -> f64 {
-    page.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// Every endpoint of every destination, from `/config`.
-fn endpoints(config: &Value) -> Vec<Value> {
-    config["destinations"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|d| d["endpoints"].as_array().cloned().unwrap_or_default())
-        .collect()
-}
 
 /// Asserts that no backend was charged with a failure or ejected, and that both
 /// still take requests in turn.
@@ -625,11 +592,7 @@ async fn shutdown_under_load() -> (usize, usize, Vec<String>) {
         .unwrap();
     assert!(status.success());
     let mut proxy = proxy;
-    eventually(Duration::from_secs(30), "the proxy to exit", || {
-        let running = proxy.is_running();
-        async move { (!running).then_some(()) }
-    })
-    .await;
+    wait_exit(&mut proxy, Duration::from_secs(30)).await;
     stop.store(true, Ordering::Relaxed);
     for l in loops {
         l.await.unwrap();

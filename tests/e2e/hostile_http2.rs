@@ -14,8 +14,6 @@ use tokio::net::tcp::OwnedWriteHalf;
 use crate::support::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
-/// How long the proxy has to answer a frame.
-const STEP: Duration = Duration::from_secs(5);
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const HEADERS: u8 = 0x1;

@@ -6,25 +6,15 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tandem::process::Spawned;
-
 use crate::support::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
-/// Two backends and a proxy over them (the backends live as long as the returned Vec).
-async fn two_backends() -> (Vec<Spawned>, Spawned) {
-    let a = backend("instance-1").await;
-    let b = backend("instance-2").await;
-    let proxy = static_proxy(&[a.addr("http"), b.addr("http")], &[]).await;
-    (vec![a, b], proxy)
-}
-
 const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: web\r\n\r\n";
 
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_and_balanced_one_by_one() {
     bounded(LIMIT, async {
-        let (_backends, proxy) = two_backends().await;
+        let (_backends, proxy) = two_backends(&[]).await;
         let mut client = Raw::connect(proxy.addr("proxy")).await;
         // Four requests in one write, the last a HEAD.
         let mut batch = GET.repeat(3);
@@ -50,7 +40,7 @@ async fn pipelined_requests_are_answered_in_order_and_balanced_one_by_one() {
 #[tokio::test]
 async fn one_connection_moves_to_hyper_for_a_chunked_upload_and_keeps_balancing() {
     bounded(LIMIT, async {
-        let (_backends, proxy) = two_backends().await;
+        let (_backends, proxy) = two_backends(&[]).await;
         let mut client = Raw::connect(proxy.addr("proxy")).await;
         client.send(GET).await;
         let first = client.response(false).await;
@@ -83,7 +73,7 @@ async fn one_connection_moves_to_hyper_for_a_chunked_upload_and_keeps_balancing(
 #[tokio::test]
 async fn hop_by_hop_headers_stop_at_the_proxy() {
     bounded(LIMIT, async {
-        let (_backends, proxy) = two_backends().await;
+        let (_backends, proxy) = two_backends(&[]).await;
         let mut client = Raw::connect(proxy.addr("proxy")).await;
         client
             .send(b"GET /headers HTTP/1.1\r\nHost: web\r\nConnection: keep-alive, x-secret\r\nx-secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: gzip\r\nx-app: kept\r\n\r\n")
@@ -105,7 +95,7 @@ async fn hop_by_hop_headers_stop_at_the_proxy() {
 #[tokio::test]
 async fn responses_are_framed_exactly_whatever_their_shape() {
     bounded(LIMIT, async {
-        let (_backends, proxy) = two_backends().await;
+        let (_backends, proxy) = two_backends(&[]).await;
         let mut client = Raw::connect(proxy.addr("proxy")).await;
         for (path, status) in [
             ("/status/204", 204),
@@ -140,7 +130,7 @@ async fn responses_are_framed_exactly_whatever_their_shape() {
 #[tokio::test]
 async fn connection_close_and_malformed_requests_are_handled_like_a_server_would() {
     bounded(LIMIT, async {
-        let (_backends, proxy) = two_backends().await;
+        let (_backends, proxy) = two_backends(&[]).await;
         let mut client = Raw::connect(proxy.addr("proxy")).await;
         client
             .send(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")

@@ -15,7 +15,6 @@ use tokio::task::JoinHandle;
 use crate::support::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
-const STEP: Duration = Duration::from_secs(5);
 
 /// An h2c connection to `addr`, and the task driving it (it ends when the connection does).
 async fn connect(addr: SocketAddr) -> (SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>) {
@@ -68,10 +67,7 @@ async fn wait_in_flight(admin: SocketAddr, some: bool) {
     };
     eventually(Duration::from_secs(5), what, || async {
         let metrics = admin_get(admin, "/metrics").await;
-        let busy = metrics
-            .lines()
-            .filter(|l| l.starts_with("tandem_proxy_requests_in_flight"))
-            .any(|l| !l.ends_with(" 0"));
+        let busy = metric(&metrics, "tandem_proxy_requests_in_flight") > 0.0;
         (busy == some).then_some(())
     })
     .await;
@@ -159,11 +155,7 @@ async fn shutdown_lets_open_streams_finish() {
             .expect("the connection is closed after its last stream")
             .unwrap()
             .expect("closed cleanly, with GOAWAY");
-        eventually(Duration::from_secs(10), "the proxy to exit", || {
-            let running = proxy.is_running();
-            async move { (!running).then_some(()) }
-        })
-        .await;
+        wait_exit(&mut proxy, Duration::from_secs(10)).await;
     })
     .await
 }
@@ -223,8 +215,7 @@ async fn a_burst_beyond_a_backends_stream_limit_waits_instead_of_failing() {
             let (status, instance) = request.await.unwrap().expect("answered");
             assert_eq!((status, instance.as_str()), (StatusCode::OK, "instance-1"));
         }
-        let config: serde_json::Value =
-            serde_json::from_str(&admin_get(proxy.addr("admin"), "/config").await).unwrap();
+        let config = config(proxy.addr("admin")).await;
         let endpoint = &config["destinations"][0]["endpoints"][0];
         assert_eq!(endpoint["http2_connections"], 1, "{endpoint}");
     })

@@ -2,7 +2,6 @@
 //! while it has capacity and spills in proportion when it does not; callers' shares
 //! route by capacity across the region's zones; `tandem simulate` predicts both.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -40,34 +39,21 @@ async fn zone_backends(plan: &[(&'static str, &'static str, usize)]) -> Vec<Ep> 
     out
 }
 
-fn yaml(endpoints: &[Ep], callers: Option<&str>) -> String {
-    let mut y = String::from(
-        "nodes:\n  - {name: node-a, region: region-1, zone: zone-a}\nservices:\n  - name: web\n    port: 80\n",
-    );
-    if let Some(callers) = callers {
-        y.push_str(&format!("    callers: {callers}\n"));
-    }
-    y.push_str("    endpoints:\n");
-    for e in endpoints {
-        y.push_str(&format!(
-            "      - {{address: \"{}\", region: {}, zone: {}}}\n",
-            e.backend.addr("http"),
-            e.region,
-            e.zone
-        ));
-    }
-    y
+/// Service `web` port 80 over `endpoints`, with their localities.
+fn web_service(endpoints: &[Ep]) -> Service {
+    Service::new("web", 80).endpoints(endpoints.iter().map(|e| {
+        Endpoint::new(e.backend.addr("http"))
+            .region(e.region)
+            .zone(e.zone)
+    }))
 }
 
-async fn config(admin: SocketAddr) -> Value {
-    serde_json::from_str(&admin_get(admin, "/config").await).expect("/config is JSON")
+fn node(name: &str, zone: &str) -> Node {
+    Node::new(name).region("region-1").zone(zone)
 }
 
 fn web(config: &Value) -> &Value {
-    config["destinations"]
-        .as_array()
-        .and_then(|d| d.iter().find(|d| d["name"] == "web:80"))
-        .expect("the web destination")
+    destination(config, "web:80").expect("the web destination")
 }
 
 /// `tandem simulate -o json` from a proxy in region-1/zone-a.
@@ -106,7 +92,10 @@ async fn a_zone_keeps_its_traffic_until_it_runs_short_then_spills_to_its_region(
         ])
         .await;
         let file = dir.path("services.yaml");
-        std::fs::write(&file, yaml(&endpoints, None)).unwrap();
+        Services::new()
+            .service(web_service(&endpoints))
+            .node(node("node-a", "zone-a"))
+            .write(&file);
         let cp = control_plane(&file).await;
         // Its locality comes from the control plane (node-a is in zone-a). Ejections last
         // the whole test, and up to half the set may be ejected.
@@ -141,12 +130,7 @@ async fn a_zone_keeps_its_traffic_until_it_runs_short_then_spills_to_its_region(
                         async move {
                             let mut c = Connection::http1(proxy).await.ok()?;
                             instances(&mut c, "web", 10).await;
-                            let cfg = config(admin).await;
-                            let ejected = web(&cfg)["endpoints"]
-                                .as_array()?
-                                .iter()
-                                .any(|e| e["address"] == addr.as_str() && e["ejected"] == true);
-                            ejected.then_some(())
+                            ejected(&config(admin).await, &addr).then_some(())
                         }
                     },
                 )
@@ -181,11 +165,11 @@ async fn callers_shares_route_by_capacity_across_zones() {
         // Upstream capacity 25/50/25 over zones a/b/c of one region; callers 40/40/20.
         let endpoints = zone_backends(&CAPACITY_25_50_25).await;
         let file = dir.path("services.yaml");
-        std::fs::write(
-            &file,
-            yaml(&endpoints, Some("{zone-a: 40, zone-b: 40, zone-c: 20}")),
-        )
-        .unwrap();
+        let callers = [("zone-a", 40.0), ("zone-b", 40.0), ("zone-c", 20.0)];
+        Services::new()
+            .service(web_service(&endpoints).callers(&callers))
+            .node(node("node-a", "zone-a"))
+            .write(&file);
         let cp = control_plane(&file).await;
         let proxy = proxy(cp.addr("discovery"), &["--node", "node-a"]).await;
         let mut conn = Connection::http1(proxy.addr("proxy")).await.unwrap();
@@ -228,15 +212,16 @@ async fn simulate_shows_what_losing_half_a_zone_does() {
     bounded(LIMIT, async {
         let dir = TestDir::new("simulate");
         let file = dir.path("services.yaml");
-        std::fs::write(
-            &file,
-            "services:\n  - name: web\n    port: 80\n    endpoints:\n\
-             \x20     - {address: \"10.0.0.1:80\", region: r1, zone: a}\n\
-             \x20     - {address: \"10.0.0.2:80\", region: r1, zone: a, health: unhealthy}\n\
-             \x20     - {address: \"10.0.1.1:80\", region: r1, zone: b}\n\
-             \x20     - {address: \"10.0.1.2:80\", region: r1, zone: b}\n",
-        )
-        .unwrap();
+        let at = |address: &str, zone: &str| Endpoint::new(address).region("r1").zone(zone);
+        Services::new()
+            .service(
+                Service::new("web", 80)
+                    .endpoint(at("10.0.0.1:80", "a"))
+                    .endpoint(at("10.0.0.2:80", "a").health(Health::Unhealthy))
+                    .endpoint(at("10.0.1.1:80", "b"))
+                    .endpoint(at("10.0.1.2:80", "b")),
+            )
+            .write(&file);
         let output = tokio::process::Command::new(exe())
             .args(["simulate", "--from", "r1/a", "--config"])
             .arg(&file)
@@ -278,11 +263,11 @@ async fn the_control_plane_counts_callers_from_the_proxies_that_use_a_service() 
         // Capacity 25/50/25 over zones a/b/c of one region; `callers: counted`.
         let endpoints = zone_backends(&CAPACITY_25_50_25).await;
         let file = dir.path("services.yaml");
-        let services = yaml(&endpoints, Some("counted")).replace(
-            "nodes:\n  - {name: node-a, region: region-1, zone: zone-a}\n",
-            "nodes:\n  - {name: node-a, region: region-1, zone: zone-a}\n  - {name: node-b, region: region-1, zone: zone-b}\n",
-        );
-        std::fs::write(&file, services).unwrap();
+        Services::new()
+            .service(web_service(&endpoints).counted_callers())
+            .node(node("node-a", "zone-a"))
+            .node(node("node-b", "zone-b"))
+            .write(&file);
         let cp = control_plane(&file).await;
         let discovery = cp.addr("discovery");
         // Two callers in zone-a, one in zone-b.
@@ -296,12 +281,18 @@ async fn the_control_plane_counts_callers_from_the_proxies_that_use_a_service() 
         let mut conn = Connection::http1(a1.addr("proxy")).await.unwrap();
         instances(&mut conn, "web", 1).await;
         let admin = a1.addr("admin");
-        eventually(Duration::from_secs(10), "the counted callers to reach the proxy", || async move {
-            let cfg = config(admin).await;
-            let w = web(&cfg);
-            (w["callers"]["zone-a"] == 2.0 && w["callers"]["zone-b"] == 1.0 && w["mode"] == "zone_aware")
-                .then_some(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the counted callers to reach the proxy",
+            || async move {
+                let cfg = config(admin).await;
+                let w = web(&cfg);
+                (w["callers"]["zone-a"] == 2.0
+                    && w["callers"]["zone-b"] == 1.0
+                    && w["mode"] == "zone_aware")
+                    .then_some(())
+            },
+        )
         .await;
         // Callers 2/3 in a, 1/3 in b, 0 in c against capacity 1/4, 1/2, 1/4: zone-a keeps
         // 0.25 / 0.667 = 37.5%; the rest goes to spare capacity (b: 1/6, c: 1/4) → 25% / 37.5%.

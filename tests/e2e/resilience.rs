@@ -8,40 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::Value;
 use tandem::client::Connection;
 use tokio::sync::Mutex;
 
 use crate::support::*;
 
 const LIMIT: Duration = Duration::from_secs(180);
-
-async fn config(admin: SocketAddr) -> Value {
-    serde_json::from_str(&admin_get(admin, "/config").await).expect("/config is JSON")
-}
-
-fn endpoint<'a>(config: &'a Value, addr: &str) -> Option<&'a Value> {
-    config["destinations"].as_array()?.iter().find_map(|d| {
-        d["endpoints"]
-            .as_array()?
-            .iter()
-            .find(|e| e["address"] == addr)
-    })
-}
-
-fn ejected(config: &Value, addr: &str) -> bool {
-    endpoint(config, addr).is_some_and(|e| e["ejected"] == true)
-}
-
-fn services(name: &str, endpoints: &[(SocketAddr, &str)], extra: &str) -> String {
-    let mut y = format!("services:\n  - name: {name}\n    port: 80\n{extra}    endpoints:\n");
-    for (addr, health) in endpoints {
-        y.push_str(&format!(
-            "      - {{address: \"{addr}\", health: {health}}}\n"
-        ));
-    }
-    y
-}
 
 #[tokio::test]
 async fn a_backend_killed_under_load_costs_no_client_request() {
@@ -53,8 +25,9 @@ async fn a_backend_killed_under_load_costs_no_client_request() {
         }
         let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr("http")).collect();
         let file = dir.path("services.yaml");
-        let endpoints: Vec<(SocketAddr, &str)> = addrs.iter().map(|a| (*a, "healthy")).collect();
-        std::fs::write(&file, services("web", &endpoints, "")).unwrap();
+        Services::new()
+            .service(Service::new("web", 80).endpoints(addrs.iter().copied()))
+            .write(&file);
         let cp = control_plane(&file).await;
         let proxy = proxy(
             cp.addr("discovery"),
@@ -169,8 +142,10 @@ async fn a_backend_answering_503_is_ejected_and_panic_spreads_load_when_most_fai
         }
         // One failing backend of four: ejected (10% of 4 rounds down, but one is always allowed).
         let file = dir.path("services.yaml");
-        let one_bad = [(good.addr("http"), "healthy"), (bad[0].addr("http"), "healthy")];
-        std::fs::write(&file, services("web", &one_bad, "")).unwrap();
+        let one_bad = [good.addr("http"), bad[0].addr("http")];
+        Services::new()
+            .service(Service::new("web", 80).endpoints(one_bad))
+            .write(&file);
         let cp = control_plane(&file).await;
         let proxy = proxy(cp.addr("discovery"), &["--outlier-max-ejection-percent", "100", "--outlier-base-ejection-time", "300s"]).await;
         let admin = proxy.addr("admin");
@@ -189,11 +164,11 @@ async fn a_backend_answering_503_is_ejected_and_panic_spreads_load_when_most_fai
 
         // Three failing of four: all ejected, 1 of 4 healthy is below the 50% panic
         // threshold, so load spreads over all four instead of crushing the last one.
-        let mostly_bad: Vec<(SocketAddr, &str)> = std::iter::once(good.addr("http"))
-            .chain(bad.iter().map(|b| b.addr("http")))
-            .map(|a| (a, "healthy"))
-            .collect();
-        replace_file(&file, &services("web", &mostly_bad, ""));
+        let mostly_bad =
+            std::iter::once(good.addr("http")).chain(bad.iter().map(|b| b.addr("http")));
+        Services::new()
+            .service(Service::new("web", 80).endpoints(mostly_bad))
+            .replace(&file);
         eventually(Duration::from_secs(20), "panic mode", || {
             let proxy = proxy.addr("proxy");
             async move {
@@ -202,8 +177,7 @@ async fn a_backend_answering_503_is_ejected_and_panic_spreads_load_when_most_fai
                     c.get("web", "/").await.ok()?;
                 }
                 let cfg = config(admin).await;
-                let web = cfg["destinations"].as_array()?.iter().find(|d| d["name"] == "web:80")?.clone();
-                (web["mode"] == "panic").then_some(())
+                (destination(&cfg, "web:80")?["mode"] == "panic").then_some(())
             }
         })
         .await;
@@ -227,8 +201,9 @@ async fn draining_endpoints_finish_in_flight_requests_and_get_no_new_ones() {
         let a = backend("instance-1").await;
         let b = backend("instance-2").await;
         let file = dir.path("services.yaml");
-        let both = [(a.addr("http"), "healthy"), (b.addr("http"), "healthy")];
-        std::fs::write(&file, services("web", &both, "")).unwrap();
+        Services::new()
+            .service(Service::new("web", 80).endpoints([a.addr("http"), b.addr("http")]))
+            .write(&file);
         let cp = control_plane(&file).await;
         let proxy = proxy(cp.addr("discovery"), &[]).await;
         let addr = proxy.addr("proxy");
@@ -246,10 +221,13 @@ async fn draining_endpoints_finish_in_flight_requests_and_get_no_new_ones() {
             c.get("web", "/delay/1500").await.unwrap()
         });
         tokio::time::sleep(Duration::from_millis(200)).await; // the slow request is on its way
-        replace_file(
-            &file,
-            &services("web", &[(slow_addr, "draining"), (other, "healthy")], ""),
-        );
+        Services::new()
+            .service(
+                Service::new("web", 80)
+                    .endpoint(Endpoint::new(slow_addr).health(Health::Draining))
+                    .endpoint(other),
+            )
+            .replace(&file);
         let admin = proxy.addr("admin");
         eventually(
             Duration::from_secs(5),
@@ -281,15 +259,13 @@ async fn slow_backends_time_out_and_overload_is_refused_at_once() {
         let dir = TestDir::new("timeouts");
         let a = backend("instance-1").await;
         let file = dir.path("services.yaml");
-        std::fs::write(
-            &file,
-            services(
-                "web",
-                &[(a.addr("http"), "healthy")],
-                "    timeout: 300ms\n",
-            ),
-        )
-        .unwrap();
+        Services::new()
+            .service(
+                Service::new("web", 80)
+                    .timeout(Duration::from_millis(300))
+                    .endpoint(a.addr("http")),
+            )
+            .write(&file);
         let cp = control_plane(&file).await;
         let proxy = proxy(cp.addr("discovery"), &["--max-pending-requests", "2"]).await;
         let addr = proxy.addr("proxy");
@@ -348,9 +324,18 @@ async fn active_health_checks_take_failing_endpoints_out_without_client_traffic(
         let good = backend("good").await;
         let sick = backend_with("sick", &["--status", "503"]).await;
         let file = dir.path("services.yaml");
-        let both = [(good.addr("http"), "healthy"), (sick.addr("http"), "healthy")];
-        let policy = "    health_check: {path: /healthz, interval: 200ms, timeout: 500ms, unhealthy_threshold: 2, healthy_threshold: 1}\n";
-        std::fs::write(&file, services("web", &both, policy)).unwrap();
+        let checks = HealthCheck::new("/healthz")
+            .interval(Duration::from_millis(200))
+            .timeout(Duration::from_millis(500))
+            .unhealthy_threshold(2)
+            .healthy_threshold(1);
+        Services::new()
+            .service(
+                Service::new("web", 80)
+                    .health_check(checks)
+                    .endpoints([good.addr("http"), sick.addr("http")]),
+            )
+            .write(&file);
         let cp = control_plane(&file).await;
         let proxy = proxy(cp.addr("discovery"), &[]).await;
         // One request makes the proxy watch the service; then only the checks run.
@@ -358,14 +343,23 @@ async fn active_health_checks_take_failing_endpoints_out_without_client_traffic(
         conn.get("web", "/").await.unwrap();
         let admin = proxy.addr("admin");
         let sick_addr = sick.addr("http").to_string();
-        eventually(Duration::from_secs(10), "the checks to take the sick endpoint out", || {
-            let sick_addr = sick_addr.clone();
-            async move { ejected(&config(admin).await, &sick_addr).then_some(()) }
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the checks to take the sick endpoint out",
+            || {
+                let sick_addr = sick_addr.clone();
+                async move { ejected(&config(admin).await, &sick_addr).then_some(()) }
+            },
+        )
         .await;
         let cfg = config(admin).await;
-        let responses = endpoint(&cfg, &sick_addr).unwrap()["responses"].as_u64().unwrap();
-        assert!(responses <= 1, "only the first request could have reached it: {responses}");
+        let responses = endpoint(&cfg, &sick_addr).unwrap()["responses"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            responses <= 1,
+            "only the first request could have reached it: {responses}"
+        );
         let seen = instances(&mut conn, "web", 20).await;
         assert!(seen.iter().all(|i| i == "good"), "{seen:?}");
     })

@@ -18,7 +18,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::support::*;
 
 const LIMIT: Duration = Duration::from_secs(90);
-const STEP: Duration = Duration::from_secs(5);
 
 type ChunkBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
 

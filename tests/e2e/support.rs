@@ -3,11 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use tandem::client::Connection;
 use tandem::process::{Options, Spawned, spawn_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -79,8 +80,13 @@ pub fn replace_file(path: &Path, content: &str) {
 }
 
 async fn start(name: &str, args: &[&str], capture: bool) -> Spawned {
+    start_logging(name, args, capture, "info").await
+}
+
+/// Starts a process with `RUST_LOG` set to `rust_log`.
+async fn start_logging(name: &str, args: &[&str], capture: bool, rust_log: &str) -> Spawned {
     let options = Options {
-        envs: vec![("RUST_LOG", "info")],
+        envs: vec![("RUST_LOG", rust_log)],
         capture_stderr: capture,
     };
     spawn_with(name, exe(), args, &options, START)
@@ -161,8 +167,13 @@ pub async fn control_plane_on(file: &Path, listen: &str) -> Spawned {
 
 /// A proxy on the control plane at `discovery`, ready (it has heard from the control plane).
 pub async fn proxy(discovery: SocketAddr, extra: &[&str]) -> Spawned {
+    proxy_logging(discovery, extra, "info").await
+}
+
+/// [`proxy`], logging what `rust_log` (`RUST_LOG`) says.
+pub async fn proxy_logging(discovery: SocketAddr, extra: &[&str], rust_log: &str) -> Spawned {
     let discovery = discovery.to_string();
-    start_proxy(&["--control-plane", &discovery], extra).await
+    start_proxy(&["--control-plane", &discovery], extra, rust_log).await
 }
 
 /// A proxy with static backends (no control plane).
@@ -172,10 +183,19 @@ pub async fn static_proxy(backends: &[SocketAddr], extra: &[&str]) -> Spawned {
         .map(|b| b.to_string())
         .collect::<Vec<_>>()
         .join(",");
-    start_proxy(&["--backends", &list], extra).await
+    start_proxy(&["--backends", &list], extra, "info").await
 }
 
-async fn start_proxy(source: &[&str], extra: &[&str]) -> Spawned {
+/// Backends `instance-1` and `instance-2`, and a static proxy over them with
+/// `proxy_args` (the backends live as long as the returned Vec).
+pub async fn two_backends(proxy_args: &[&str]) -> (Vec<Spawned>, Spawned) {
+    let a = backend("instance-1").await;
+    let b = backend("instance-2").await;
+    let proxy = static_proxy(&[a.addr("http"), b.addr("http")], proxy_args).await;
+    (vec![a, b], proxy)
+}
+
+async fn start_proxy(source: &[&str], extra: &[&str], rust_log: &str) -> Spawned {
     let mut args = vec![
         "proxy",
         "--listen",
@@ -187,9 +207,19 @@ async fn start_proxy(source: &[&str], extra: &[&str]) -> Spawned {
     ];
     args.extend_from_slice(source);
     args.extend_from_slice(extra);
-    let proxy = start("proxy", &args, true).await;
+    let proxy = start_logging("proxy", &args, true, rust_log).await;
     wait_ready(proxy.addr("admin")).await;
     proxy
+}
+
+/// Waits until `process` has exited.
+pub async fn wait_exit(process: &mut Spawned, timeout: Duration) {
+    let what = format!("{} to exit", process.name);
+    eventually(timeout, &what, || {
+        let running = process.is_running();
+        async move { (!running).then_some(()) }
+    })
+    .await;
 }
 
 pub async fn wait_ready(admin: SocketAddr) {
@@ -207,23 +237,477 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> String {
         .text()
 }
 
-/// A services file with one service `name` (namespace default) on `port` and these
-/// `(address, weight)` endpoints.
-pub fn services_yaml(name: &str, port: u16, endpoints: &[(SocketAddr, u32)]) -> String {
-    let mut yaml = format!(
-        "services:\n  - name: {name}\n    namespace: default\n    port: {port}\n    endpoints:\n"
-    );
-    if endpoints.is_empty() {
-        yaml = format!(
-            "services:\n  - name: {name}\n    namespace: default\n    port: {port}\n    endpoints: []\n"
-        );
+/// A services file for the control plane's file source, built field by field:
+///
+/// ```ignore
+/// Services::new()
+///     .service(
+///         Service::new("web", 80)
+///             .timeout(Duration::from_millis(300))
+///             .endpoint(Endpoint::new(addr).weight(3).zone("zone-a"))
+///             .endpoint(Endpoint::new(other).health(Health::Draining)),
+///     )
+///     .node(Node::new("node-a").region("region-1").zone("zone-a"))
+///     .write(&file);
+/// ```
+///
+/// Only what is set is written; the control plane's defaults apply to the rest.
+#[derive(Debug, Clone, Default)]
+pub struct Services {
+    services: Vec<Service>,
+    nodes: Vec<Node>,
+}
+
+/// One service (port) of a [`Services`] file.
+#[derive(Debug, Clone)]
+pub struct Service {
+    name: String,
+    port: u16,
+    namespace: Option<String>,
+    cluster_ip: Option<IpAddr>,
+    protocol: Option<Protocol>,
+    callers: Option<String>,
+    timeout: Option<Duration>,
+    health_check: Option<HealthCheck>,
+    endpoints: Vec<Endpoint>,
+}
+
+/// One endpoint of a [`Service`].
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    address: String,
+    weight: Option<u32>,
+    region: Option<String>,
+    zone: Option<String>,
+    subzone: Option<String>,
+    health: Option<Health>,
+    protocol: Option<Protocol>,
+    identity: Option<String>,
+    name: Option<String>,
+}
+
+/// A node proxies may run on (their `--node`), with its locality.
+#[derive(Debug, Clone)]
+pub struct Node {
+    name: String,
+    region: Option<String>,
+    zone: Option<String>,
+    subzone: Option<String>,
+}
+
+/// A service's active health checks.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    path: String,
+    interval: Option<Duration>,
+    timeout: Option<Duration>,
+    unhealthy_threshold: Option<u32>,
+    healthy_threshold: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    Draining,
+    Unhealthy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Opaque,
+}
+
+impl Services {
+    pub fn new() -> Self {
+        Self::default()
     }
-    for (addr, weight) in endpoints {
-        yaml.push_str(&format!(
-            "      - {{address: \"{addr}\", weight: {weight}}}\n"
-        ));
+
+    pub fn service(mut self, service: Service) -> Self {
+        self.services.push(service);
+        self
     }
-    yaml
+
+    pub fn node(mut self, node: Node) -> Self {
+        self.nodes.push(node);
+        self
+    }
+
+    pub fn yaml(&self) -> String {
+        let mut y = String::new();
+        if self.services.is_empty() {
+            y.push_str("services: []\n");
+        } else {
+            y.push_str("services:\n");
+        }
+        for s in &self.services {
+            s.write_yaml(&mut y);
+        }
+        if !self.nodes.is_empty() {
+            y.push_str("nodes:\n");
+        }
+        for n in &self.nodes {
+            let mut fields = vec![format!("name: {}", quote(&n.name))];
+            text_field(&mut fields, "region", &n.region);
+            text_field(&mut fields, "zone", &n.zone);
+            text_field(&mut fields, "subzone", &n.subzone);
+            y.push_str(&format!("  - {{{}}}\n", fields.join(", ")));
+        }
+        y
+    }
+
+    /// Writes the file at `path` (the first version, before anything watches it).
+    pub fn write(&self, path: &Path) {
+        std::fs::write(path, self.yaml()).expect("write the services file");
+    }
+
+    /// Replaces the file at `path` as an edit does ([`replace_file`]).
+    pub fn replace(&self, path: &Path) {
+        replace_file(path, &self.yaml());
+    }
+}
+
+impl Service {
+    pub fn new(name: &str, port: u16) -> Self {
+        Self {
+            name: name.to_string(),
+            port,
+            namespace: None,
+            cluster_ip: None,
+            protocol: None,
+            callers: None,
+            timeout: None,
+            health_check: None,
+            endpoints: Vec::new(),
+        }
+    }
+
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        self.namespace = Some(namespace.to_string());
+        self
+    }
+
+    pub fn cluster_ip(mut self, ip: IpAddr) -> Self {
+        self.cluster_ip = Some(ip);
+        self
+    }
+
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = Some(protocol);
+        self
+    }
+
+    /// Each zone's share of the service's callers.
+    pub fn callers(mut self, shares: &[(&str, f64)]) -> Self {
+        let shares: Vec<String> = shares
+            .iter()
+            .map(|(zone, share)| format!("{}: {share}", quote(zone)))
+            .collect();
+        self.callers = Some(format!("{{{}}}", shares.join(", ")));
+        self
+    }
+
+    /// Callers counted by the control plane from the proxies that watch the service.
+    pub fn counted_callers(mut self) -> Self {
+        self.callers = Some("counted".to_string());
+        self
+    }
+
+    /// The request timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    pub fn health_check(mut self, check: HealthCheck) -> Self {
+        self.health_check = Some(check);
+        self
+    }
+
+    pub fn endpoint(mut self, endpoint: impl Into<Endpoint>) -> Self {
+        self.endpoints.push(endpoint.into());
+        self
+    }
+
+    pub fn endpoints<E: Into<Endpoint>>(mut self, endpoints: impl IntoIterator<Item = E>) -> Self {
+        self.endpoints.extend(endpoints.into_iter().map(Into::into));
+        self
+    }
+
+    fn write_yaml(&self, y: &mut String) {
+        y.push_str(&format!("  - name: {}\n", quote(&self.name)));
+        if let Some(namespace) = &self.namespace {
+            y.push_str(&format!("    namespace: {}\n", quote(namespace)));
+        }
+        y.push_str(&format!("    port: {}\n", self.port));
+        if let Some(ip) = self.cluster_ip {
+            y.push_str(&format!("    cluster_ip: {}\n", quote(&ip.to_string())));
+        }
+        if let Some(protocol) = self.protocol {
+            y.push_str(&format!("    protocol: {}\n", protocol.as_str()));
+        }
+        if let Some(callers) = &self.callers {
+            y.push_str(&format!("    callers: {callers}\n"));
+        }
+        if let Some(timeout) = self.timeout {
+            y.push_str(&format!("    timeout: {}\n", duration(timeout)));
+        }
+        if let Some(h) = &self.health_check {
+            let mut fields = vec![format!("path: {}", quote(&h.path))];
+            if let Some(interval) = h.interval {
+                fields.push(format!("interval: {}", duration(interval)));
+            }
+            if let Some(timeout) = h.timeout {
+                fields.push(format!("timeout: {}", duration(timeout)));
+            }
+            if let Some(n) = h.unhealthy_threshold {
+                fields.push(format!("unhealthy_threshold: {n}"));
+            }
+            if let Some(n) = h.healthy_threshold {
+                fields.push(format!("healthy_threshold: {n}"));
+            }
+            y.push_str(&format!("    health_check: {{{}}}\n", fields.join(", ")));
+        }
+        if self.endpoints.is_empty() {
+            y.push_str("    endpoints: []\n");
+            return;
+        }
+        y.push_str("    endpoints:\n");
+        for e in &self.endpoints {
+            let mut fields = vec![format!("address: {}", quote(&e.address))];
+            if let Some(weight) = e.weight {
+                fields.push(format!("weight: {weight}"));
+            }
+            text_field(&mut fields, "region", &e.region);
+            text_field(&mut fields, "zone", &e.zone);
+            text_field(&mut fields, "subzone", &e.subzone);
+            if let Some(health) = e.health {
+                fields.push(format!("health: {}", health.as_str()));
+            }
+            if let Some(protocol) = e.protocol {
+                fields.push(format!("protocol: {}", protocol.as_str()));
+            }
+            text_field(&mut fields, "identity", &e.identity);
+            text_field(&mut fields, "name", &e.name);
+            y.push_str(&format!("      - {{{}}}\n", fields.join(", ")));
+        }
+    }
+}
+
+impl Endpoint {
+    /// An endpoint at `address`; any text, so that a test can write a malformed one.
+    pub fn new(address: impl std::fmt::Display) -> Self {
+        Self {
+            address: address.to_string(),
+            weight: None,
+            region: None,
+            zone: None,
+            subzone: None,
+            health: None,
+            protocol: None,
+            identity: None,
+            name: None,
+        }
+    }
+
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = Some(weight);
+        self
+    }
+
+    pub fn region(mut self, region: &str) -> Self {
+        self.region = Some(region.to_string());
+        self
+    }
+
+    pub fn zone(mut self, zone: &str) -> Self {
+        self.zone = Some(zone.to_string());
+        self
+    }
+
+    pub fn subzone(mut self, subzone: &str) -> Self {
+        self.subzone = Some(subzone.to_string());
+        self
+    }
+
+    pub fn health(mut self, health: Health) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = Some(protocol);
+        self
+    }
+
+    /// Its SPIFFE identity.
+    pub fn identity(mut self, identity: &str) -> Self {
+        self.identity = Some(identity.to_string());
+        self
+    }
+
+    /// Its name (a pod's, say).
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
+        self
+    }
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(address: SocketAddr) -> Self {
+        Self::new(address)
+    }
+}
+
+impl Node {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            region: None,
+            zone: None,
+            subzone: None,
+        }
+    }
+
+    pub fn region(mut self, region: &str) -> Self {
+        self.region = Some(region.to_string());
+        self
+    }
+
+    pub fn zone(mut self, zone: &str) -> Self {
+        self.zone = Some(zone.to_string());
+        self
+    }
+
+    pub fn subzone(mut self, subzone: &str) -> Self {
+        self.subzone = Some(subzone.to_string());
+        self
+    }
+}
+
+impl HealthCheck {
+    /// `GET path` on each endpoint.
+    pub fn new(path: &str) -> Self {
+        Self {
+            path: path.to_string(),
+            interval: None,
+            timeout: None,
+            unhealthy_threshold: None,
+            healthy_threshold: None,
+        }
+    }
+
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = Some(interval);
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    pub fn unhealthy_threshold(mut self, n: u32) -> Self {
+        self.unhealthy_threshold = Some(n);
+        self
+    }
+
+    pub fn healthy_threshold(mut self, n: u32) -> Self {
+        self.healthy_threshold = Some(n);
+        self
+    }
+}
+
+impl Health {
+    fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Draining => "draining",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+impl Protocol {
+    fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+            Protocol::Opaque => "opaque",
+        }
+    }
+}
+
+/// A YAML double-quoted string (its escapes are JSON's).
+fn quote(text: &str) -> String {
+    serde_json::to_string(text).expect("a string is JSON")
+}
+
+fn text_field(fields: &mut Vec<String>, key: &str, value: &Option<String>) {
+    if let Some(value) = value {
+        fields.push(format!("{key}: {}", quote(value)));
+    }
+}
+
+/// A duration as the services file writes it: `2s`, `300ms`.
+fn duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_secs_f64() * 1000.0)
+    }
+}
+
+// ---- /config and /metrics ----
+
+/// The proxy's `/config`, parsed.
+pub async fn config(admin: SocketAddr) -> Value {
+    serde_json::from_str(&admin_get(admin, "/config").await).expect("/config is JSON")
+}
+
+/// The destination named `name` (`web:80`) in a `/config`.
+pub fn destination<'a>(config: &'a Value, name: &str) -> Option<&'a Value> {
+    config["destinations"]
+        .as_array()?
+        .iter()
+        .find(|d| d["name"] == name)
+}
+
+/// Every endpoint of every destination in a `/config`.
+pub fn endpoints(config: &Value) -> Vec<Value> {
+    config["destinations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|d| d["endpoints"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// The endpoint at `addr`, in whichever destination of a `/config` has it.
+pub fn endpoint<'a>(config: &'a Value, addr: &str) -> Option<&'a Value> {
+    config["destinations"].as_array()?.iter().find_map(|d| {
+        d["endpoints"]
+            .as_array()?
+            .iter()
+            .find(|e| e["address"] == addr)
+    })
+}
+
+/// Whether a `/config` shows the endpoint at `addr` ejected.
+pub fn ejected(config: &Value, addr: &str) -> bool {
+    endpoint(config, addr).is_some_and(|e| e["ejected"] == true)
+}
+
+/// The sum of every sample of `name` (any labels) in a Prometheus text page.
+pub fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Sends `n` sequential GETs over `conn` and returns who answered each (panics on failure).
@@ -280,13 +764,14 @@ impl Mesh {
         for i in 0..weights.len() {
             backends.push(backend(&format!("instance-{}", i + 1)).await);
         }
-        let endpoints: Vec<(SocketAddr, u32)> = backends
+        let endpoints = backends
             .iter()
             .zip(weights)
-            .map(|(b, w)| (b.addr("http"), *w))
-            .collect();
+            .map(|(b, w)| Endpoint::new(b.addr("http")).weight(*w));
         let file = dir.path("services.yaml");
-        std::fs::write(&file, services_yaml("web", 80, &endpoints)).expect("write services");
+        Services::new()
+            .service(Service::new("web", 80).endpoints(endpoints))
+            .write(&file);
         let control_plane = control_plane(&file).await;
         let proxy = proxy(control_plane.addr("discovery"), &[]).await;
         Self {
@@ -463,5 +948,104 @@ impl Raw {
             tokio::time::timeout(STEP, self.stream.read(&mut chunk)).await,
             Ok(Ok(0)) | Ok(Err(_))
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_control_plane::model;
+    use tandem_control_plane::source::file::parse;
+
+    /// What the builder writes is what the control plane reads, field by field.
+    #[test]
+    fn the_services_builder_writes_every_field() {
+        let yaml = Services::new()
+            .service(
+                Service::new("web", 8080)
+                    .namespace("shop")
+                    .cluster_ip("10.96.0.10".parse().unwrap())
+                    .protocol(Protocol::Http2)
+                    .callers(&[("zone-a", 40.0), ("zone-b", 60.5)])
+                    .timeout(Duration::from_millis(1500))
+                    .health_check(
+                        HealthCheck::new("/healthz")
+                            .interval(Duration::from_millis(200))
+                            .timeout(Duration::from_secs(2))
+                            .unhealthy_threshold(3)
+                            .healthy_threshold(1),
+                    )
+                    .endpoint(
+                        Endpoint::new("10.0.0.1:80")
+                            .weight(3)
+                            .region("region-1")
+                            .zone("zone-a")
+                            .subzone("rack-1")
+                            .health(Health::Draining)
+                            .protocol(Protocol::Http1)
+                            .identity("spiffe://cluster.local/ns/shop/sa/web")
+                            .name("web-1"),
+                    )
+                    .endpoint(SocketAddr::from(([10, 0, 0, 2], 80)))
+                    .endpoint(Endpoint::new("10.0.0.3:80").health(Health::Unhealthy))
+                    .endpoint(Endpoint::new("10.0.0.4:80").health(Health::Healthy))
+                    .endpoint(Endpoint::new("10.0.0.5:80").protocol(Protocol::Opaque)),
+            )
+            .service(Service::new("empty", 80).counted_callers())
+            .node(
+                Node::new("node-a")
+                    .region("region-1")
+                    .zone("zone-a")
+                    .subzone("rack-1"),
+            )
+            .yaml();
+        let content = parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+
+        let web = &content.services[&model::ServiceKey::new("shop", "web", 8080)];
+        assert_eq!(web.cluster_ips, ["10.96.0.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(web.callers["zone-a"], 40.0);
+        assert_eq!(web.callers["zone-b"], 60.5);
+        assert_eq!(
+            web.policy.request_timeout,
+            Some(Duration::from_millis(1500))
+        );
+        assert!(!web.policy.count_callers);
+        let check = web.policy.health_check.as_ref().unwrap();
+        assert_eq!(check.path, "/healthz");
+        assert_eq!(check.interval, Duration::from_millis(200));
+        assert_eq!(check.timeout, Duration::from_secs(2));
+        assert_eq!((check.unhealthy_threshold, check.healthy_threshold), (3, 1));
+
+        let endpoint = |a: &str| web.endpoints[&a.parse::<SocketAddr>().unwrap()].clone();
+        let first = endpoint("10.0.0.1:80");
+        assert_eq!(first.weight, 3);
+        let locality = &first.locality;
+        assert_eq!(
+            [&locality.region, &locality.zone, &locality.subzone],
+            ["region-1", "zone-a", "rack-1"]
+        );
+        assert_eq!(first.health, model::Health::Draining);
+        assert_eq!(first.protocol, model::Protocol::Http1);
+        assert_eq!(first.identity, "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(first.name, "web-1");
+        // Defaults for what is not set; the service's protocol for each endpoint.
+        let second = endpoint("10.0.0.2:80");
+        assert_eq!(second.weight, 1);
+        assert_eq!(second.health, model::Health::Healthy);
+        assert_eq!(second.protocol, model::Protocol::Http2);
+        assert_eq!(endpoint("10.0.0.3:80").health, model::Health::Unhealthy);
+        assert_eq!(endpoint("10.0.0.4:80").health, model::Health::Healthy);
+        assert_eq!(endpoint("10.0.0.5:80").protocol, model::Protocol::Opaque);
+
+        let empty = &content.services[&model::ServiceKey::new("default", "empty", 80)];
+        assert!(empty.endpoints.is_empty());
+        assert!(empty.policy.count_callers);
+
+        let node = &content.nodes["node-a"];
+        assert_eq!(
+            [&node.region, &node.zone, &node.subzone],
+            ["region-1", "zone-a", "rack-1"]
+        );
+        assert!(parse(&Services::new().yaml()).unwrap().services.is_empty());
     }
 }

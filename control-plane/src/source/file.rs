@@ -634,6 +634,8 @@ impl FileSource {
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
         let _watcher = self.start_watcher(tx);
         let mut last_stamp = stamp(&self.path);
+        // An edit between `start`'s read and the watcher's start raised no event.
+        self.reload();
         let mut poll = tokio::time::interval(Duration::from_secs(1));
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -281,6 +281,14 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>,
     {
         return Err(BARE_LF);
     }
+    // httparse skips empty lines before the request line, bare LFs among them
+    // (found by fuzzing, issue 22).
+    if buf[..offset(buf, method.as_bytes())]
+        .chunks(2)
+        .any(|line| line != b"\r\n")
+    {
+        return Err(BARE_LF);
+    }
     let mut tokens = ConnectionTokens::default();
     let mut head = RequestHead {
         len,
@@ -715,6 +723,20 @@ mod tests {
     /// Fuzzing regressions (issue 22, fuzz/regressions/http1_request and
     /// http1_response): a `Connection` header naming a header the message is framed
     /// or routed by must not remove it, or the next hop reads another message.
+    /// Fuzzing regression (issue 22, fuzz/regressions/http1_request): an empty line
+    /// before the request line, which httparse skips, ending in a bare LF.
+    #[test]
+    fn fuzz_regression_bare_lf_before_the_request_line() {
+        for raw in [
+            "\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "\r\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert_eq!(request(raw), Err(BARE_LF), "{raw:?}");
+        }
+        let raw = "\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(request(raw).unwrap().unwrap().len, raw.len());
+    }
+
     #[test]
     fn fuzz_regression_connection_names_a_framing_header() {
         let raw = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\nhello";

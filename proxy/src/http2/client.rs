@@ -9,15 +9,12 @@ use std::task::Poll;
 
 use http::Response;
 use http_body::Body;
+use tandem_h2::keep_alive::{self, KeepAlive};
+use tandem_h2::{Client, Config, Connection, Error};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use super::connection::Connection;
-use super::error::Error;
-use super::keep_alive::{self, KeepAlive};
-use super::session::Config;
-use super::streams::Client;
-use super::{MAX_HEADER_LIST, pipe};
+use super::{MAX_HEADER_LIST, MAX_SEND_BUFFER};
 use crate::body::ProxyBody;
 use crate::upstream::RequestSlot;
 
@@ -29,7 +26,9 @@ fn config() -> Config {
         stream_window: 2 * 1024 * 1024,
         connection_window: 5 * 1024 * 1024,
         max_header_list: MAX_HEADER_LIST,
-        max_send_buffer: super::MAX_SEND_BUFFER,
+        max_send_buffer: MAX_SEND_BUFFER,
+        // Read only when the peer resets streams, which a client does not count.
+        clock: crate::clock::now,
     }
 }
 
@@ -85,7 +84,7 @@ impl Http2Connection {
                 .map_err(Http2Error::NotSent)?;
             if let Some(send) = body {
                 let (_, body) = slot.take().expect("checked above").into_parts();
-                tokio::spawn(pipe::send_body(body, send));
+                tokio::spawn(super::send_body(body, send));
             }
             match response.await {
                 Ok(response) => Ok(response.map(ProxyBody::from)),
@@ -108,17 +107,15 @@ async fn drive(mut conn: Connection<TcpStream>, settled: oneshot::Sender<()>, ad
             tracing::debug!(%addr, "upstream HTTP/2 connection ended");
             return Poll::Ready(());
         }
-        if settled.is_some() && conn.session().lock().got_settings {
+        if settled.is_some() && conn.settings_received() {
             let _ = settled.take().map(|s| s.send(()));
         }
         if flushed && conn.finished() {
             return Poll::Ready(());
         }
-        if keep_alive.poll_dead(cx, conn.session(), || true).is_ready() {
+        if keep_alive.poll_dead(cx, &conn, || true).is_ready() {
+            // Its streams, and the pool, see it closed.
             tracing::debug!(%addr, "upstream HTTP/2 connection dead: no PING answer");
-            conn.session()
-                .lock()
-                .lost(super::error::ConnectionError::Closed);
             return Poll::Ready(());
         }
         Poll::Pending

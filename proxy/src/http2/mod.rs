@@ -1,59 +1,91 @@
-//! HTTP/2 in both directions, the proxy's own implementation.
-//!
-//! Written for a proxy rather than taken from the `h2` crate (which hyper uses):
-//! h2 queues every frame as a struct and encodes it later, keeps each stream's
-//! state in a slab it moves whole, and indexes and Huffman-codes every header it
-//! sends, which made it most of the proxy's instructions per HTTP/2 request (the
-//! profile is in bench/README.md). Here a frame is written into the connection's
-//! output buffer as it is made and a header block is encoded in place, as
-//! literals (see [`hpack::encoder`]).
+//! The proxy's HTTP/2, on the `tandem-h2` crate (frames, HPACK, connections and
+//! their streams, both roles): what is left here is the proxy's side of it.
 //!
 //! A client connection's streams all run inside the connection's own task
-//! ([`serve`]), and a request to a backend is opened and awaited from that same
-//! task ([`client`]): a stream costs one allocation and no task switches. A task is
-//! spawned only to stream a request body upstream, which must go on after the
-//! response has begun.
+//! ([`serve`]), each forwarded by the [`Forwarder`](crate::forward::Forwarder), and a
+//! request to a backend is opened and awaited from that same task ([`client`]): a
+//! stream costs one allocation and no task switches. A task is spawned only to
+//! stream a request body upstream, which must go on after the response has begun.
 //!
-//! - [`frame`]: frames on the wire; [`hpack`]: header compression; [`message`]:
-//!   header blocks into requests, responses and trailers, checked.
-//! - [`session`]: one connection's state (streams, flow control, the output
-//!   buffer), shared by [`connection`] (its I/O) and [`streams`] (handles on its
-//!   streams: bodies, responses, the client's requests).
 //! - [`serve`]: a client connection, its streams, graceful close and keep-alive.
 //! - [`client`]: one multiplexed connection to a backend.
-//! - [`pipe`]: a body into a stream, under flow control.
+//! - [`send_body`]: a [`ProxyBody`] into a stream, a failed client body reset as
+//!   the client's fault.
+
+use tandem_h2::SendStream;
+use tandem_h2::pipe::{self, BoxError};
+
+use crate::body::{ClientBodyError, ProxyBody};
 
 pub mod client;
-mod connection;
-pub mod error;
-mod frame;
-mod hpack;
-mod keep_alive;
-mod message;
-pub mod pipe;
 pub mod serve;
-mod session;
-pub mod streams;
-#[cfg(test)]
-mod tests;
 
-pub use error::Error;
-pub use frame::Reason;
 pub use serve::serve;
-pub use streams::RecvStream;
-
-/// What the fuzz targets (`fuzz/`, issue 22) drive: the connection over any I/O, the
-/// frame header and padding, the HPACK decoder and encoder. Not an API.
-#[doc(hidden)]
-pub mod fuzzing {
-    pub use super::connection::Connection;
-    pub use super::frame::{HEADER_LEN, Head, PREFACE, unpadded};
-    pub use super::hpack::{DecodeError, Decoder, Field, encoder};
-    pub use super::session::Config;
-}
+pub use tandem_h2::{Error, Reason, RecvStream};
 
 /// The largest header list accepted from a peer, either side (hyper's default).
 const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// Output a connection holds for its socket before it stops taking data from its
 /// streams (headers always go).
 const MAX_SEND_BUFFER: usize = 64 * 1024;
+
+/// Why the proxy resets a stream to a backend whose request body failed on the
+/// client's side (malformed, cut short, reset): the client's fault, not the backend's.
+pub const REQUEST_BODY_FAILED: &str = "the client's request body failed";
+
+/// Whether the proxy reset this stream because the client's request body failed.
+pub fn request_body_failed(error: &Error) -> bool {
+    matches!(error, Error::LocalReset(_, why) if *why == REQUEST_BODY_FAILED)
+}
+
+/// Sends `body` on `send` to its end, or until either side fails.
+pub fn send_body(body: ProxyBody, send: SendStream) -> impl Future<Output = ()> {
+    pipe::send_body(body, send, body_reset)
+}
+
+/// How a failed body resets its stream: a client's request body failing is the
+/// client's fault ([`REQUEST_BODY_FAILED`]), and the client's own reset passes
+/// through (its CANCEL reaches the backend as CANCEL).
+fn body_reset(error: &BoxError) -> (Reason, &'static str) {
+    let why = if ClientBodyError::caused(&**error) {
+        REQUEST_BODY_FAILED
+    } else {
+        pipe::BODY_FAILED
+    };
+    let inner = match error.downcast_ref::<ClientBodyError>() {
+        Some(ClientBodyError(inner)) => inner,
+        None => error,
+    };
+    (pipe::reset_reason(&**inner), why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_client_body_resets_as_the_clients_fault() {
+        let reset: BoxError = Error::Reset(Reason::CANCEL).into();
+        let client: BoxError = ClientBodyError(reset).into();
+        assert_eq!(body_reset(&client), (Reason::CANCEL, REQUEST_BODY_FAILED));
+        let io: BoxError = std::io::Error::other("cut short").into();
+        let client: BoxError = ClientBodyError(io).into();
+        assert_eq!(
+            body_reset(&client),
+            (Reason::INTERNAL_ERROR, REQUEST_BODY_FAILED)
+        );
+        let backend: BoxError = Error::Reset(Reason::REFUSED_STREAM).into();
+        assert_eq!(
+            body_reset(&backend),
+            (Reason::REFUSED_STREAM, pipe::BODY_FAILED)
+        );
+        assert!(request_body_failed(&Error::LocalReset(
+            Reason::CANCEL,
+            REQUEST_BODY_FAILED
+        )));
+        assert!(!request_body_failed(&Error::LocalReset(
+            Reason::CANCEL,
+            pipe::BODY_FAILED
+        )));
+    }
+}

@@ -12,14 +12,11 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use http::{HeaderValue, Request, Response, header};
 use http_body::Body;
+use tandem_h2::{Config, Connection, KeepAlive, RecvStream, SendResponse};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
-use super::connection::Connection;
-use super::keep_alive::KeepAlive;
-use super::session::Config;
-use super::streams::{RecvStream, SendResponse};
-use super::{MAX_HEADER_LIST, pipe};
+use super::{MAX_HEADER_LIST, MAX_SEND_BUFFER};
 use crate::body::ProxyBody;
 use crate::connections::ConnControl;
 use crate::forward::Forwarder;
@@ -31,7 +28,9 @@ fn config() -> Config {
         stream_window: 1024 * 1024,
         connection_window: 1024 * 1024,
         max_header_list: MAX_HEADER_LIST,
-        max_send_buffer: super::MAX_SEND_BUFFER,
+        max_send_buffer: MAX_SEND_BUFFER,
+        // The proxy's coarse clock: one atomic load per reset a client makes.
+        clock: crate::clock::now,
     }
 }
 
@@ -42,8 +41,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves HTTP/2 on `io` until the client closes it, it fails, or `control` asks
-/// for a close (then: GOAWAY in two phases, as `session::Inner::go_away` says,
-/// and the open streams finish).
+/// for a close (then: GOAWAY in two phases, as [`Connection::go_away`] says, and
+/// the open streams finish).
 pub async fn serve<IO>(forwarder: &Arc<Forwarder>, control: &Arc<ConnControl>, io: IO)
 where
     IO: AsyncRead + AsyncWrite + Unpin,
@@ -54,7 +53,7 @@ where
         let _ = conn.poll_flush(cx);
         if over {
             Poll::Ready(false)
-        } else if conn.session().lock().got_settings {
+        } else if conn.settings_received() {
             Poll::Ready(true)
         } else {
             Poll::Pending
@@ -79,7 +78,7 @@ where
     poll_fn(|cx| {
         if !closing && control.closing(cx) {
             closing = true;
-            conn.session().lock().go_away();
+            conn.go_away();
             draining = Some(Box::pin(tokio::time::sleep(DRAIN_TIMEOUT)));
         }
         // Reads what came, and starts a stream for every new request.
@@ -88,7 +87,7 @@ where
             && timer.as_mut().poll(cx).is_ready()
         {
             draining = None;
-            conn.session().lock().final_go_away();
+            conn.final_go_away();
         }
         while let Some((req, respond)) = conn.accept() {
             let conn = Some(control.clone());
@@ -102,7 +101,7 @@ where
             return Poll::Ready(());
         }
         if keep_alive
-            .poll_dead(cx, conn.session(), || !streams.is_empty())
+            .poll_dead(cx, &conn, || !streams.is_empty())
             .is_ready()
         {
             return Poll::Ready(());
@@ -175,7 +174,7 @@ fn send_response(response: Response<ProxyBody>, respond: SendResponse) -> impl F
             .insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
     }
     match respond.send_response(&head, end) {
-        Ok(Some(send)) => Either::Left(pipe::send_body(body, send)),
+        Ok(Some(send)) => Either::Left(super::send_body(body, send)),
         Ok(None) => Either::Right(std::future::ready(())),
         Err(error) => {
             tracing::debug!(%error, "HTTP/2 response not sent");

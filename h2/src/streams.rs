@@ -1,14 +1,15 @@
-//! Handles on one stream of a [`Session`], held by the tasks that read a body, send
+//! Handles on one stream of a connection, held by the tasks that read a body, send
 //! one, or wait for a response. Each holds a reference the stream is kept for; the
 //! last one dropped gives an unfinished stream up (RST_STREAM).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Response, Uri, response};
+use http_body::{Body, Frame, SizeHint};
 
 use super::error::Error;
 use super::frame::Reason;
@@ -47,8 +48,8 @@ impl Drop for StreamRef {
 }
 
 /// The body of a request or response received on a stream. Window is given back to
-/// the peer as each chunk is taken: what this holds is what the proxy has not yet
-/// passed on, never more.
+/// the peer as each chunk is taken: what this holds is what the application has
+/// not yet taken, never more.
 pub struct RecvStream {
     /// None for a message that ended with its headers.
     stream: Option<StreamRef>,
@@ -132,6 +133,49 @@ impl RecvStream {
         let inner = stream.lock();
         let s = &inner.streams[stream.key];
         s.recv_closed && s.data.is_empty() && s.trailers.is_none()
+    }
+}
+
+/// Data, then trailers. A reset with NO_ERROR ends the body early without failing
+/// it (RFC 9113 §8.1: the server answered without needing the rest of the request).
+impl Body for RecvStream {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = self.get_mut();
+        match ready!(this.poll_data(cx)) {
+            Some(Ok(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+            Some(Err(e)) => return Poll::Ready(early_end(e)),
+            None => {}
+        }
+        match ready!(this.poll_trailers(cx)) {
+            Ok(trailers) => Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t)))),
+            Err(e) => Poll::Ready(early_end(e)),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        RecvStream::is_end_stream(self)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if RecvStream::is_end_stream(self) {
+            SizeHint::with_exact(0)
+        } else {
+            // Its content-length, if any, travels as a header.
+            SizeHint::default()
+        }
+    }
+}
+
+fn early_end(e: Error) -> Option<Result<Frame<Bytes>, Error>> {
+    match e {
+        Error::Reset(Reason::NO_ERROR) => None,
+        _ => Some(Err(e)),
     }
 }
 
@@ -226,7 +270,8 @@ impl SendResponse {
     }
 }
 
-/// The proxy's side of a connection to a backend: opens streams for requests.
+/// The client end of a connection (to a backend, for a proxy): opens streams for
+/// requests.
 pub struct Client {
     session: Arc<Session>,
 }

@@ -9,35 +9,27 @@ use super::frame::Reason;
 pub enum Error {
     /// The peer reset the stream (RST_STREAM).
     Reset(Reason),
-    /// The proxy reset the stream: the peer broke the protocol on it, or it was
-    /// abandoned.
+    /// This end reset the stream: the peer broke the protocol on it, it was
+    /// abandoned, or its handle reset it (with its own reason: see
+    /// [`SendStream::send_reset`](crate::SendStream::send_reset)).
     LocalReset(Reason, &'static str),
     /// The peer sent GOAWAY, and this stream was above its last processed stream
     /// (or the connection was going away before the stream opened).
     GoAway(Reason),
-    /// The connection failed: a protocol error (the proxy sent GOAWAY), or I/O.
+    /// The connection failed: a protocol error (this end sent GOAWAY), or I/O.
     Connection(Arc<ConnectionError>),
 }
 
 #[derive(Debug)]
 pub enum ConnectionError {
-    /// The peer broke the protocol; the proxy sent GOAWAY with this reason.
+    /// The peer broke the protocol; this end sent GOAWAY with this reason.
     Protocol(Reason, String),
     /// The peer closed the connection.
     Closed,
     Io(std::io::Error),
 }
 
-/// Why the proxy resets a stream to a backend whose request body failed on the
-/// client's side (malformed, cut short, reset): the client's fault, not the backend's.
-pub const REQUEST_BODY_FAILED: &str = "the client's request body failed";
-
 impl Error {
-    /// Whether the proxy reset this stream because the client's request body failed.
-    pub fn request_body_failed(&self) -> bool {
-        matches!(self, Error::LocalReset(_, why) if *why == REQUEST_BODY_FAILED)
-    }
-
     /// The HTTP/2 error code, where there is one.
     pub fn reason(&self) -> Option<Reason> {
         match self {

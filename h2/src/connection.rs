@@ -1,6 +1,11 @@
 //! The I/O of one HTTP/2 connection: reads frames into its [`Session`] and writes
 //! out what the session's streams produced. Runs in one task; the streams' handles
 //! may be anywhere.
+//!
+//! A caller drives it with [`Connection::poll_read`], takes the requests a client
+//! opened with [`Connection::accept`] (server), polls whatever it runs the streams
+//! in, then [`Connection::poll_flush`]: what the streams wrote meanwhile leaves in
+//! that one flush.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -66,8 +71,27 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         }
     }
 
-    pub fn session(&self) -> &Arc<Session> {
+    pub(crate) fn session(&self) -> &Arc<Session> {
         &self.session
+    }
+
+    /// Whether the peer's SETTINGS were read: the handshake is done, and (client)
+    /// the peer's limit on concurrent streams is known.
+    pub fn settings_received(&self) -> bool {
+        self.session.lock().got_settings
+    }
+
+    /// Begins a graceful close (server): a GOAWAY with the largest stream id and a
+    /// PING; the final GOAWAY follows the PING's answer ([`Self::final_go_away`]),
+    /// RFC 9113 §6.8. Streams the client opened meanwhile are served.
+    pub fn go_away(&self) {
+        self.session.lock().go_away();
+    }
+
+    /// The final GOAWAY of a graceful close (server), at once if the PING after the
+    /// first went unanswered: it names the last stream that will be served.
+    pub fn final_go_away(&self) {
+        self.session.lock().final_go_away();
     }
 
     /// Reads and handles what the peer sent, until the socket has no more. Ready

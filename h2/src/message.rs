@@ -3,12 +3,35 @@
 //! (a stream error), never handed on.
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, StatusCode, Uri, Version, request, response};
 
-use super::hpack::encoder::is_connection_specific;
 use super::hpack::{DecodeError, Decoder, Field};
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Whether `name` only describes one connection (hop-by-hop, RFC 9110 §7.6.1) and
+/// must not be forwarded: the connection-specific fields RFC 9113 §8.2.2 names,
+/// which HTTP/2 forbids (`te` but as `trailers`: see [`is_connection_specific`]).
+#[inline]
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
+/// Whether a field may not appear in an HTTP/2 message (RFC 9113 §8.2.2): a
+/// hop-by-hop header, `te` only as `trailers`. A message received with one is
+/// malformed; one sent has them dropped.
+#[inline]
+pub fn is_connection_specific(name: &HeaderName, value: &HeaderValue) -> bool {
+    is_hop_by_hop(name) && !(name == header::TE && value == "trailers")
+}
 
 /// The fields of one header block, sorted into pseudo-headers and the rest.
 #[derive(Default)]

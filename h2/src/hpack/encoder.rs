@@ -4,10 +4,11 @@
 //! copies; HAProxy encodes the same way. The price is a few dozen bytes more per
 //! message than an indexing encoder would send.
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode, Uri};
 
 use super::table::static_name_index;
+use crate::message::is_connection_specific;
 
 /// A request's header block: pseudo-headers from `method` and `uri` (`:authority`
 /// from `host` when the URI has none), then `headers` without those HTTP/2 forbids.
@@ -62,6 +63,9 @@ pub fn trailers(out: &mut Vec<u8>, headers: &HeaderMap) {
     fields(out, headers);
 }
 
+/// The fields, less those HTTP/2 forbids ([`is_connection_specific`]): sent, they
+/// are dropped, not refused: a message from HTTP/1 may carry them, and they mean
+/// nothing past this hop.
 fn fields(out: &mut Vec<u8>, headers: &HeaderMap) {
     for (name, value) in headers {
         if is_connection_specific(name, value) {
@@ -75,14 +79,6 @@ fn fields(out: &mut Vec<u8>, headers: &HeaderMap) {
             value.is_sensitive(),
         );
     }
-}
-
-/// Headers that describe one HTTP/1 connection (the proxy's hop-by-hop list),
-/// which HTTP/2 forbids (RFC 9113 §8.2.2); `te` only as `trailers`. Sent, they are
-/// dropped, not refused: a message from HTTP/1 may carry them, and they mean nothing
-/// past this hop.
-pub fn is_connection_specific(name: &HeaderName, value: &HeaderValue) -> bool {
-    crate::forward::is_hop_by_hop(name) && !(name == header::TE && value == "trailers")
 }
 
 /// A literal field without indexing (or never indexed, if `sensitive`: RFC 7541

@@ -16,7 +16,7 @@ pub enum Field {
     Scheme(Bytes),
     Path(Bytes),
     Status(Bytes),
-    /// Extended CONNECT's `:protocol` (RFC 8441), which the proxy does not offer.
+    /// Extended CONNECT's `:protocol` (RFC 8441), which this end does not offer.
     Protocol,
     /// A pseudo-header no RFC defines: the message is malformed.
     UnknownPseudo,

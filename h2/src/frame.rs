@@ -1,11 +1,11 @@
 //! HTTP/2 frames (RFC 9113 §4, §6): the 9-byte frame header, the error codes, and
-//! writing each frame the proxy sends straight into a connection's output buffer.
+//! writing each frame this end sends straight into a connection's output buffer.
 
 use std::fmt;
 
 pub const HEADER_LEN: usize = 9;
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// SETTINGS_MAX_FRAME_SIZE: its default (what the proxy accepts) and its ceiling.
+/// SETTINGS_MAX_FRAME_SIZE: its default (what this end accepts) and its ceiling.
 pub const DEFAULT_MAX_FRAME_SIZE: u32 = 16_384;
 pub const MAX_MAX_FRAME_SIZE: u32 = (1 << 24) - 1;
 /// Flow-control windows: the initial size of every window, and the largest any may grow to.

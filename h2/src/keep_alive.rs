@@ -5,9 +5,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
-use super::session::Session;
+use crate::connection::Connection;
+use crate::error::ConnectionError;
 
 /// Time between PINGs.
 pub const INTERVAL: Duration = Duration::from_secs(30);
@@ -20,6 +22,12 @@ pub struct KeepAlive {
     awaiting_pong: bool,
 }
 
+impl Default for KeepAlive {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl KeepAlive {
     pub fn new() -> Self {
         Self {
@@ -28,17 +36,22 @@ impl KeepAlive {
         }
     }
 
-    /// Ready when the peer did not answer a PING in time: the connection is dead.
-    /// `wanted` says whether a PING is worth sending now (asked only when one is
-    /// due); an idle client connection is left to the idle sweep instead, so PINGs
-    /// do not keep it open forever. Polled by the connection's task, which reads
-    /// the answer: no wake-up of its own is needed for it.
-    pub fn poll_dead(
+    /// Ready when the peer did not answer a PING in time: the connection is dead,
+    /// and its streams end with [`ConnectionError::Closed`]. `wanted` says whether a
+    /// PING is worth sending now (asked only when one is due): an idle server
+    /// connection may be left to an idle timeout instead, so PINGs do not keep it
+    /// open forever. Polled by the connection's task, which reads the answer: no
+    /// wake-up of its own is needed for it.
+    pub fn poll_dead<IO>(
         &mut self,
         cx: &mut Context<'_>,
-        session: &Session,
+        conn: &Connection<IO>,
         wanted: impl Fn() -> bool,
-    ) -> Poll<()> {
+    ) -> Poll<()>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let session = conn.session();
         loop {
             if self.awaiting_pong && std::mem::take(&mut session.lock().pong) {
                 self.awaiting_pong = false;
@@ -50,6 +63,7 @@ impl KeepAlive {
             }
             if self.awaiting_pong {
                 tracing::debug!(timeout = ?TIMEOUT, "HTTP/2 peer did not answer a PING");
+                session.lock().lost(ConnectionError::Closed);
                 return Poll::Ready(());
             }
             if !wanted() {
