@@ -26,8 +26,10 @@ fi
 # Debian packages the tests use: procps (kill, signalling processes by PID), gcc and
 # make (the proxy's allocator, jemalloc, is C built by its -sys crate), python3 (free
 # ports in the shell scripts), iproute2 and util-linux (the node agent's pod network
-# namespaces, setpriv and mounts), openssl and curl (scripts/cluster.sh).
-packages=(procps ca-certificates python3 gcc make iproute2 util-linux openssl curl)
+# namespaces, setpriv and mounts), openssl and curl (scripts/cluster.sh), iptables
+# (`tandem-proxy init` in the pods' namespaces), curl and nghttp2-client (unmodified
+# HTTP/1 and HTTP/2 clients inside meshed pods).
+packages=(procps ca-certificates python3 gcc make iproute2 util-linux openssl curl iptables nghttp2-client)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -71,6 +73,11 @@ if cargo tree -p tandem-proxy -e normal --prefix none | grep -E '^(kube|k8s-open
   echo "error: tandem-proxy depends on kube/k8s-openapi; the sidecar must stay small" >&2
   exit 1
 fi
+
+say "no import cycles between the modules of any crate (scripts/module-cycles.sh)"
+# cargo-modules 0.27 needs Rust >= 1.95 (0.28: 1.98); about 15 minutes to build, once.
+command -v cargo-modules >/dev/null || cargo install cargo-modules --version 0.27.0 --locked
+scripts/module-cycles.sh
 
 say "cargo test"
 cargo test --workspace

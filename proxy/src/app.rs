@@ -12,9 +12,10 @@ use tandem_common::logging::LogFormat;
 use tandem_common::process_metrics::ProcessCollector;
 use tandem_common::{Admin, Readiness, Shutdown, announce};
 use tandem_proto::discovery::v1 as pb;
+use tokio::net::TcpListener;
 use tracing::Instrument;
 
-use crate::connections::Limits;
+use crate::connections::{Connections, Limits};
 use crate::destination::{Destination, Destinations, Resolution};
 use crate::discovery::{DiscoveryClient, ProxyLocality, ServiceView, control_plane_endpoint};
 use crate::endpoint::{EndpointMeta, Locality, Protocol};
@@ -22,7 +23,7 @@ use crate::forward::{Forwarder, Resilience, Router};
 use crate::inspect::Inspector;
 use crate::manager::{Manager, ManagerSettings, OutlierConfig};
 use crate::metrics::ProxyMetrics;
-use crate::server::Server;
+use crate::server::{Role, Server};
 use crate::tls::{TlsError, server_config};
 use crate::upstream::UpstreamSettings;
 
@@ -81,9 +82,33 @@ pub fn main(cli: Cli) -> Result<(), Error> {
 #[command(name = "tandem-proxy", version)]
 #[command(group(clap::ArgGroup::new("backends-source").required(true).args(["control_plane", "backends"])))]
 pub struct Args {
-    /// Where clients connect.
-    #[arg(long, default_value = "127.0.0.1:4140", env = "TANDEM_LISTEN")]
-    pub listen: SocketAddr,
+    /// Where clients address the proxy, which routes by Host / :authority (default
+    /// 127.0.0.1:4140 when no --outbound-listen or --inbound-listen is given).
+    #[arg(long, env = "TANDEM_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Injected pods: where the pod's outgoing TCP arrives, redirected by
+    /// `tandem-proxy init`; routed by where it was going (SO_ORIGINAL_DST). Several
+    /// addresses, comma-separated, e.g. `0.0.0.0:4140,[::]:4140` (an IPv6 one is
+    /// skipped, with a warning, where the pod has no IPv6).
+    #[arg(long, value_delimiter = ',', env = "TANDEM_OUTBOUND_LISTEN")]
+    pub outbound_listen: Vec<SocketAddr>,
+    /// Injected pods: where TCP for the app arrives, redirected by `tandem-proxy init`;
+    /// forwarded to the app's port on the pod's loopback. Comma-separated, as above.
+    #[arg(long, value_delimiter = ',', env = "TANDEM_INBOUND_LISTEN")]
+    pub inbound_listen: Vec<SocketAddr>,
+    /// Outbound: a client silent this long is taken to speak a server-first protocol
+    /// (MySQL, SMTP) and its connection forwarded as opaque TCP.
+    #[arg(long, default_value = "300ms", value_parser = duration)]
+    pub detect_timeout: Duration,
+    /// Outbound: destination ports forwarded as opaque TCP at once, without waiting
+    /// for the client's first bytes (SMTP, MySQL, PostgreSQL, Redis, memcached, ...).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "25,587,3306,4444,4567,4568,5432,6379,9300,11211",
+        env = "TANDEM_OPAQUE_PORTS"
+    )]
+    pub opaque_ports: Vec<u16>,
     /// Admin server: /live, /ready, /metrics, /config, POST /shutdown (loopback callers only).
     #[arg(long, default_value = "127.0.0.1:4191", env = "TANDEM_ADMIN")]
     pub admin: SocketAddr,
@@ -259,6 +284,62 @@ fn default_max_connections(fd_limit: u64) -> usize {
     usize::try_from(fd_limit / 2).unwrap_or(usize::MAX)
 }
 
+/// The listeners asked for, bound: a bind failure names the flag.
+async fn bind_listeners(args: &Args) -> Result<Vec<(Role, TcpListener, SocketAddr)>, Error> {
+    let transparent = !args.outbound_listen.is_empty() || !args.inbound_listen.is_empty();
+    let explicit = match args.listen {
+        Some(addr) => vec![addr],
+        None if !transparent => vec![SocketAddr::from(([127, 0, 0, 1], 4140))],
+        None => vec![],
+    };
+    let outbound = Role::Outbound {
+        opaque_ports: args.opaque_ports.clone().into(),
+        detect_timeout: args.detect_timeout,
+    };
+    let mut bound = Vec::with_capacity(4);
+    for (what, role, addrs) in [
+        ("the proxy (--listen)", Role::Explicit, &explicit),
+        (
+            "outbound (--outbound-listen)",
+            outbound,
+            &args.outbound_listen,
+        ),
+        (
+            "inbound (--inbound-listen)",
+            Role::Inbound,
+            &args.inbound_listen,
+        ),
+    ] {
+        let mut any = false;
+        for (i, addr) in addrs.iter().enumerate() {
+            match tandem_common::listen::bind(what, *addr).await {
+                Ok(listener) => {
+                    let local = listener.local_addr().unwrap_or(*addr);
+                    bound.push((role.clone(), listener, local));
+                    any = true;
+                }
+                // A pod without IPv6 (disabled on the node): its IPv4 listener is enough.
+                Err(error)
+                    if addr.is_ipv6() && no_ipv6(&error.source) && (any || i + 1 < addrs.len()) =>
+                {
+                    tracing::warn!(%error, "no IPv6 here; listening on the other addresses");
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        if !addrs.is_empty() && !any {
+            return Err(Error::Config(format!("{what}: no address could be bound")));
+        }
+    }
+    Ok(bound)
+}
+
+/// The errors of binding an IPv6 address where the kernel has IPv6 turned off.
+fn no_ipv6(error: &std::io::Error) -> bool {
+    error.raw_os_error() == Some(libc::EAFNOSUPPORT)
+        || error.kind() == std::io::ErrorKind::AddrNotAvailable
+}
+
 /// Runs the proxy until SIGTERM/SIGINT or `POST /shutdown`.
 pub async fn run(args: Args) -> Result<(), Error> {
     tandem_common::logging::init(args.log_format);
@@ -382,9 +463,8 @@ pub async fn run(args: Args) -> Result<(), Error> {
     registry.register_collector(Box::new(inspector.clone()));
     registry.register_collector(Box::new(ProcessCollector));
 
-    let listener = tandem_common::listen::bind("the proxy (--listen)", args.listen).await?;
+    let listeners = bind_listeners(&args).await?;
     let admin_listener = tandem_common::listen::bind("admin (--admin)", args.admin).await?;
-    let proxy_addr = listener.local_addr().unwrap_or(args.listen);
     let admin_addr = admin_listener.local_addr().unwrap_or(args.admin);
 
     let admin = Arc::new(Admin {
@@ -408,29 +488,55 @@ pub async fn run(args: Args) -> Result<(), Error> {
         },
         header_read_timeout: args.header_read_timeout,
     });
-    let server = Arc::new(Server {
-        forwarder,
-        tls,
-        metrics,
-        shutdown: shutdown.clone(),
-        grace: args.shutdown_grace,
-        limits: Limits {
-            idle_timeout: args.idle_timeout,
-            header_read_timeout: args.header_read_timeout,
-            stream_idle_timeout: args.stream_idle_timeout,
-            max_connections,
-        },
-    });
+    let limits = Limits {
+        idle_timeout: args.idle_timeout,
+        header_read_timeout: args.header_read_timeout,
+        stream_idle_timeout: args.stream_idle_timeout,
+        max_connections,
+    };
+    let connections = Arc::new(Connections::new(limits, metrics.clone()));
+    tokio::spawn(connections.clone().sweep());
+    let mut announced: Vec<(String, SocketAddr)> = Vec::with_capacity(listeners.len() + 1);
+    let mut serving = tokio::task::JoinSet::new();
+    for (role, listener, addr) in listeners {
+        // Names are keys of the announcement: a role's second address is `outbound-2`.
+        let same = announced
+            .iter()
+            .filter(|(name, _)| name.split('-').next() == Some(role.name()))
+            .count();
+        let name = match same {
+            0 => role.name().to_string(),
+            n => format!("{}-{}", role.name(), n + 1),
+        };
+        announced.push((name, addr));
+        // Mesh TLS on the inbound listener comes with identities; --tls-cert is for
+        // clients that address the proxy.
+        let tls = matches!(role, Role::Explicit)
+            .then(|| tls.clone())
+            .flatten();
+        let server = Arc::new(Server {
+            role,
+            forwarder: forwarder.clone(),
+            tls,
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+            grace: args.shutdown_grace,
+            connections: connections.clone(),
+        });
+        serving.spawn(server.serve(listener));
+    }
+    announced.push(("admin".to_string(), admin_addr));
+    let announced: Vec<(&str, SocketAddr)> =
+        announced.iter().map(|(n, a)| (n.as_str(), *a)).collect();
     tracing::info!(
-        proxy = %proxy_addr,
-        admin = %admin_addr,
+        listeners = ?announced,
         tls = args.tls_cert.is_some(),
         threads = args.threads,
         mode = if args.control_plane.is_some() { "discovery" } else { "static" },
         "proxy ready"
     );
-    announce::listening(&[("proxy", proxy_addr), ("admin", admin_addr)]);
-    server.serve(listener).await;
+    announce::listening(&announced);
+    serving.join_all().await;
     tracing::info!("proxy stopped");
     Ok(())
 }

@@ -1,18 +1,55 @@
 //! The one body type the proxy sends in both directions, as an enum rather than a
-//! boxed trait object so the hot path allocates nothing for it.
+//! boxed trait object so the hot path allocates nothing for it, and the slot a
+//! request with such a body waits in until a transport sends it ([`RequestSlot`]).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
+use http::Request;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use tandem_h2::RecvStream;
 
-use crate::http1::client::ResponseBody;
-use crate::upstream::Lease;
+use crate::http1::body::ResponseBody;
+use crate::pool::IdlePool;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request on its way to a backend. The sending futures borrow it rather than
+/// own it, so the request is kept once, in the caller's future, however deep the
+/// send goes (each owning layer would hold its own copy: rust-lang/rust#62958).
+/// A transport that hands the request on (hyper; HTTP/2 for a request with a body)
+/// takes it from the slot once a backend may have seen it; the raw HTTP/1 client and
+/// HTTP/2 write a bodiless request from the slot and leave it there.
+/// [`UpstreamError::written`](crate::upstream::UpstreamError::written) says whether a
+/// failed one went out.
+pub type RequestSlot = Option<Request<ProxyBody>>;
+
+/// Idle hyper HTTP/1 connections to one endpoint (see [`crate::upstream`]).
+pub type HyperPool = IdlePool<SendRequest<ProxyBody>>;
+
+/// A borrowed hyper HTTP/1 connection, returned to its pool when the response body
+/// it carries ends ([`ProxyBody::Pooled`]); see [`Lease::release`].
+pub struct Lease {
+    pool: Arc<HyperPool>,
+    sender: SendRequest<ProxyBody>,
+}
+
+impl Lease {
+    pub fn new(pool: Arc<HyperPool>, sender: SendRequest<ProxyBody>) -> Self {
+        Self { pool, sender }
+    }
+
+    /// Returns the connection to its pool (the response was read to the end).
+    pub fn release(self) {
+        if !self.sender.is_closed() {
+            self.pool.put(self.sender);
+        }
+    }
+}
 
 pub enum ProxyBody {
     Empty,
@@ -148,7 +185,7 @@ impl Body for ProxyBody {
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            ProxyBody::Http1(body) => Pin::new(&mut **body).poll_frame(cx),
+            ProxyBody::Http1(body) => Pin::new(&mut **body).poll_frame(cx).map_err(Into::into),
             ProxyBody::Http2 { recv, from_client } => {
                 let frame = ready!(Pin::new(recv).poll_frame(cx));
                 Poll::Ready(match frame {

@@ -18,7 +18,9 @@ use tokio::sync::{Notify, mpsc};
 use crate::endpoint::{EndpointMeta, Locality};
 use crate::metrics::{BackendStats, DestinationStats};
 use crate::policy::Policy;
-use crate::upstream::{HttpVersion, Upstream, UpstreamSettings};
+use crate::pool::UpstreamSettings;
+use crate::shared::HttpVersion;
+use crate::upstream::Upstream;
 
 /// The connections, counters and passive health of one endpoint. They outlive
 /// backend-set versions, so a discovery update does not drop pooled connections,

@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use tandem_common::{Backoff, Readiness};
 use tandem_proto::discovery::v1 as pb;
 use tokio::sync::watch;
@@ -25,37 +24,15 @@ use crate::manager::{Manager, ManagerSettings};
 use crate::metrics::ProxyMetrics;
 use crate::policy::Policy;
 
+/// The views this module keeps current, in a module of their own so that the
+/// destination managers, which take them, need nothing of the discovery client.
+pub use crate::view::{ProxyLocality, ServiceView};
+
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Snapshots of very large services exceed tonic's 4 MiB default (10,000 endpoints
 /// take about 1.5 MiB; this leaves room for ten times that).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
-
-/// The proxy's own locality: the `--locality` flag if given, else what the control plane says.
-#[derive(Default)]
-pub struct ProxyLocality {
-    pub configured: Option<Locality>,
-    discovered: ArcSwapOption<Locality>,
-}
-
-impl ProxyLocality {
-    pub fn new(configured: Option<Locality>) -> Self {
-        Self {
-            configured,
-            discovered: ArcSwapOption::empty(),
-        }
-    }
-
-    pub fn current(&self) -> Option<Locality> {
-        self.configured
-            .clone()
-            .or_else(|| self.discovered.load_full().map(|l| (*l).clone()))
-    }
-
-    fn discovered(&self, locality: Option<Locality>) {
-        self.discovered.store(locality.map(Arc::new));
-    }
-}
 
 pub struct DiscoveryClient {
     client: pb::discovery_client::DiscoveryClient<Channel>,
@@ -265,19 +242,6 @@ fn end_of(status: Status) -> StreamEnd {
             StreamEnd::Broken(message)
         }
     }
-}
-
-/// The proxy's copy of one service, rebuilt from snapshots and deltas.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ServiceView {
-    pub version: u64,
-    pub service: String,
-    pub endpoints: BTreeMap<SocketAddr, EndpointMeta>,
-    pub caller_shares: BTreeMap<String, f64>,
-    pub proxy_locality: Option<Locality>,
-    /// The Service's trafficDistribution (e.g. `PreferClose`), empty when unset.
-    pub traffic_distribution: String,
-    pub policy: Policy,
 }
 
 /// Turns a stream's updates into complete views: a snapshot (possibly in chunks, only

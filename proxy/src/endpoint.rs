@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use tandem_balancer::Health;
 use tandem_proto::discovery::v1 as pb;
 
-use crate::upstream::HttpVersion;
+use crate::shared::HttpVersion;
 
 /// The balancer's type: the proxy compares endpoints' localities with its own.
 pub use tandem_balancer::Locality;

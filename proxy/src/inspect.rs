@@ -16,9 +16,9 @@ use tandem_balancer::Health;
 use tandem_common::admin::{AdminResponse, AdminRoutes, json as json_response};
 
 use crate::destination::{Destination, Resolution};
-use crate::discovery::ProxyLocality;
 use crate::forward::Router;
 use crate::metrics::{BackendStats, ProxyErrorKind, encode_latency};
+use crate::view::ProxyLocality;
 
 /// The live destinations, wherever the router keeps them.
 pub struct Inspector {

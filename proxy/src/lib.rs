@@ -8,7 +8,12 @@
 //! - [`connections`] enforces the limits on client connections (idle, header-read and
 //!   stream idle timeouts, the cap) and drains them at shutdown.
 //! - [`upgrade`] carries HTTP/1.1 upgrades (WebSocket) as tunnels.
-//! - [`discovery`] keeps each destination's backend set current from the control plane.
+//! - [`discovery`] keeps each destination's backend set current from the control plane:
+//!   it assembles [`view`]s, which each destination's [`manager`] turns into backend sets.
+//! - [`shared`] is what all the layers of the request path share (the HTTP version
+//!   spoken to a backend, idempotent methods, hop-by-hop headers, whose fault a
+//!   failure was); [`body`] is the one body type; [`pool`] what every connection pool
+//!   shares.
 //! - [`inspect`] serves `/config` and the per-destination metrics; [`metrics`] holds counters.
 
 pub mod app;
@@ -17,6 +22,7 @@ pub mod clock;
 pub mod connections;
 pub mod deadline;
 pub mod destination;
+pub mod detect;
 pub mod discovery;
 pub mod endpoint;
 pub mod forward;
@@ -28,11 +34,15 @@ pub mod manager;
 pub mod metrics;
 pub mod original_dst;
 pub mod policy;
+pub mod pool;
 pub mod rewind;
 pub mod server;
+pub mod shared;
+pub mod tcp;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
+pub mod view;
 
 pub use app::{Args, Cli, Command, Error, main, run, run_blocking};
 /// The balancer is a crate of its own (`tandem-balancer`, std only); re-exported for

@@ -26,9 +26,9 @@ use tokio::task::JoinSet;
 use crate::destination::{
     Backend, BackendSet, Destination, EndpointState, LocalHealth, Placement, Resolution,
 };
-use crate::discovery::{ProxyLocality, ServiceView};
 use crate::policy::HealthCheck;
-use crate::upstream::UpstreamSettings;
+use crate::pool::UpstreamSettings;
+use crate::view::{ProxyLocality, ServiceView};
 
 /// Passive outlier detection, with Envoy's defaults.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -427,8 +427,8 @@ async fn probe(addr: SocketAddr, check: HealthCheck) -> (SocketAddr, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::ProxyLocality;
     use crate::endpoint::EndpointMeta;
+    use crate::view::ProxyLocality;
 
     const BASE: Duration = Duration::from_secs(30);
 

@@ -207,11 +207,29 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// Which listener: `proxy` (addressed to the proxy), `outbound` or `inbound`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: &'static str,
+}
+
+/// What became of an intercepted outbound connection.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InterceptedLabel {
+    /// `http1`, `http2` or `opaque`.
+    pub protocol: &'static str,
+    /// `service` (a destination the control plane knows, balanced) or `passthrough`
+    /// (forwarded to the address as it is).
+    pub route: &'static str,
+}
+
 /// Process-wide counters that are not per destination.
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
-    pub open_connections: Gauge,
-    pub connections: Counter,
+    pub open_connections: Family<ListenerLabel, Gauge>,
+    pub connections: Family<ListenerLabel, Counter>,
+    /// Outbound connections by what they spoke and where they went.
+    pub intercepted: Family<InterceptedLabel, Counter>,
     pub tls_handshakes: Family<ResultLabel, Counter>,
     /// 1 while at least one discovery stream is up, or in static mode.
     pub discovery_connected: Gauge,
@@ -241,6 +259,11 @@ impl ProxyMetrics {
             "connections",
             "Client connections accepted",
             self.connections.clone(),
+        );
+        r.register(
+            "intercepted_connections",
+            "Intercepted outbound connections by protocol (http1, http2, opaque) and route (service: balanced; passthrough: to the address as it is)",
+            self.intercepted.clone(),
         );
         r.register(
             "tls_handshakes",

@@ -1,9 +1,16 @@
-//! The proxy listener: accepts connections, terminates TLS when configured, tells
+//! The proxy's listeners: accept connections, terminate TLS when configured, tell
 //! HTTP/1.1 from HTTP/2 (prior-knowledge h2c on plain connections, ALPN under TLS)
-//! and serves each with its own path ([`crate::http1`], [`crate::http2`]); both hand
+//! and serve each with its own path ([`crate::http1`], [`crate::http2`]); both hand
 //! every request to the [`Forwarder`].
+//!
+//! A listener has a [`Role`]: explicit (clients address the proxy, which routes by
+//! `Host`/`:authority`), outbound (the app's connections, redirected by the pod's nat
+//! rules: routed by where they were going, HTTP balanced per request, anything else
+//! per connection, and what the control plane does not know forwarded as it is), or
+//! inbound (connections for the app: to its port on the pod's loopback).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,11 +27,15 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 use tracing::field::display;
 
-use crate::connections::{ConnControl, Connections, Limits, Managed, Phase, Tracked};
-use crate::forward::Forwarder;
+use crate::connections::{ConnControl, Connections, Managed, Phase, Tracked};
+use crate::destination::{BackendSet, Destination, Resolution};
+use crate::detect::{self, Sniffed};
+use crate::forward::{Forwarder, Router};
 use crate::http1::{self as own_http1, Outcome};
-use crate::metrics::{ProxyMetrics, ResultLabel};
+use crate::metrics::{InterceptedLabel, ListenerLabel, ProxyMetrics, ResultLabel};
+use crate::original_dst::original_destination;
 use crate::rewind::Rewind;
+use crate::tcp;
 use crate::upgrade::{self, Tunnel};
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,8 +45,7 @@ const CLIENT_BUFFER: usize = 8 * 1024;
 /// A TLS record starts with content type 22 (handshake) for a ClientHello.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
-/// What an HTTP/2 client with prior knowledge sends first (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+use crate::detect::H2_PREFACE;
 
 const PLAINTEXT_ON_TLS_PORT: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
 content-type: text/plain; charset=utf-8\r\n\
@@ -45,14 +55,34 @@ content-length: 63\r\n\
 \r\n\
 tandem: this port speaks TLS; a plain-text request was sent to it\n";
 
+/// What a listener's connections are.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// Addressed to the proxy: routed by `Host` / `:authority`.
+    Explicit,
+    /// The app's outgoing connections, redirected here by `tandem-proxy init`'s rules.
+    Outbound {
+        /// Destination ports known to carry a protocol that is not HTTP (or whose
+        /// server speaks first): opaque at once, no waiting for the client.
+        opaque_ports: Arc<[u16]>,
+        /// How long a client may say nothing before its connection is taken as
+        /// opaque (server-speaks-first protocols wait for the server).
+        detect_timeout: Duration,
+    },
+    /// Connections for the app, redirected here: to its port on the loopback.
+    Inbound,
+}
+
 pub struct Server {
+    pub role: Role,
     pub forwarder: Arc<Forwarder>,
     pub tls: Option<TlsAcceptor>,
     pub metrics: Arc<ProxyMetrics>,
     pub shutdown: Shutdown,
     pub grace: Duration,
-    /// Time limits and the cap on client connections.
-    pub limits: Limits,
+    /// Every client connection of the proxy, whichever listener took it: one cap on
+    /// them all, one sweep (time limits), one drain. Its sweeper is the caller's to run.
+    pub connections: Arc<Connections>,
 }
 
 /// hyper's HTTP/1 settings, built once per listener, for the requests the proxy's
@@ -79,10 +109,23 @@ enum Detected {
 impl Server {
     /// Accepts until shutdown, then lets open connections finish for up to `grace`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let connections = Arc::new(Connections::new(self.limits.clone(), self.metrics.clone()));
-        let sweeper = tokio::spawn(connections.clone().sweep());
+        let connections = self.connections.clone();
         let hyper = Arc::new(hyper_http1());
         let mut accept_errors = AcceptErrors::default();
+        // Resolved once: no label lookup per connection.
+        let listener_label = ListenerLabel {
+            listener: self.role.name(),
+        };
+        let accepted = self
+            .metrics
+            .connections
+            .get_or_create(&listener_label)
+            .clone();
+        let open = self
+            .metrics
+            .open_connections
+            .get_or_create(&listener_label)
+            .clone();
         let local = listener
             .local_addr()
             .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
@@ -112,6 +155,7 @@ impl Server {
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let hyper = hyper.clone();
+            let (accepted, open) = (accepted.clone(), open.clone());
             // One span per connection (not per request): every line logged while
             // serving it names its peer. Debug, as all of the connection's own lines
             // are: at info, it is never built.
@@ -119,15 +163,16 @@ impl Server {
                 "connection",
                 %peer,
                 listener = %local,
+                role = self.role.name(),
                 tls = self.tls.is_some(),
                 protocol = tracing::field::Empty,
             );
             tokio::spawn(
                 async move {
-                    this.metrics.connections.inc();
-                    this.metrics.open_connections.inc();
+                    accepted.inc();
+                    open.inc();
                     this.connection(stream, guard.control(), &hyper).await;
-                    this.metrics.open_connections.dec();
+                    open.dec();
                     drop(guard);
                     tracing::trace!("connection closed");
                 }
@@ -148,7 +193,6 @@ impl Server {
             connections.close_now();
             let _ = tokio::time::timeout(LAST_CLOSE, connections.all_closed()).await;
         }
-        sweeper.abort();
     }
 
     async fn connection(
@@ -157,13 +201,26 @@ impl Server {
         control: &Arc<ConnControl>,
         hyper: &http1::Builder,
     ) {
+        match &self.role {
+            Role::Explicit => {}
+            Role::Outbound {
+                opaque_ports,
+                detect_timeout,
+            } => {
+                let ports = opaque_ports.clone();
+                return self
+                    .outbound(stream, control, hyper, &ports, *detect_timeout)
+                    .await;
+            }
+            Role::Inbound => return self.inbound(stream, control).await,
+        }
         let Some(acceptor) = &self.tls else {
             let mut io = Tracked::new(stream, control.clone());
             let mut buf = BytesMut::with_capacity(CLIENT_BUFFER);
             match detect(&mut io, &mut buf, control).await {
                 Detected::Http1 => {
                     tracing::Span::current().record("protocol", display("http1"));
-                    self.http1(io, buf, control, hyper).await
+                    self.http1(&self.forwarder, io, buf, control, hyper).await
                 }
                 Detected::Http2 => {
                     tracing::Span::current().record("protocol", display("http2"));
@@ -215,13 +272,14 @@ impl Server {
             crate::http2::serve(&self.forwarder, control, tls).await;
         } else {
             let buf = BytesMut::with_capacity(CLIENT_BUFFER);
-            self.http1(tls, buf, control, hyper).await;
+            self.http1(&self.forwarder, tls, buf, control, hyper).await;
         }
     }
 
     /// HTTP/1.1: the proxy's own path, then hyper from the first request it hands over.
     async fn http1<IO>(
         &self,
+        forwarder: &Arc<Forwarder>,
         io: IO,
         buf: BytesMut,
         control: &Arc<ConnControl>,
@@ -229,7 +287,7 @@ impl Server {
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (io, buffered) = match own_http1::serve(&self.forwarder, control, io, buf).await {
+        let (io, buffered) = match own_http1::serve(forwarder, control, io, buf).await {
             Outcome::Closed => return,
             Outcome::Handoff {
                 io,
@@ -243,7 +301,7 @@ impl Server {
         let io = TokioIo::new(Rewind::new(io, buffered));
         let tunnel = Arc::new(Mutex::new(None));
         let conn = hyper
-            .serve_connection(io, self.service(control, &tunnel))
+            .serve_connection(io, service(forwarder, control, &tunnel))
             .with_upgrades();
         if let Some(Err(error)) = Managed::new(conn, control.clone()).await {
             tracing::debug!(%error, "connection error");
@@ -266,51 +324,114 @@ impl Server {
         }
     }
 
-    /// Forwards each request hyper parsed; the connection is [`Phase::Delegated`]
-    /// while one is in flight (its own timers bound it), idle between them. An
-    /// upgrade that the backend accepted leaves its tunnel in `tunnel`.
-    fn service(
+    /// An outbound connection: where it was going decides (the service the control
+    /// plane knows at that address, or the address as it is), and its first bytes how
+    /// (HTTP per request, anything else per connection).
+    async fn outbound(
         &self,
+        stream: TcpStream,
         control: &Arc<ConnControl>,
-        tunnel: &Arc<Mutex<Option<Tunnel>>>,
-    ) -> impl hyper::service::Service<
-        http::Request<hyper::body::Incoming>,
-        Response = http::Response<crate::body::ProxyBody>,
-        Error = Infallible,
-        Future = impl Future<Output = Result<http::Response<crate::body::ProxyBody>, Infallible>>
-                 + Send
-                 + 'static,
-    > + Clone
-    + 'static {
-        let forwarder = self.forwarder.clone();
-        let control = control.clone();
-        let tunnel = tunnel.clone();
-        service_fn(move |req| {
-            control.set_phase(Phase::Delegated);
-            let done = control.clone();
-            if upgrade::is_upgrade(&req) {
-                let tunnel = tunnel.clone();
-                let upgrading =
-                    upgrade::forward(forwarder.clone(), req).map(move |(response, t)| {
-                        *tunnel.lock().unwrap_or_else(|e| e.into_inner()) = t;
-                        done.set_phase(Phase::Idle);
-                        Ok::<_, Infallible>(response)
-                    });
-                return Either::Left(upgrading);
+        hyper: &http1::Builder,
+        opaque_ports: &[u16],
+        detect_timeout: Duration,
+    ) {
+        let Some(original) = redirected(&stream) else {
+            return;
+        };
+        let mut io = Tracked::new(stream, control.clone());
+        let mut buf = BytesMut::with_capacity(CLIENT_BUFFER);
+        let sniffed = if opaque_ports.contains(&original.port()) {
+            Sniffed::Opaque
+        } else {
+            detect::sniff(&mut io, &mut buf, control, detect_timeout).await
+        };
+        if sniffed == Sniffed::Closed {
+            return;
+        }
+        tracing::Span::current().record("protocol", sniffed.name());
+        let known = self.known(original).await;
+        self.metrics
+            .intercepted
+            .get_or_create(&InterceptedLabel {
+                protocol: sniffed.name(),
+                route: if known.is_some() {
+                    "service"
+                } else {
+                    "passthrough"
+                },
+            })
+            .inc();
+        match (sniffed, known) {
+            (Sniffed::Http1 | Sniffed::Http2, Some((destination, _))) => {
+                // This connection's requests all go to the service it addressed.
+                let forwarder = Arc::new(for_destination(&self.forwarder, destination));
+                if sniffed == Sniffed::Http2 {
+                    control.set_phase(Phase::Multiplexed);
+                    let io = Rewind::new(io, buf.freeze());
+                    crate::http2::serve(&forwarder, control, io).await;
+                } else {
+                    self.http1(&forwarder, io, buf, control, hyper).await;
+                }
             }
-            // The body may still be arriving: its bytes on this connection keep
-            // the request's stream idle timeout from running out.
-            let activity = (!hyper::body::Body::is_end_stream(req.body())).then(|| control.clone());
-            Either::Right(
-                forwarder
-                    .clone()
-                    .handle(req, activity)
-                    .map(move |response| {
-                        done.set_phase(Phase::Idle);
-                        Ok::<_, Infallible>(response)
-                    }),
-            )
-        })
+            (_, Some((destination, set))) => {
+                control.set_phase(Phase::Delegated);
+                let mut io = Rewind::new(io, buf.freeze());
+                if let Err(error) = tcp::balanced(&mut io, &destination, &set).await {
+                    tracing::debug!(%error, destination = destination.name(), "opaque connection failed");
+                }
+            }
+            (_, None) => {
+                control.set_phase(Phase::Delegated);
+                let mut io = Rewind::new(io, buf.freeze());
+                if let Err(error) = tcp::passthrough(&mut io, original).await {
+                    tracing::debug!(%error, "connection to an address the control plane does not know failed");
+                }
+            }
+        }
+    }
+
+    /// The service the control plane knows at `address` (a ClusterIP and port), and
+    /// its endpoints; `None` for an address it does not know (a pod, anything
+    /// outside the mesh), or while it cannot be asked.
+    async fn known(&self, address: SocketAddr) -> Option<(Arc<Destination>, Arc<BackendSet>)> {
+        let destination = match &*self.forwarder.router {
+            Router::Static(destination) => destination.clone(),
+            Router::Discovery { destinations, .. } => {
+                // The name is the address as text, written on the stack: no
+                // allocation for a destination already watched.
+                use std::io::Write;
+                let mut text = [0u8; 64];
+                let mut cursor = std::io::Cursor::new(&mut text[..]);
+                write!(cursor, "{address}").ok()?;
+                let len = cursor.position() as usize;
+                let name = std::str::from_utf8(&text[..len]).ok()?;
+                destinations.get_or_create(name).ok()?
+            }
+        };
+        destination.touch(std::time::Instant::now());
+        let resolution = destination.resolve(self.forwarder.discovery_timeout).await;
+        match &*resolution {
+            Resolution::Ready(set) => Some((destination.clone(), set.clone())),
+            _ => None,
+        }
+    }
+
+    /// An inbound connection: to the app's port on the pod's loopback.
+    async fn inbound(&self, stream: TcpStream, control: &Arc<ConnControl>) {
+        let Some(original) = redirected(&stream) else {
+            return;
+        };
+        control.set_phase(Phase::Delegated);
+        let loopback: std::net::IpAddr = if original.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        };
+        let mut io = Tracked::new(stream, control.clone());
+        let app = SocketAddr::new(loopback, original.port());
+        if let Err(error) = tcp::passthrough(&mut io, app).await {
+            tracing::debug!(%error, "the app did not take the connection");
+        }
     }
 
     fn tls_result(&self, result: &'static str) {
@@ -318,6 +439,85 @@ impl Server {
             .tls_handshakes
             .get_or_create(&ResultLabel { result })
             .inc();
+    }
+}
+
+/// Forwards each request hyper parsed; the connection is [`Phase::Delegated`] while
+/// one is in flight (its own timers bound it), idle between them. An upgrade that the
+/// backend accepted leaves its tunnel in `tunnel`.
+fn service(
+    forwarder: &Arc<Forwarder>,
+    control: &Arc<ConnControl>,
+    tunnel: &Arc<Mutex<Option<Tunnel>>>,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<crate::body::ProxyBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<http::Response<crate::body::ProxyBody>, Infallible>>
+             + Send
+             + 'static,
+> + Clone
++ 'static {
+    let forwarder = forwarder.clone();
+    let control = control.clone();
+    let tunnel = tunnel.clone();
+    service_fn(move |req| {
+        control.set_phase(Phase::Delegated);
+        let done = control.clone();
+        if upgrade::is_upgrade(&req) {
+            let tunnel = tunnel.clone();
+            let upgrading = upgrade::forward(forwarder.clone(), req).map(move |(response, t)| {
+                *tunnel.lock().unwrap_or_else(|e| e.into_inner()) = t;
+                done.set_phase(Phase::Idle);
+                Ok::<_, Infallible>(response)
+            });
+            return Either::Left(upgrading);
+        }
+        // The connection's sweeps bound the wait for the response (deadline.rs).
+        let conn = Some(control.clone());
+        Either::Right(forwarder.clone().handle(req, conn).map(move |response| {
+            done.set_phase(Phase::Idle);
+            Ok::<_, Infallible>(response)
+        }))
+    })
+}
+
+/// A forwarder whose every request goes to `destination` (an outbound connection
+/// routes by where it was going, not by `Host`).
+fn for_destination(forwarder: &Forwarder, destination: Arc<Destination>) -> Forwarder {
+    Forwarder {
+        router: Arc::new(Router::Static(destination)),
+        discovery_timeout: forwarder.discovery_timeout,
+        resilience: forwarder.resilience.clone(),
+        header_read_timeout: forwarder.header_read_timeout,
+    }
+}
+
+/// Where a redirected connection was going; `None` (and the connection closed) for
+/// one that came here directly: forwarding it to its own address would loop.
+fn redirected(stream: &TcpStream) -> Option<SocketAddr> {
+    let original = match original_destination(stream) {
+        Ok(original) => original,
+        Err(error) => {
+            tracing::debug!(%error, "no original destination");
+            return None;
+        }
+    };
+    if stream.local_addr().is_ok_and(|local| local == original) {
+        tracing::debug!(%original, "a connection to the listener itself, not redirected: closed");
+        return None;
+    }
+    Some(original)
+}
+
+impl Role {
+    /// The listener's name in logs and in the startup announcement.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Explicit => "proxy",
+            Role::Outbound { .. } => "outbound",
+            Role::Inbound => "inbound",
+        }
     }
 }
 

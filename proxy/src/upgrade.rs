@@ -16,9 +16,10 @@ use http::{Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 
 use crate::body::{ProxyBody, RequestBody};
-use crate::forward::{
-    Forwarder, ProxyError, nothing_to_pick, record_failure, record_response, upstream_failed,
-};
+use crate::forward::Forwarder;
+use crate::forward::error::{ProxyError, nothing_to_pick, upstream_failed};
+use crate::forward::resilience::{record_failure, record_response};
+use crate::shared::{KEEP_ALIVE, PROXY_CONNECTION, te_is_trailers};
 use crate::upstream::UpstreamError;
 
 /// The rest of an upgraded exchange: copies bytes between client and backend until
@@ -63,12 +64,12 @@ fn upgrade_headers(headers: &mut HeaderMap) {
     for name in listed {
         headers.remove(name.as_str());
     }
-    for name in ["keep-alive", "proxy-connection", "transfer-encoding"] {
+    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &header::TRANSFER_ENCODING] {
         headers.remove(name);
     }
     if headers
         .get(header::TE)
-        .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        .is_some_and(|te| !te_is_trailers(te.as_bytes()))
     {
         headers.remove(header::TE);
     }
@@ -125,7 +126,7 @@ async fn switch(
     let destination = forwarder.route(authority.as_deref())?;
     destination.touch(start);
     let (destination, set) = forwarder.backends(&destination).await?;
-    let _admitted = forwarder.admit(&destination)?;
+    let _admitted = forwarder.resilience.admit(&destination)?;
     upgrade_headers(req.headers_mut());
     if let Some(pq) = req.uri().path_and_query().cloned() {
         // Origin-form towards the backend; Host carries the authority.

@@ -8,7 +8,7 @@
 //! streams wait, encoded, for one to end (as in Linkerd). Opening more connections
 //! instead (as Envoy does) cost more CPU per request when it was measured (with h2;
 //! bench/README.md): each connection then batches fewer frames per read and write.
-//! Raw HTTP/1 ([`RawConn`]): sockets the proxy's own HTTP/1 path ([`crate::http1`])
+//! Raw HTTP/1 ([`RawPool`]): sockets the proxy's own HTTP/1 path ([`crate::http1`])
 //! speaks over, pooled the same way with their read buffers. Bodiless requests from
 //! elsewhere (HTTP/2 clients, hyper) to HTTP/1 backends use them too
 //! ([`crate::http1::client`]); hyper's client carries requests with a body.
@@ -19,50 +19,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use bytes::BytesMut;
-use crossbeam_queue::ArrayQueue;
 use futures_util::FutureExt;
 use futures_util::future::Either;
-use http::{Request, Response};
+use http::Response;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::body::{ClientBodyError, ProxyBody};
-use crate::clock;
+use crate::body::{ClientBodyError, HyperPool, Lease, ProxyBody, RequestSlot};
 use crate::http1::SendFailure;
 use crate::http1::client;
+use crate::http1::pool::RawPool;
+use crate::http2::body::request_body_failed;
 use crate::http2::client::{Http2Connection, Http2Error};
-use crate::http2::request_body_failed;
+use crate::pool::{self, ConnectError, IdlePool};
+
+pub use crate::pool::{UpstreamSettings, connect_fault};
+pub use crate::shared::{Fault, HttpVersion};
 
 /// How long a pooled HTTP/1 connection may take to become ready before it is given up.
 const READY_WAIT: Duration = Duration::from_millis(250);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HttpVersion {
-    Http1,
-    Http2,
-}
-
-#[derive(Debug, Clone)]
-pub struct UpstreamSettings {
-    pub connect_timeout: Duration,
-    /// Idle HTTP/1 connections older than this are not reused (servers close idle
-    /// keep-alive connections; reusing one at that moment fails the request).
-    pub idle_timeout: Duration,
-    pub max_idle_per_endpoint: usize,
-}
-
-impl Default for UpstreamSettings {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(60),
-            max_idle_per_endpoint: 512,
-        }
-    }
-}
 
 /// Whether sending the request in `slot` with `version` hands it on, out of the
 /// slot: all but bodiless requests to HTTP/2 and the raw HTTP/1 client, which are
@@ -74,30 +50,6 @@ pub fn takes_request(version: HttpVersion, slot: &RequestSlot) -> bool {
         HttpVersion::Http2 => !slot
             .as_ref()
             .is_some_and(|req| http_body::Body::is_end_stream(req.body())),
-    }
-}
-
-/// Whose fault a failed attempt was. Only a backend's own failures count against it
-/// (outlier detection, failure counters) or make the request go elsewhere: a
-/// client's malformed or abandoned request would fail anywhere, and the proxy
-/// running out of file descriptors says nothing about the backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// The client's request body was malformed, cut short or reset.
-    Client,
-    /// The proxy itself could not make the attempt (out of sockets or memory).
-    Proxy,
-    /// The backend refused, failed or broke the protocol.
-    Backend,
-}
-
-/// The fault of a failed connect: a shortage of the proxy's own resources, or the backend.
-pub fn connect_fault(error: &std::io::Error) -> Fault {
-    match error.raw_os_error() {
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL) => {
-            Fault::Proxy
-        }
-        _ => Fault::Backend,
     }
 }
 
@@ -117,14 +69,25 @@ pub enum UpstreamError {
     Http1(Box<SendFailure>),
 }
 
-/// A request on its way to a backend. The sending futures borrow it rather than
-/// own it, so the request is kept once, in the caller's future, however deep the
-/// send goes (each owning layer would hold its own copy: rust-lang/rust#62958).
-/// A transport that hands the request on (hyper; HTTP/2 for a request with a body)
-/// takes it from the slot once a backend may have seen it; the raw HTTP/1 client and
-/// HTTP/2 write a bodiless request from the slot and leave it there.
-/// [`UpstreamError::written`] says whether a failed one went out.
-pub type RequestSlot = Option<Request<ProxyBody>>;
+/// A failure of the raw HTTP/1 client: a connect that failed, or an exchange that
+/// went wrong once the request was written.
+impl From<SendFailure> for UpstreamError {
+    fn from(failure: SendFailure) -> Self {
+        match failure {
+            SendFailure::Connect(error) => error.into(),
+            written => UpstreamError::Http1(Box::new(written)),
+        }
+    }
+}
+
+impl From<ConnectError> for UpstreamError {
+    fn from(error: ConnectError) -> Self {
+        match error {
+            ConnectError::Failed(error) => UpstreamError::Connect(error),
+            ConnectError::TimedOut(limit) => UpstreamError::ConnectTimeout(limit),
+        }
+    }
+}
 
 impl UpstreamError {
     /// Whose fault the failure was.
@@ -155,80 +118,16 @@ impl UpstreamError {
 
 pub(crate) type SendResult = Result<Response<ProxyBody>, UpstreamError>;
 
-/// An idle pooled connection, with when it went idle: coarse seconds
-/// ([`clock::now`]), so no clock is read per request.
-struct Idle<C> {
-    conn: C,
-    since: u32,
-}
-
-/// Idle connections of one kind, in a lock-free queue.
-struct IdlePool<C>(ArrayQueue<Idle<C>>);
-
-impl<C> IdlePool<C> {
-    fn new(capacity: usize) -> Self {
-        Self(ArrayQueue::new(capacity.max(1)))
-    }
-
-    /// Pools `conn`; a full pool drops (closes) it instead.
-    fn put(&self, conn: C) {
-        let _ = self.0.push(Idle {
-            conn,
-            since: clock::now(),
-        });
-    }
-
-    /// The next connection idle for at most `max_idle` (older ones are closed: the
-    /// server may be closing them right now).
-    fn take(&self, max_idle: Duration) -> Option<C> {
-        while let Some(idle) = self.0.pop() {
-            let idle_for = Duration::from_secs(clock::now().saturating_sub(idle.since) as u64);
-            if idle_for <= max_idle {
-                return Some(idle.conn);
-            }
-        }
-        None
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-}
-
-/// A connection to the endpoint that the HTTP/1 path reads and writes itself: the
-/// socket and the buffer responses are read into, kept together while pooled.
-pub struct RawConn {
-    pub stream: TcpStream,
-    pub buf: BytesMut,
-    /// Taken from the idle pool: the server may have closed it a moment ago.
-    pub reused: bool,
-}
-
 /// The connections to one endpoint.
 pub struct Upstream {
     addr: SocketAddr,
     settings: Arc<UpstreamSettings>,
-    idle: IdlePool<http1::SendRequest<ProxyBody>>,
-    /// A raw connection is pooled with its read buffer.
-    idle_raw: IdlePool<(TcpStream, BytesMut)>,
+    /// Idle hyper HTTP/1 connections, shared with the [`Lease`]s that bring them back.
+    idle: Arc<HyperPool>,
+    raw: Arc<RawPool>,
     h2: ArcSwapOption<Http2Connection>,
     /// Serialises HTTP/2 dials so a burst of requests opens one connection, not many.
     h2_dial: tokio::sync::Mutex<()>,
-}
-
-/// A borrowed HTTP/1 connection; see [`Lease::release`].
-pub struct Lease {
-    upstream: Arc<Upstream>,
-    sender: http1::SendRequest<ProxyBody>,
-}
-
-impl Lease {
-    /// Returns the connection to its pool (the response was read to the end).
-    pub fn release(self) {
-        if !self.sender.is_closed() {
-            self.upstream.idle.put(self.sender);
-        }
-    }
 }
 
 /// An HTTP/1 connection ready for one request.
@@ -265,8 +164,8 @@ impl Upstream {
     pub fn new(addr: SocketAddr, settings: Arc<UpstreamSettings>) -> Arc<Self> {
         Arc::new(Self {
             addr,
-            idle: IdlePool::new(settings.max_idle_per_endpoint),
-            idle_raw: IdlePool::new(settings.max_idle_per_endpoint),
+            idle: Arc::new(IdlePool::new(settings.max_idle_per_endpoint)),
+            raw: Arc::new(RawPool::new(addr, settings.clone())),
             settings,
             h2: ArcSwapOption::empty(),
             h2_dial: tokio::sync::Mutex::new(()),
@@ -279,42 +178,13 @@ impl Upstream {
 
     /// Idle HTTP/1 connections right now.
     pub fn idle_connections(&self) -> usize {
-        self.idle.len() + self.idle_raw.len()
+        self.idle.len() + self.raw.idle()
     }
 
-    /// An idle raw connection that still looks open, if there is one.
-    pub fn checkout_raw(&self) -> Option<RawConn> {
-        while let Some((stream, buf)) = self.idle_raw.take(self.settings.idle_timeout) {
-            // Costs no syscall while the socket has not become readable: an idle
-            // connection only does when the server closed it (or misbehaved).
-            let mut probe = [0u8; 1];
-            if let Err(e) = stream.try_read(&mut probe)
-                && e.kind() == std::io::ErrorKind::WouldBlock
-            {
-                return Some(RawConn {
-                    stream,
-                    buf,
-                    reused: true,
-                });
-            }
-        }
-        None
-    }
-
-    /// A new raw connection.
-    pub async fn dial_raw(&self) -> Result<RawConn, UpstreamError> {
-        Ok(RawConn {
-            stream: self.dial().await?,
-            buf: BytesMut::with_capacity(crate::http1::RESPONSE_BUFFER),
-            reused: false,
-        })
-    }
-
-    /// Pools a raw connection whose last response was read to its end.
-    pub fn release_raw(&self, conn: RawConn) {
-        let mut buf = conn.buf;
-        buf.clear();
-        self.idle_raw.put((conn.stream, buf));
+    /// The raw HTTP/1 connections ([`crate::http1`]).
+    #[inline]
+    pub fn raw(&self) -> &Arc<RawPool> {
+        &self.raw
     }
 
     /// Sends the request in `slot` over HTTP/1 or HTTP/2. After an error the slot
@@ -332,7 +202,7 @@ impl Upstream {
         match version {
             HttpVersion::Http1 if !takes_request(version, slot) => {
                 let req = slot.as_ref().expect("a request to send");
-                Either::Left(Either::Left(client::send(self, req)))
+                Either::Left(Either::Left(client::send(&self.raw, req)))
             }
             HttpVersion::Http1 => Either::Left(Either::Right(self.send_http1(slot))),
             HttpVersion::Http2 => Either::Right(self.send_http2(slot)),
@@ -408,10 +278,7 @@ impl Upstream {
         response: Response<hyper::body::Incoming>,
         sender: http1::SendRequest<ProxyBody>,
     ) -> Response<ProxyBody> {
-        let lease = Lease {
-            upstream: self.clone(),
-            sender,
-        };
+        let lease = Lease::new(self.idle.clone(), sender);
         response.map(|body| {
             if http_body::Body::is_end_stream(&body) {
                 // Nothing left to read (e.g. 204, Content-Length: 0): reusable now.
@@ -444,13 +311,7 @@ impl Upstream {
     }
 
     async fn dial(&self) -> Result<TcpStream, UpstreamError> {
-        let stream =
-            tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(self.addr))
-                .await
-                .map_err(|_| UpstreamError::ConnectTimeout(self.settings.connect_timeout))?
-                .map_err(UpstreamError::Connect)?;
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
+        Ok(pool::dial(self.addr, &self.settings).await?)
     }
 
     async fn dial_http1(&self) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {

@@ -285,7 +285,7 @@ fn start(own: &Own) -> Result<Cluster, String> {
     let agent_log = dir.join(format!("node-agent-{pid}.log"));
     let log = std::fs::File::create(&agent_log)
         .map_err(|e| format!("cannot create {}: {e}", agent_log.display()))?;
-    let bin = exe().parent().unwrap_or(Path::new("/"));
+    let bin = crate::support::pod_bin_dir()?;
     let mut agent = std::process::Command::new(exe())
         .arg("node-agent")
         .arg("--kubeconfig")
@@ -524,6 +524,12 @@ impl Cluster {
     /// at (a server for them must listen on it or on 0.0.0.0, not on 127.0.0.1).
     pub fn pod_gateway(&self) -> Ipv4Addr {
         self.gateway
+    }
+
+    /// The network namespace the node agent made for the pod at `ip`.
+    pub fn netns(&self, ip: Ipv4Addr) -> String {
+        let [a, b, c, d] = ip.octets();
+        format!("{}-{a}-{b}-{c}-{d}", self.bridge)
     }
 
     pub fn bridge(&self) -> &str {

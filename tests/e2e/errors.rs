@@ -201,7 +201,7 @@ async fn idle_client_connections_are_closed() {
         assert_eq!(closed.unwrap(), 0, "expected end of stream");
         let metrics = admin_get(proxy.addr("admin"), "/metrics").await;
         assert!(
-            metrics.contains("tandem_proxy_open_connections 0"),
+            metric(&metrics, "tandem_proxy_open_connections") == 0.0,
             "{metrics}"
         );
     })

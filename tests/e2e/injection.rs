@@ -12,6 +12,7 @@
 //! configuration of `deploy/` matches every enabled namespace, and the unmeshed-pod
 //! count covers all of them.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -113,6 +114,8 @@ async fn objects_of(cluster: &Cluster, file: &str) -> Vec<Value> {
 pub struct Injector {
     pub cp: Spawned,
     pub port: u16,
+    /// Where the control plane serves discovery (and injected proxies dial).
+    pub discovery: String,
     /// The MutatingWebhookConfiguration (and ClusterRole) of this test.
     pub config: String,
     namespace: String,
@@ -125,6 +128,13 @@ impl Injector {
     /// and installs the webhook configuration; returns once the API server's calls
     /// inject (a server-side dry run of a pod comes back injected).
     pub async fn start(ns: &Namespace) -> Injector {
+        Self::start_with(ns, None).await
+    }
+
+    /// As [`Injector::start`]; with `discovery`, the control plane also serves
+    /// discovery there, and injected proxies are told to dial it (pods the node agent
+    /// runs reach the host at their gateway; there is no cluster DNS).
+    pub async fn start_with(ns: &Namespace, discovery: Option<Ipv4Addr>) -> Injector {
         let cluster = ns.cluster();
         let config = format!("tandem-injector-{}", ns.name());
         ns.kubectl(&["label", "namespace", ns.name(), "tandem.io/inject=enabled"])
@@ -199,8 +209,19 @@ impl Injector {
         )
         .unwrap();
 
+        let discovery = match discovery {
+            // A port from the OS, released for the control plane to bind: injected
+            // pods must be told it before the control plane starts.
+            Some(ip) => {
+                let probe = std::net::TcpListener::bind((ip, 0)).expect("a port on the gateway");
+                probe.local_addr().unwrap().to_string()
+            }
+            None => "127.0.0.1:0".to_string(),
+        };
         let mut injector = Injector {
-            cp: start_control_plane(&kubeconfig, ns.name(), &config, "127.0.0.1:0").await,
+            cp: start_control_plane(&kubeconfig, ns.name(), &config, "127.0.0.1:0", &discovery)
+                .await,
+            discovery,
             port: 0,
             config: config.clone(),
             namespace: ns.name().to_string(),
@@ -337,8 +358,14 @@ impl Injector {
     /// Starts it again, on the same webhook port.
     pub async fn restart(&mut self) {
         let listen = format!("127.0.0.1:{}", self.port);
-        self.cp =
-            start_control_plane(&self.kubeconfig, &self.namespace, &self.config, &listen).await;
+        self.cp = start_control_plane(
+            &self.kubeconfig,
+            &self.namespace,
+            &self.config,
+            &listen,
+            &self.discovery,
+        )
+        .await;
         assert_eq!(self.cp.addr("webhook").port(), self.port);
     }
 }
@@ -379,16 +406,17 @@ async fn start_control_plane(
     namespace: &str,
     config: &str,
     webhook: &str,
+    discovery: &str,
 ) -> Spawned {
     let kubeconfig = kubeconfig.display().to_string();
-    let args = [
+    let mut args = vec![
         "control-plane",
         "--source",
         "kubernetes",
         "--kubeconfig",
         &kubeconfig,
         "--listen",
-        "127.0.0.1:0",
+        discovery,
         "--admin",
         "127.0.0.1:0",
         "--webhook-listen",
@@ -406,6 +434,11 @@ async fn start_control_plane(
         "--unmeshed-pods-interval",
         "1s",
     ];
+    // Injected proxies that run (the node agent's pods) dial this control plane;
+    // otherwise the pods keep deploy/'s address, as users get it.
+    if !discovery.starts_with("127.") {
+        args.extend(["--proxy-control-plane-address", discovery]);
+    }
     let options = Options {
         envs: vec![("RUST_LOG", "info,kube_client=off")],
         capture_stderr: true,
@@ -942,6 +975,7 @@ async fn replicas_share_one_certificate_and_keep_the_ca_bundle() {
             &injector.kubeconfig,
             ns.name(),
             &injector.config,
+            "127.0.0.1:0",
             "127.0.0.1:0",
         )
         .await;

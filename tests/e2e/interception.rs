@@ -3,6 +3,7 @@
 //! to real traffic: the app's outgoing TCP reaches the outbound port, the proxy's own
 //! does not, inbound TCP reaches the inbound port but for the admin and skipped ports.
 
+use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -19,6 +20,9 @@ struct Netns {
     name: String,
     host_addr: String,
     addr: String,
+    host_veth: String,
+    inner_veth: String,
+    slot: usize,
 }
 
 fn sh(program: &str, args: &[&str]) -> Output {
@@ -58,6 +62,9 @@ impl Netns {
             name,
             host_addr,
             addr,
+            host_veth: host_veth.clone(),
+            inner_veth: inner_veth.clone(),
+            slot,
         };
         must(
             "ip",
@@ -100,6 +107,34 @@ impl Netns {
         ns
     }
 
+    /// IPv6 on the veth too (`fd78:SLOT::1` on the host side, `::2` inside), and
+    /// default routes to the host for both families; returns the two IPv6 addresses.
+    fn with_ipv6_and_routes(&self) -> (String, String) {
+        let (host6, addr6) = (
+            format!("fd78:{:x}::1", self.slot),
+            format!("fd78:{:x}::2", self.slot),
+        );
+        let host = format!("{host6}/64");
+        must(
+            "ip",
+            &["-6", "addr", "add", &host, "dev", &self.host_veth, "nodad"],
+        );
+        let inner = format!("{addr6}/64");
+        self.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &inner,
+            "dev",
+            &self.inner_veth,
+            "nodad",
+        ]);
+        self.exec(&["ip", "route", "add", "default", "via", &self.host_addr]);
+        self.exec(&["ip", "-6", "route", "add", "default", "via", &host6]);
+        (host6, addr6)
+    }
+
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.name]).args(args);
@@ -133,10 +168,11 @@ impl Netns {
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
-    /// `tandem backend` named `name`, listening on `port` inside.
+    /// `tandem backend` named `name`, listening on `port` inside (IPv4 and IPv6, as
+    /// a socket bound to `[::]` does).
     async fn backend(&self, name: &str, port: u16) -> Spawned {
         let exe = exe().display().to_string();
-        let listen = format!("0.0.0.0:{port}");
+        let listen = format!("[::]:{port}");
         let args = [
             "netns", "exec", &self.name, &exe, "backend", "--name", name, "--listen", &listen,
             "--quiet",
@@ -295,6 +331,135 @@ async fn init_says_what_was_wrong() {
         assert!(
             said.contains("rule refused") && said.contains("--uid-owner 4294967295 -j RETURN`"),
             "{said}"
+        );
+    })
+    .await
+}
+
+/// `curl` from inside (as root, so intercepted): the body, or what went wrong.
+fn curl_in(ns: &Netns, url: &str) -> Result<String, String> {
+    let out = ns
+        .command(&["curl", "-sS", "-g", "--max-time", "5", url])
+        .output()
+        .expect("ip netns exec curl");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn the_proxy_routes_redirected_connections_by_their_original_destination() {
+    bounded(LIMIT, async {
+        let ns = Netns::new("original");
+        let (host6, addr6) = ns.with_ipv6_and_routes();
+
+        // Backends on the host, two per family, and a control plane that knows them
+        // behind a ClusterIP each.
+        let v4 = format!("{}:0", ns.host_addr);
+        let v6 = format!("[{host6}]:0");
+        let mut backends = Vec::new();
+        for (name, listen) in [("v4-a", &v4), ("v4-b", &v4), ("v6-a", &v6), ("v6-b", &v6)] {
+            backends.push(backend_with(name, &["--listen", listen]).await);
+        }
+        let addr = |i: usize| backends[i].addr("http");
+        let dir = TestDir::new("original-dst");
+        let file = dir.path("services.yaml");
+        Services::new()
+            .service(
+                Service::new("web4", 80)
+                    .cluster_ip("10.96.7.7".parse().unwrap())
+                    .endpoints([addr(0), addr(1)]),
+            )
+            .service(
+                Service::new("web6", 80)
+                    .cluster_ip("fd96::7".parse().unwrap())
+                    .endpoints([addr(2), addr(3)]),
+            )
+            .write(&file);
+        let cp = control_plane_on(&file, &format!("{}:0", ns.host_addr)).await;
+        let discovery = cp.addr("discovery").to_string();
+
+        // The pod: its app (on the pod's loopback only... and everywhere, as apps
+        // listen), the rules, and the proxy as its own UID, as injected.
+        let _app = ns.backend("app", 8080).await;
+        let out = ns.init(&[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bin = pod_bin_dir().unwrap_or_else(|e| panic!("{e}"));
+        let tandem = bin.join("tandem").display().to_string();
+        let args = [
+            "netns",
+            "exec",
+            &ns.name,
+            "setpriv",
+            "--reuid",
+            "2102",
+            "--regid",
+            "2102",
+            "--clear-groups",
+            &tandem,
+            "proxy",
+            "--outbound-listen",
+            "0.0.0.0:4140,[::]:4140",
+            "--inbound-listen",
+            "0.0.0.0:4143,[::]:4143",
+            "--admin",
+            "0.0.0.0:4191",
+            "--control-plane",
+            &discovery,
+        ];
+        let proxy = tandem::process::spawn("proxy", std::path::Path::new("ip"), args, &[], START)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        for (role, port) in [("outbound", 4140), ("inbound", 4143)] {
+            let (first, second) = (proxy.addr(role), proxy.addr(&format!("{role}-2")));
+            assert!(
+                first.is_ipv4() && second.is_ipv6(),
+                "{role}: {first} {second}"
+            );
+            assert!(first.port() == port && second.port() == port);
+        }
+        wait_ready(SocketAddr::new(ns.addr.parse().unwrap(), 4191)).await;
+
+        // A ClusterIP, IPv4 or IPv6: balanced over the service's endpoints.
+        for (url, names) in [
+            ("http://10.96.7.7/", ["v4-a", "v4-b"]),
+            ("http://[fd96::7]/", ["v6-a", "v6-b"]),
+        ] {
+            let mut seen: Vec<String> = (0..4).map(|_| curl_in(&ns, url).unwrap()).collect();
+            seen.sort();
+            assert_eq!(seen, [names[0], names[0], names[1], names[1]], "{url}");
+        }
+        // An address the control plane does not know: to that address, as it is.
+        for i in [0, 2] {
+            let url = format!("http://{}/", addr(i));
+            assert_eq!(
+                curl_in(&ns, &url).unwrap(),
+                ["v4-a", "", "v6-a"][i],
+                "{url}"
+            );
+        }
+        // Inbound, from outside the pod, either family: the app on the pod's loopback.
+        for url in [
+            format!("http://{}:8080/", ns.addr),
+            format!("http://[{addr6}]:8080/"),
+        ] {
+            let out = sh("curl", &["-sS", "-g", "--max-time", "5", &url]);
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "app", "{url}");
+        }
+        // A connection straight to the outbound port was redirected nowhere: closed,
+        // not forwarded to itself.
+        let direct = format!("http://{}:4140/", ns.addr);
+        assert!(curl_in(&ns, &direct).is_err());
+        let out = sh("curl", &["-sS", "--max-time", "5", &direct]);
+        assert!(
+            !out.status.success(),
+            "from outside, the outbound port forwards nothing"
         );
     })
     .await

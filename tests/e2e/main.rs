@@ -18,6 +18,7 @@ mod injection;
 mod interception;
 mod kubernetes;
 mod locality;
+mod mesh;
 mod node_agent;
 mod resilience;
 mod streaming;

@@ -20,6 +20,51 @@ pub fn exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_tandem"))
 }
 
+/// The programs pods run (`--bin-dir`): this test build's `tandem`, and `tandem-proxy`
+/// as `tandem proxy` (the same code as the proxy binary, and never a stale build of it).
+/// In the temporary directory, which every user can reach: the injected proxy runs as
+/// its own UID, and the checkout may sit in a directory only root can enter.
+pub fn pod_bin_dir() -> Result<PathBuf, String> {
+    static DIR: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    DIR.get_or_init(make_pod_bin_dir).clone()
+}
+
+fn make_pod_bin_dir() -> Result<PathBuf, String> {
+    let pid = std::process::id();
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = std::env::temp_dir();
+    // Left by runs that were killed.
+    if let Ok(entries) = std::fs::read_dir(&tmp) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(old) = name
+                .strip_prefix("tandem-pods-")
+                .and_then(|p| p.parse::<u32>().ok())
+                && old != pid
+                && !Path::new(&format!("/proc/{old}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let bin = tmp.join(format!("tandem-pods-{pid}"));
+    let fail = |e: std::io::Error| format!("cannot make {}: {e}", bin.display());
+    std::fs::create_dir_all(&bin).map_err(fail)?;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).map_err(fail)?;
+    let tandem = bin.join("tandem");
+    if !tandem.exists() {
+        let _ = std::fs::remove_file(&tandem);
+        std::fs::hard_link(exe(), &tandem)
+            .or_else(|_| std::fs::copy(exe(), &tandem).map(drop))
+            .map_err(fail)?;
+    }
+    let proxy = bin.join("tandem-proxy");
+    let script = format!("#!/bin/sh\nexec '{}' proxy \"$@\"\n", tandem.display());
+    std::fs::write(&proxy, script).map_err(fail)?;
+    std::fs::set_permissions(&proxy, std::fs::Permissions::from_mode(0o755)).map_err(fail)?;
+    Ok(bin)
+}
+
 /// Runs a test body with an overall deadline, so no test can hang CI.
 pub async fn bounded<F: Future<Output = ()>>(limit: Duration, body: F) {
     tokio::time::timeout(limit, body)

@@ -259,8 +259,8 @@ pub fn proxy_container(config: &InjectConfig, overrides: &Overrides) -> Value {
         "restartPolicy": "Always",
         "command": ["tandem-proxy"],
         "args": [
-            "--outbound-listen", format!("0.0.0.0:{}", config.outbound_port),
-            "--inbound-listen", format!("0.0.0.0:{}", config.inbound_port),
+            "--outbound-listen", format!("0.0.0.0:{0},[::]:{0}", config.outbound_port),
+            "--inbound-listen", format!("0.0.0.0:{0},[::]:{0}", config.inbound_port),
             "--admin", format!("0.0.0.0:{}", config.admin_port),
             "--control-plane", config.control_plane_address
         ],
@@ -457,9 +457,9 @@ mod tests {
             proxy["args"],
             json!([
                 "--outbound-listen",
-                "0.0.0.0:4140",
+                "0.0.0.0:4140,[::]:4140",
                 "--inbound-listen",
-                "0.0.0.0:4143",
+                "0.0.0.0:4143,[::]:4143",
                 "--admin",
                 "0.0.0.0:4191",
                 "--control-plane",

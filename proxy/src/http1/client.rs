@@ -7,20 +7,18 @@
 //! own task, over the same pooled sockets [`super::serve`] uses. Requests with a body
 //! stay on hyper, which streams it.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
+use bytes::Buf;
 use http::{HeaderMap, Method, Request, Response, Version, header};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 
-use super::chunked::ChunkError;
-use super::exchange::{self, BodyLeft, MIN_READ, RELAY_CHUNK, SendFailure};
+use super::body::ResponseBody;
+use super::exchange::{self, BodyLeft, SendFailure};
 use super::head::{self, BadResponse, Framing, ResponseHead};
-use crate::body::{BoxError, ProxyBody};
-use crate::forward::is_idempotent;
-use crate::upstream::{RawConn, Upstream, UpstreamError};
+use super::pool::{RawConn, RawPool};
+use crate::body::ProxyBody;
+use crate::shared::is_idempotent;
 
 /// Room the request head starts with: a typical head fits without growing.
 const HEAD_CAPACITY: usize = 512;
@@ -39,27 +37,26 @@ pub fn fits(req: &Request<ProxyBody>) -> bool {
 /// Sends `req` (for which [`fits`] holds) and reads the response head; the body
 /// follows as the response's body is read. The request is only read (its head is
 /// written out at once), so it stays with the caller to be sent again after a
-/// failure; [`UpstreamError::written`] says whether the backend may have seen it.
+/// failure; [`SendFailure::unsent`] says whether the backend may have seen it. A
+/// failure is the caller's error `E` (the upstream's), made where it happens.
 ///
-/// Not an `async fn`, which would keep its arguments (see [`Upstream::send`]).
-pub fn send<'a>(
-    upstream: &'a Arc<Upstream>,
+/// Not an `async fn`, which would keep its arguments (see
+/// [`Upstream::send`](crate::upstream::Upstream::send)).
+pub fn send<'a, E: From<SendFailure>>(
+    pool: &'a Arc<RawPool>,
     req: &Request<ProxyBody>,
-) -> impl Future<Output = Result<Response<ProxyBody>, UpstreamError>> + use<'a> {
+) -> impl Future<Output = Result<Response<ProxyBody>, E>> + use<'a, E> {
     let mut outgoing = Vec::with_capacity(HEAD_CAPACITY);
     write_head(req, &mut outgoing);
     let is_head = req.method() == Method::HEAD;
     let idempotent = is_idempotent(req.method().as_str());
     async move {
-        let sent = exchange::send(upstream, &outgoing, is_head, idempotent).await;
+        let sent = exchange::send(pool, &outgoing, is_head, idempotent).await;
         let result = match sent {
-            Ok((conn, response)) => respond(upstream, conn, response, is_head).await,
+            Ok((conn, response)) => respond(pool, conn, response, is_head).await,
             Err(failure) => Err(failure),
         };
-        result.map_err(|failure| match failure {
-            SendFailure::Connect(error) => error,
-            written => UpstreamError::Http1(Box::new(written)),
-        })
+        result.map_err(E::from)
     }
 }
 
@@ -120,7 +117,7 @@ fn write_cookies(headers: &HeaderMap, out: &mut Vec<u8>) {
 /// The response for `response`, whose head starts `conn.buf`. Interim (1xx) heads
 /// before it are skipped: nothing here asked for them.
 async fn respond(
-    upstream: &Arc<Upstream>,
+    pool: &Arc<RawPool>,
     mut conn: RawConn,
     mut response: ResponseHead,
     is_head: bool,
@@ -138,21 +135,21 @@ async fn respond(
     let (status, headers) = head::response_parts(&head_bytes).map_err(SendFailure::BadResponse)?;
     let body = match response.framing {
         Framing::Empty => {
-            finish(upstream, conn, response.close);
+            pool.finish(conn, response.close);
             ProxyBody::Empty
         }
         // The whole body is here already (the common small answer): no streaming.
         Framing::Length(n) if conn.buf.len() as u64 >= n => {
             let data = conn.buf.split_to(n as usize).freeze();
-            finish(upstream, conn, response.close);
+            pool.finish(conn, response.close);
             ProxyBody::Full(Some(data))
         }
-        framing => ProxyBody::Http1(Box::new(ResponseBody {
-            upstream: upstream.clone(),
-            conn: Some(conn),
-            left: BodyLeft::new(framing),
-            close: response.close,
-        })),
+        framing => ProxyBody::Http1(Box::new(ResponseBody::new(
+            pool.clone(),
+            conn,
+            BodyLeft::new(framing),
+            response.close,
+        ))),
     };
     let mut out = Response::new(body);
     *out.status_mut() = status;
@@ -161,148 +158,11 @@ async fn respond(
     Ok(out)
 }
 
-/// Pools the connection after a response read to its end, unless the server will
-/// close it or sent more than the response (which no request of ours asked for).
-fn finish(upstream: &Upstream, conn: RawConn, close: bool) {
-    if !close && conn.buf.is_empty() {
-        upstream.release_raw(conn);
-    }
-}
-
-/// A response body read from a raw connection as it arrives, chunked framing
-/// removed (the other side frames it itself). The connection goes back to the pool
-/// when the body ends, and is closed if the body is abandoned or broken.
-pub struct ResponseBody {
-    upstream: Arc<Upstream>,
-    /// `None` once the body ended.
-    conn: Option<RawConn>,
-    left: BodyLeft,
-    close: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    #[error("reading the response body: {0}")]
-    Read(std::io::Error),
-    #[error("the backend closed the connection inside the response body")]
-    Truncated,
-    #[error(transparent)]
-    Chunked(ChunkError),
-}
-
-impl ResponseBody {
-    /// The body's data at the front of `conn.buf`, if any; framing is consumed.
-    fn take_data(left: &mut BodyLeft, conn: &mut RawConn) -> Result<Option<Bytes>, ChunkError> {
-        let buf = &mut conn.buf;
-        let n = match left {
-            BodyLeft::Chunked(chunked) => {
-                let framing = chunked.advance_framing(buf)?;
-                buf.advance(framing);
-                if chunked.is_done() {
-                    *left = BodyLeft::Done;
-                    return Ok(None);
-                }
-                let Some(data_left) = chunked.data_left() else {
-                    return Ok(None);
-                };
-                let take = data_left.min(buf.len() as u64) as usize;
-                chunked.advance(&buf[..take])?;
-                take
-            }
-            // Without chunk framing, every byte up to the end is data.
-            _ => left.consume(buf)?,
-        };
-        Ok((n > 0).then(|| buf.split_to(n).freeze()))
-    }
-
-    /// Reads more of the body into `conn.buf`: `Ok(false)` at the end of the stream.
-    fn poll_fill(conn: &mut RawConn, cx: &mut Context<'_>) -> Poll<std::io::Result<bool>> {
-        loop {
-            ready!(conn.stream.poll_read_ready(cx))?;
-            if conn.buf.capacity() - conn.buf.len() < MIN_READ {
-                conn.buf.reserve(RELAY_CHUNK);
-            }
-            match conn.stream.try_read_buf(&mut conn.buf) {
-                Ok(0) => return Poll::Ready(Ok(false)),
-                Ok(_) => return Poll::Ready(Ok(true)),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
-
-    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
-        loop {
-            let Some(conn) = self.conn.as_mut() else {
-                return Poll::Ready(None);
-            };
-            let data = match Self::take_data(&mut self.left, conn) {
-                Ok(data) => data,
-                Err(e) => {
-                    self.conn = None;
-                    return Poll::Ready(Some(Err(BodyError::Chunked(e))));
-                }
-            };
-            if matches!(self.left, BodyLeft::Done) {
-                let conn = self.conn.take().expect("checked above");
-                finish(&self.upstream, conn, self.close);
-            }
-            if let Some(data) = data {
-                return Poll::Ready(Some(Ok(data)));
-            }
-            // Nothing more in the buffer (`take_data` took all it could).
-            let Some(conn) = self.conn.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match ready!(Self::poll_fill(conn, cx)) {
-                Ok(true) => {}
-                Ok(false) => {
-                    self.conn = None;
-                    return Poll::Ready(match self.left {
-                        // The end of the stream is the end of this body.
-                        BodyLeft::UntilClose => None,
-                        _ => Some(Err(BodyError::Truncated)),
-                    });
-                }
-                Err(e) => {
-                    self.conn = None;
-                    return Poll::Ready(Some(Err(BodyError::Read(e))));
-                }
-            }
-        }
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.get_mut()
-            .poll_data(cx)
-            .map(|data| data.map(|d| d.map(Frame::data).map_err(Into::into)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.conn.is_none()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match (&self.conn, &self.left) {
-            (None, _) => SizeHint::with_exact(0),
-            (Some(_), BodyLeft::Length(n)) => SizeHint::with_exact(*n),
-            _ => SizeHint::default(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::UpstreamSettings;
+    use crate::pool::UpstreamSettings;
+    use crate::upstream::UpstreamError;
     use http::StatusCode;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -334,8 +194,8 @@ mod tests {
         (addr, task)
     }
 
-    fn upstream(addr: std::net::SocketAddr) -> Arc<Upstream> {
-        Upstream::new(addr, Arc::new(UpstreamSettings::default()))
+    fn pool(addr: std::net::SocketAddr) -> Arc<RawPool> {
+        Arc::new(RawPool::new(addr, Arc::new(UpstreamSettings::default())))
     }
 
     fn get(uri: &str) -> Request<ProxyBody> {
@@ -354,42 +214,42 @@ mod tests {
             false,
         )
         .await;
-        let upstream = upstream(addr);
-        let response = send(&upstream, &get("/")).await.unwrap();
+        let pool = pool(addr);
+        let response = send::<UpstreamError>(&pool, &get("/")).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["x-a"], "1");
         assert!(!response.headers().contains_key(header::TRANSFER_ENCODING));
         assert!(!response.headers().contains_key(header::CONNECTION));
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"hello world");
-        assert_eq!(upstream.idle_connections(), 1, "read to its end: pooled");
+        assert_eq!(pool.idle(), 1, "read to its end: pooled");
     }
 
     #[tokio::test]
     async fn a_body_until_close_ends_with_the_connection() {
         let (addr, _backend) = backend(b"HTTP/1.1 200 OK\r\n\r\nall of it", true).await;
-        let upstream = upstream(addr);
-        let response = send(&upstream, &get("/")).await.unwrap();
+        let pool = pool(addr);
+        let response = send::<UpstreamError>(&pool, &get("/")).await.unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"all of it");
-        assert_eq!(upstream.idle_connections(), 0);
+        assert_eq!(pool.idle(), 0);
     }
 
     #[tokio::test]
     async fn a_truncated_body_is_an_error_not_a_short_answer() {
         let (addr, _backend) =
             backend(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", true).await;
-        let upstream = upstream(addr);
-        let response = send(&upstream, &get("/")).await.unwrap();
+        let pool = pool(addr);
+        let response = send::<UpstreamError>(&pool, &get("/")).await.unwrap();
         let error = response.into_body().collect().await.expect_err("an error");
         assert!(error.to_string().contains("closed"), "{error}");
-        assert_eq!(upstream.idle_connections(), 0);
+        assert_eq!(pool.idle(), 0);
     }
 
     #[tokio::test]
     async fn writes_an_http1_head_from_an_http2_request() {
         let (addr, backend) = backend(b"HTTP/1.1 204 No Content\r\n\r\n", false).await;
-        let upstream = upstream(addr);
+        let pool = pool(addr);
         let req = Request::post("http://web.default:80/p?q=1")
             .version(Version::HTTP_2)
             .header(header::COOKIE, "a=1")
@@ -397,10 +257,10 @@ mod tests {
             .header(header::TE, "trailers")
             .body(ProxyBody::Empty)
             .unwrap();
-        let response = send(&upstream, &req).await.unwrap();
+        let response = send::<UpstreamError>(&pool, &req).await.unwrap();
         assert_eq!(response.status(), StatusCode::NO_CONTENT);
-        assert_eq!(upstream.idle_connections(), 1);
-        drop(upstream);
+        assert_eq!(pool.idle(), 1);
+        drop(pool);
         let head = backend.await.unwrap();
         assert_eq!(
             head,
@@ -415,7 +275,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let slot = Some(get("/"));
-        let Err(error) = send(&upstream(addr), slot.as_ref().unwrap()).await else {
+        let Err(error) = send::<UpstreamError>(&pool(addr), slot.as_ref().unwrap()).await else {
             panic!("no response can come");
         };
         assert!(
@@ -435,7 +295,7 @@ mod tests {
             assert!(n > 0, "the request arrives before the hang-up");
         });
         let slot = Some(get("/"));
-        let Err(error) = send(&upstream(addr), slot.as_ref().unwrap()).await else {
+        let Err(error) = send::<UpstreamError>(&pool(addr), slot.as_ref().unwrap()).await else {
             panic!("no response can come");
         };
         backend.await.unwrap();

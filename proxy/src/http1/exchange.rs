@@ -9,7 +9,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::chunked::{ChunkError, ChunkedBody};
 use super::head::{self, BadResponse, Framing, ResponseHead};
-use crate::upstream::{Fault, RawConn, Upstream, UpstreamError};
+use super::pool::{RESPONSE_BUFFER, RawConn, RawPool};
+use crate::pool::ConnectError;
+use crate::shared::Fault;
 
 /// A head longer than this is refused (a request's goes to hyper, which answers 431).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -17,15 +19,12 @@ pub const MAX_HEAD: usize = 64 * 1024;
 pub const MIN_READ: usize = 1024;
 /// Response bodies are relayed in reads of up to this much.
 pub const RELAY_CHUNK: usize = 16 * 1024;
-/// Room a backend connection's read buffer has for a response head (and the small
-/// body that usually comes with it).
-pub const RESPONSE_BUFFER: usize = 8 * 1024;
 
 /// Why an attempt got no response.
 #[derive(Debug, thiserror::Error)]
 pub enum SendFailure {
     #[error(transparent)]
-    Connect(UpstreamError),
+    Connect(ConnectError),
     #[error("writing the request: {0}")]
     Write(io::Error),
     #[error("reading the response: {0}")]
@@ -57,22 +56,20 @@ impl SendFailure {
     }
 }
 
-/// Sends `outgoing` over a pooled (or new) connection and reads the response head.
+/// Sends `outgoing` over a pooled (or new) connection of `pool` and reads the response head.
 /// `is_head`: the request is a HEAD (its response has no body); `idempotent`: it may
 /// be sent again when a pooled connection turns out closed.
 pub async fn send(
-    upstream: &Upstream,
+    pool: &RawPool,
     outgoing: &[u8],
     is_head: bool,
     idempotent: bool,
 ) -> Result<(RawConn, ResponseHead), SendFailure> {
     loop {
-        let mut conn = match upstream.checkout_raw() {
+        let mut conn = match pool.checkout() {
             Some(conn) => conn,
             // Dialling is rare and its future large: boxed, it does not bloat every request.
-            None => Box::pin(upstream.dial_raw())
-                .await
-                .map_err(SendFailure::Connect)?,
+            None => Box::pin(pool.dial()).await.map_err(SendFailure::Connect)?,
         };
         let result = match conn.stream.write_all(outgoing).await {
             Ok(()) => read_head(&mut conn, is_head).await,

@@ -17,6 +17,8 @@ use std::mem::MaybeUninit;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
+use crate::shared::is_idempotent;
+
 /// Header lines read per message on this path; a request with more goes to hyper.
 const MAX_HEADERS: usize = 64;
 /// Response heads may carry more (cookies, CSP, tracing).
@@ -109,7 +111,7 @@ pub struct RequestHead {
     pub len: usize,
     /// `HEAD`: the response has no body whatever its headers say.
     pub is_head: bool,
-    /// Sending it twice has the effect of sending it once ([`crate::forward::is_idempotent`]).
+    /// Sending it twice has the effect of sending it once ([`is_idempotent`]).
     pub idempotent: bool,
     /// Where the `Host` value is in the buffer.
     pub host: Option<(usize, usize)>,
@@ -293,7 +295,7 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>,
     let mut head = RequestHead {
         len,
         is_head: method == "HEAD",
-        idempotent: crate::forward::is_idempotent(method),
+        idempotent: is_idempotent(method),
         host: None,
         content_length: 0,
         close: false,

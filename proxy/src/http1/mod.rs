@@ -8,17 +8,21 @@
 //! re-serialisation, no channels or tasks between the two connections.
 //!
 //! [`client`] sends bodiless requests that arrived as header maps (HTTP/2 streams,
-//! requests hyper parsed) over the same pooled backend connections.
+//! requests hyper parsed) over the same pooled backend connections ([`pool`]),
+//! streaming the response [`body`] as the caller reads it.
 //!
 //! Anything else continues in hyper, on the same connection, from the first byte of
 //! the request that needed it (see [`head::Handoff`]): such a request was not acted
 //! on yet, so hyper sees exactly what the client sent.
 
+pub mod body;
 pub mod chunked;
 pub mod client;
 mod exchange;
 pub mod head;
+pub mod pool;
 mod serve;
 
-pub use exchange::{RESPONSE_BUFFER, SendFailure};
+pub use exchange::SendFailure;
+pub use pool::RESPONSE_BUFFER;
 pub use serve::{MAX_BODY, Outcome, Read, read_more, serve};

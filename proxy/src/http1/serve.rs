@@ -16,13 +16,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::exchange::{BodyLeft, MAX_HEAD, MIN_READ, RELAY_CHUNK, read_head, send};
 use super::head::{self, Framing, Handoff, Refusal, RequestHead, ResponseHead};
+use super::pool::{RawConn, RawPool};
 use crate::connections::{ConnControl, Phase, Stop};
-use crate::forward::{
-    Attempts, Forwarder, ProxyError, nothing_to_pick, record_failure, record_response, retrying,
-    timed_out, upstream_failed,
-};
+use crate::forward::Forwarder;
+use crate::forward::error::{ProxyError, nothing_to_pick, timed_out, upstream_failed};
+use crate::forward::resilience::{Attempts, record_failure, record_response, retrying};
 use crate::metrics::ProxyErrorKind;
-use crate::upstream::{RawConn, Upstream};
 
 /// Request bodies up to this size are read whole before the request goes out (so a
 /// failed attempt can be sent again); larger ones go to hyper, which streams them.
@@ -241,7 +240,7 @@ impl ClientConn<'_> {
         if !set.all_http1 {
             return Next::Handoff(Handoff("backends speak HTTP/2"));
         }
-        let _admitted = match forwarder.admit(&destination) {
+        let _admitted = match forwarder.resilience.admit(&destination) {
             Ok(admitted) => admitted,
             Err(error) => return self.answer(client, error, head).await,
         };
@@ -256,7 +255,7 @@ impl ClientConn<'_> {
         } else {
             request
         };
-        let timeout = forwarder.request_timeout(&set);
+        let timeout = forwarder.resilience.request_timeout(&set);
         let mut attempts = Attempts::default();
         let next = loop {
             let backend = match set.pick() {
@@ -267,8 +266,8 @@ impl ClientConn<'_> {
                         .await;
                 }
             };
-            let upstream = &backend.state.upstream;
-            let sending = send(upstream, outgoing, head.is_head, head.idempotent);
+            let pool = backend.state.upstream.raw();
+            let sending = send(pool, outgoing, head.is_head, head.idempotent);
             let sent = match timeout {
                 None => unless_stopped(self.control, sending).await,
                 Some(limit) => {
@@ -294,7 +293,7 @@ impl ClientConn<'_> {
             match sent {
                 Ok((conn, response)) => {
                     record_response(backend, response.status, start);
-                    break self.relay(client, conn, response, head, upstream).await;
+                    break self.relay(client, conn, response, head, pool).await;
                 }
                 Err(failure) => {
                     record_failure(backend, failure.fault());
@@ -323,7 +322,7 @@ impl ClientConn<'_> {
         mut conn: RawConn,
         mut response: ResponseHead,
         request: &RequestHead,
-        upstream: &Upstream,
+        pool: &RawPool,
     ) -> Next
     where
         IO: AsyncWrite + Unpin,
@@ -392,7 +391,7 @@ impl ClientConn<'_> {
         }
         // A server that sent more than its response, or that closes, is not reused.
         if !response.close && !leftover {
-            upstream.release_raw(conn);
+            pool.release(conn);
         }
         if close_client {
             Next::Close

@@ -14,9 +14,9 @@ use tandem_h2::{Client, Config, Connection, Error};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+use super::body::send_body;
 use super::{MAX_HEADER_LIST, MAX_SEND_BUFFER};
-use crate::body::ProxyBody;
-use crate::upstream::RequestSlot;
+use crate::body::{ProxyBody, RequestSlot};
 
 fn config() -> Config {
     Config {
@@ -84,7 +84,7 @@ impl Http2Connection {
                 .map_err(Http2Error::NotSent)?;
             if let Some(send) = body {
                 let (_, body) = slot.take().expect("checked above").into_parts();
-                tokio::spawn(super::send_body(body, send));
+                tokio::spawn(send_body(body, send));
             }
             match response.await {
                 Ok(response) => Ok(response.map(ProxyBody::from)),

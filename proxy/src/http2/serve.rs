@@ -16,6 +16,7 @@ use tandem_h2::{Config, Connection, KeepAlive, RecvStream, SendResponse};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
+use super::body::send_body;
 use super::{MAX_HEADER_LIST, MAX_SEND_BUFFER};
 use crate::body::ProxyBody;
 use crate::connections::ConnControl;
@@ -174,7 +175,7 @@ fn send_response(response: Response<ProxyBody>, respond: SendResponse) -> impl F
             .insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
     }
     match respond.send_response(&head, end) {
-        Ok(Some(send)) => Either::Left(super::send_body(body, send)),
+        Ok(Some(send)) => Either::Left(send_body(body, send)),
         Ok(None) => Either::Right(std::future::ready(())),
         Err(error) => {
             tracing::debug!(%error, "HTTP/2 response not sent");
