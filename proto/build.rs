@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/tandem/discovery/v1/discovery.proto",
         "proto/tandem/demo/v1/greeter.proto",
+        "proto/tandem/identity/v1/identity.proto",
     ];
     let descriptors = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()

@@ -28,8 +28,9 @@ fi
 # ports in the shell scripts), iproute2 and util-linux (the node agent's pod network
 # namespaces, setpriv and mounts), openssl and curl (scripts/cluster.sh), iptables
 # (`tandem-proxy init` in the pods' namespaces), curl and nghttp2-client (unmodified
-# HTTP/1 and HTTP/2 clients inside meshed pods).
-packages=(procps ca-certificates python3 gcc make iproute2 util-linux openssl curl iptables nghttp2-client)
+# HTTP/1 and HTTP/2 clients inside meshed pods), tcpdump (what crosses the pods' bridge
+# between meshed pods: TLS, never plaintext).
+packages=(procps ca-certificates python3 gcc make iproute2 util-linux openssl curl iptables nghttp2-client tcpdump)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

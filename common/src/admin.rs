@@ -26,16 +26,19 @@ pub trait AdminRoutes: Send + Sync + 'static {
     fn route(&self, req: &Request<Incoming>) -> Option<AdminResponse>;
 }
 
-/// Whether the process is ready, and if not, why (the `/ready` body says it).
+/// Whether the process is ready, and if not, why (the `/ready` body says it). Besides
+/// its main condition, named gates (a proxy's first certificate) must all be open.
 #[derive(Debug)]
 pub struct Readiness {
     not_ready_because: Mutex<Option<String>>,
+    gates: Mutex<Vec<(&'static str, String)>>,
 }
 
 impl Readiness {
     pub fn not_ready(reason: impl Into<String>) -> Self {
         Self {
             not_ready_because: Mutex::new(Some(reason.into())),
+            gates: Mutex::new(Vec::new()),
         }
     }
 
@@ -47,13 +50,35 @@ impl Readiness {
         *self.lock() = Some(reason.into());
     }
 
+    /// Closes gate `name` (until [`Self::set_gate_ready`]), saying why.
+    pub fn set_gate_not_ready(&self, name: &'static str, reason: impl Into<String>) {
+        let mut gates = self.gates();
+        let reason = reason.into();
+        match gates.iter_mut().find(|(n, _)| *n == name) {
+            Some(gate) => gate.1 = reason,
+            None => gates.push((name, reason)),
+        }
+    }
+
+    pub fn set_gate_ready(&self, name: &'static str) {
+        self.gates().retain(|(n, _)| *n != name);
+    }
+
     /// `None` when ready, otherwise the reason it is not.
     pub fn reason(&self) -> Option<String> {
-        self.lock().clone()
+        self.lock()
+            .clone()
+            .or_else(|| self.gates().first().map(|(_, reason)| reason.clone()))
     }
 
     pub fn is_ready(&self) -> bool {
-        self.lock().is_none()
+        self.reason().is_none()
+    }
+
+    fn gates(&self) -> std::sync::MutexGuard<'_, Vec<(&'static str, String)>> {
+        self.gates
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {

@@ -10,6 +10,7 @@ use tandem_common::logging::LogFormat;
 use tandem_common::process_metrics::ProcessCollector;
 use tandem_common::{Admin, Readiness, Shutdown, announce};
 
+use crate::identity::{self, IdentitySettings};
 use crate::index::ServiceIndex;
 use crate::injection::{self, InjectArgs, tls::TlsSettings};
 use crate::metrics::Metrics;
@@ -36,14 +37,14 @@ impl FromStr for SourceArg {
     }
 }
 
-/// `--webhook-listen`: an address, or `off`.
+/// `--webhook-listen`, `--identity-listen`: an address, or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WebhookListen {
+pub enum ListenArg {
     Off,
     Addr(SocketAddr),
 }
 
-impl FromStr for WebhookListen {
+impl FromStr for ListenArg {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s == "off" {
@@ -88,9 +89,16 @@ pub struct Args {
     /// --source kubernetes only: ADDRESS:PORT, or `off`. Default 0.0.0.0:9443; if that
     /// default address is taken, the control plane runs without the webhook and says so.
     #[arg(long, env = "TANDEM_WEBHOOK_LISTEN")]
-    pub webhook_listen: Option<WebhookListen>,
-    /// The namespace of the webhook's Secret (tandem-webhook-tls) and Service.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "tandem-system")]
+    pub webhook_listen: Option<ListenArg>,
+    /// The control plane's own namespace: where the webhook's Secret
+    /// (tandem-webhook-tls) and Service, the identity issuer's Secret
+    /// (tandem-identity-issuer) and the trust roots (ConfigMap tandem-trust-roots) are.
+    #[arg(
+        long,
+        visible_alias = "namespace",
+        env = "POD_NAMESPACE",
+        default_value = "tandem-system"
+    )]
     pub webhook_namespace: String,
     /// The webhook's Service: its certificate is for SERVICE.NAMESPACE.svc.
     #[arg(long, default_value = "tandem-webhook")]
@@ -105,8 +113,68 @@ pub struct Args {
     /// tandem_control_plane_unmeshed_pods (with --source kubernetes).
     #[arg(long, default_value = "30s", value_parser = tandem_common::duration::parse)]
     pub unmeshed_pods_interval: std::time::Duration,
+    /// The identity endpoint that signs proxies' certificates (gRPC over TLS), with
+    /// --source kubernetes only: ADDRESS:PORT, or `off`. Default 0.0.0.0:8087; if that
+    /// default address is taken, the control plane runs without it and says so.
+    #[arg(long, env = "TANDEM_IDENTITY_LISTEN")]
+    pub identity_listen: Option<ListenArg>,
+    /// The name on the identity endpoint's certificate that proxies verify
+    /// [default: tandem-identity.<namespace>.svc, and its .svc.<cluster-domain> and
+    /// <namespace> forms].
+    #[arg(long)]
+    pub identity_server_name: Option<String>,
+    /// More names or IP addresses for the identity endpoint's certificate (repeatable).
+    #[arg(long = "identity-cert-san")]
+    pub identity_cert_sans: Vec<String>,
+    /// How long workload certificates are valid (proxies renew them before).
+    #[arg(long, default_value = "24h", value_parser = tandem_common::duration::parse)]
+    pub identity_lifetime: std::time::Duration,
+    /// How often the issuer Secret and the trust roots ConfigMap are read again: an
+    /// issuer change or a root rotation takes effect within it, without a restart.
+    #[arg(long, default_value = "10s", value_parser = tandem_common::duration::parse)]
+    pub identity_refresh: std::time::Duration,
     #[command(flatten)]
     pub inject: InjectArgs,
+}
+
+impl Args {
+    /// The identity flags, checked.
+    fn identity_settings(&self) -> Result<IdentitySettings, Error> {
+        let lifetime = self.identity_lifetime;
+        if lifetime < std::time::Duration::from_secs(10)
+            || lifetime > std::time::Duration::from_secs(366 * 86_400)
+        {
+            return Err(Error::Config(format!(
+                "--identity-lifetime {lifetime:?}: use 10s to 366 days (such as 24h)"
+            )));
+        }
+        if self.identity_refresh < std::time::Duration::from_millis(100) {
+            return Err(Error::Config(format!(
+                "--identity-refresh {:?}: at least 100ms",
+                self.identity_refresh
+            )));
+        }
+        let names = identity::server_names(
+            self.identity_server_name.as_deref(),
+            &self.webhook_namespace,
+            &self.cluster_domain,
+            &self.identity_cert_sans,
+        );
+        for name in &names {
+            rustls::pki_types::ServerName::try_from(name.as_str()).map_err(|_| {
+                Error::Config(format!(
+                    "--identity-server-name/--identity-cert-san {name:?}: not a DNS name or an IP address"
+                ))
+            })?;
+        }
+        Ok(IdentitySettings {
+            namespace: self.webhook_namespace.clone(),
+            trust_domain: self.inject.trust_domain.clone(),
+            lifetime,
+            refresh: self.identity_refresh,
+            server_names: names,
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +195,7 @@ pub enum Error {
 pub async fn run(args: Args) -> Result<(), Error> {
     tandem_common::logging::init(args.log_format);
     let inject_config = Arc::new(args.inject.validate().map_err(Error::Config)?);
+    let identity_settings = args.identity_settings()?;
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();
 
@@ -151,8 +220,13 @@ pub async fn run(args: Args) -> Result<(), Error> {
             let client = crate::source::kubernetes::client(args.kubeconfig.as_deref()).await?;
             kube_client = Some(client.clone());
             readiness.set_not_ready("waiting for the first sync with the API server");
-            let source =
-                KubernetesSource::new(client, index.clone(), metrics.clone(), readiness.clone());
+            let source = KubernetesSource::new(
+                client,
+                args.inject.trust_domain.clone(),
+                index.clone(),
+                metrics.clone(),
+                readiness.clone(),
+            );
             tokio::spawn(source.run());
             let (index, readiness) = (index.clone(), readiness.clone());
             tokio::spawn(async move {
@@ -179,15 +253,34 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let admin_listener = tandem_common::listen::bind("admin (--admin)", args.admin).await?;
     let grpc_addr = grpc_listener.local_addr().unwrap_or(args.listen);
     let admin_addr = admin_listener.local_addr().unwrap_or(args.admin);
-    let webhook_addr = match &kube_client {
+    let (webhook_addr, identity_addr) = match &kube_client {
         Some(client) => {
-            start_injection(&args, client.clone(), inject_config, metrics.clone()).await?
+            let (identity, identity_addr) = start_identity(
+                &args,
+                identity_settings,
+                client.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )
+            .await?;
+            let webhook_addr = start_injection(
+                &args,
+                client.clone(),
+                inject_config,
+                metrics.clone(),
+                identity.map(|i| i.copies),
+            )
+            .await?;
+            (webhook_addr, identity_addr)
         }
         None => {
-            if let Some(WebhookListen::Addr(addr)) = args.webhook_listen {
+            if let Some(ListenArg::Addr(addr)) = args.webhook_listen {
                 tracing::warn!(%addr, "--webhook-listen needs --source kubernetes: no webhook");
             }
-            None
+            if let Some(ListenArg::Addr(addr)) = args.identity_listen {
+                tracing::warn!(%addr, "--identity-listen needs --source kubernetes: no identity endpoint");
+            }
+            (None, None)
         }
     };
 
@@ -202,6 +295,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
     tracing::info!(discovery = %grpc_addr, admin = %admin_addr, services = index.service_count(), "control plane ready");
     let mut listening = vec![("discovery", grpc_addr), ("admin", admin_addr)];
     listening.extend(webhook_addr.map(|addr| ("webhook", addr)));
+    listening.extend(identity_addr.map(|addr| ("identity", addr)));
     announce::listening(&listening);
 
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
@@ -225,6 +319,57 @@ pub async fn run(args: Args) -> Result<(), Error> {
     Ok(())
 }
 
+/// Binds `--NAME-listen`: its address, else `default`, or nothing when `off`. The
+/// default address taken is not an error (another control plane on this host, such
+/// as in tests): the endpoint is left out, and the log says so.
+async fn bind_optional(
+    what: &'static str,
+    flag: &str,
+    listen: Option<ListenArg>,
+    default: &str,
+) -> Result<Option<tokio::net::TcpListener>, Error> {
+    match listen {
+        Some(ListenArg::Off) => Ok(None),
+        Some(ListenArg::Addr(addr)) => Ok(Some(tandem_common::listen::bind(what, addr).await?)),
+        None => {
+            let addr = default.parse().expect("a socket address");
+            match tandem_common::listen::bind(what, addr).await {
+                Ok(listener) => Ok(Some(listener)),
+                Err(e) => {
+                    tracing::warn!(
+                        "{e}: running without it ({flag} ADDRESS or off says where, or that it is meant)"
+                    );
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+/// With --source kubernetes, unless --identity-listen is off: the issuer and trust
+/// roots kept, their copies, and the identity endpoint. Where it listens.
+async fn start_identity(
+    args: &Args,
+    settings: IdentitySettings,
+    client: kube::Client,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+) -> Result<(Option<identity::Identity>, Option<SocketAddr>), Error> {
+    let Some(listener) = bind_optional(
+        "identity (--identity-listen)",
+        "--identity-listen",
+        args.identity_listen,
+        identity::DEFAULT_LISTEN,
+    )
+    .await?
+    else {
+        return Ok((None, None));
+    };
+    let addr = listener.local_addr().ok();
+    let identity = identity::start(client, settings, listener, metrics, shutdown);
+    Ok((Some(identity), addr))
+}
+
 /// With --source kubernetes: the count of unmeshed pods, and the webhook (its
 /// listener, its certificate and caBundle) unless it is off. Where it listens.
 async fn start_injection(
@@ -232,6 +377,7 @@ async fn start_injection(
     client: kube::Client,
     config: Arc<injection::InjectConfig>,
     metrics: Arc<Metrics>,
+    copies: Option<Arc<identity::Copies>>,
 ) -> Result<Option<SocketAddr>, Error> {
     tokio::spawn(injection::unmeshed::run(
         client.clone(),
@@ -239,23 +385,15 @@ async fn start_injection(
         metrics.clone(),
         args.unmeshed_pods_interval,
     ));
-    let listener = match args.webhook_listen {
-        Some(WebhookListen::Off) => return Ok(None),
-        Some(WebhookListen::Addr(addr)) => {
-            tandem_common::listen::bind("webhook (--webhook-listen)", addr).await?
-        }
-        None => {
-            let addr = DEFAULT_WEBHOOK_LISTEN.parse().expect("a socket address");
-            match tandem_common::listen::bind("webhook (--webhook-listen)", addr).await {
-                Ok(listener) => listener,
-                Err(e) => {
-                    tracing::warn!(
-                        "{e}: running without the injection webhook (--webhook-listen ADDRESS or off says where, or that it is meant)"
-                    );
-                    return Ok(None);
-                }
-            }
-        }
+    let Some(listener) = bind_optional(
+        "webhook (--webhook-listen)",
+        "--webhook-listen",
+        args.webhook_listen,
+        DEFAULT_WEBHOOK_LISTEN,
+    )
+    .await?
+    else {
+        return Ok(None);
     };
     let addr = listener.local_addr().ok();
     let certs = Arc::new(injection::tls::CertStore::default());
@@ -274,7 +412,7 @@ async fn start_injection(
         listener,
         certs,
         config,
-        Arc::new(injection::webhook::ApiNamespaces(client)),
+        Arc::new(injection::webhook::ApiNamespaces { client, copies }),
         metrics,
     ));
     Ok(addr)

@@ -3,6 +3,7 @@
 //! proxies over gRPC (`tandem.discovery.v1`).
 
 pub mod cli;
+pub mod identity;
 pub mod index;
 pub mod injection;
 pub mod metrics;

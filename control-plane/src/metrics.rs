@@ -13,6 +13,11 @@ pub struct ResultLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: &'static str,
 }
@@ -37,6 +42,14 @@ pub struct Metrics {
     pub webhook_calls: Family<ResultLabel, Counter>,
     /// Pods in injection-enabled namespaces that should be meshed and are not.
     pub unmeshed_pods: Gauge,
+    /// Workload certificates signed by Certify.
+    pub certificates_issued: Counter,
+    /// Certify calls refused, by reason (identity::refusal::Reason).
+    pub certificate_refusals: Family<ReasonLabel, Counter>,
+    /// Time to sign a workload certificate (the checks and the TokenReview apart).
+    pub certificate_signing: Histogram,
+    /// When the issuer being served ends (Unix seconds; 0: none yet).
+    pub issuer_not_after: Gauge,
 }
 
 impl Default for Metrics {
@@ -57,6 +70,12 @@ impl Default for Metrics {
             source_up: Gauge::default(),
             webhook_calls: Family::default(),
             unmeshed_pods: Gauge::default(),
+            certificates_issued: Counter::default(),
+            certificate_refusals: Family::default(),
+            certificate_signing: Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+            ]),
+            issuer_not_after: Gauge::default(),
         }
     }
 }
@@ -128,6 +147,26 @@ impl Metrics {
             "unmeshed_pods",
             "Pods in injection-enabled namespaces without the proxy (created while the webhook was down, or with an invalid annotation)",
             self.unmeshed_pods.clone(),
+        );
+        r.register(
+            "certificates_issued",
+            "Workload certificates issued by the identity service",
+            self.certificates_issued.clone(),
+        );
+        r.register(
+            "certificate_refusals",
+            "Certificate requests refused by the identity service, by reason (token_invalid, wrong_audience, identity_mismatch, bad_csr, bad_identity, api_unavailable, no_issuer, internal)",
+            self.certificate_refusals.clone(),
+        );
+        r.register(
+            "certificate_signing_seconds",
+            "Time to sign a workload certificate (its checks and the TokenReview apart)",
+            self.certificate_signing.clone(),
+        );
+        r.register(
+            "identity_issuer_expiry_timestamp_seconds",
+            "When the identity issuer's certificate ends (Unix time; 0 while there is none)",
+            self.issuer_not_after.clone(),
         );
     }
 }

@@ -13,15 +13,17 @@ use tandem_common::process_metrics::ProcessCollector;
 use tandem_common::{Admin, Readiness, Shutdown, announce};
 use tandem_proto::discovery::v1 as pb;
 use tokio::net::TcpListener;
-use tracing::Instrument;
 
 use crate::connections::{Connections, Limits};
-use crate::destination::{Destination, Destinations, Resolution};
-use crate::discovery::{DiscoveryClient, ProxyLocality, ServiceView, control_plane_endpoint};
+use crate::destination::Destinations;
+use crate::discovery::{DiscoveryClient, ProxyLocality, control_plane_endpoint};
 use crate::endpoint::{EndpointMeta, Locality, Protocol};
 use crate::forward::{Forwarder, Resilience, Router};
+use crate::identity::certify::{self, Certifier};
+use crate::identity::{Identity, IdentityArgs, MeshTls, Roots};
+use crate::inbound::InboundContext;
 use crate::inspect::Inspector;
-use crate::manager::{Manager, ManagerSettings, OutlierConfig};
+use crate::manager::{ManagerSettings, OutlierConfig};
 use crate::metrics::ProxyMetrics;
 use crate::server::{Role, Server};
 use crate::tls::{TlsError, server_config};
@@ -216,6 +218,8 @@ pub struct Args {
     /// Log format on stderr: plain or json.
     #[arg(long, default_value = "plain", env = "TANDEM_LOG_FORMAT")]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +234,46 @@ pub enum Error {
     Runtime(std::io::Error),
     #[error("init: {0}")]
     Init(crate::init::InitError),
+}
+
+/// With `--identity-address`: the proxy's identity, its first certificate asked for
+/// (the proxy is not ready until it has it) and renewed from then on, and the mesh
+/// TLS made with it.
+fn start_identity(
+    args: &IdentityArgs,
+    readiness: &Arc<Readiness>,
+    metrics: &Arc<ProxyMetrics>,
+) -> Result<Option<Arc<MeshTls>>, Error> {
+    let Some(address) = &args.identity_address else {
+        return Ok(None);
+    };
+    let name = args.identity.clone().ok_or_else(|| {
+        Error::Config("--identity-address needs --identity (TANDEM_IDENTITY)".into())
+    })?;
+    crate::identity::check_identity(&name)
+        .map_err(|e| Error::Config(format!("--identity: {e}")))?;
+    let roots_file = &args.trust_roots_file;
+    let pem = std::fs::read(roots_file).map_err(|e| {
+        Error::Config(format!(
+            "cannot read the trust roots {} (the ConfigMap tandem-trust-roots, mounted by injection): {e}",
+            roots_file.display()
+        ))
+    })?;
+    let roots = Roots::from_pem(&pem)
+        .map_err(|e| Error::Config(format!("the trust roots {}: {e}", roots_file.display())))?;
+    let identity = Identity::new(name, roots);
+    let certifier = Certifier::new(
+        identity.clone(),
+        address.clone(),
+        &args.identity_server_name,
+        args.identity_token_file.clone(),
+    )
+    .map_err(|e| Error::Config(e.to_string()))?;
+    readiness.set_gate_not_ready(certify::READY_GATE, "waiting for the first certificate");
+    tokio::spawn(certify::run(certifier, readiness.clone(), metrics.clone()));
+    let mesh =
+        MeshTls::new(identity, metrics).map_err(|e| Error::Config(format!("mesh TLS: {e}")))?;
+    Ok(Some(mesh))
 }
 
 /// Builds the runtime `--threads` asks for and runs the proxy on it.
@@ -285,7 +329,10 @@ fn default_max_connections(fd_limit: u64) -> usize {
 }
 
 /// The listeners asked for, bound: a bind failure names the flag.
-async fn bind_listeners(args: &Args) -> Result<Vec<(Role, TcpListener, SocketAddr)>, Error> {
+async fn bind_listeners(
+    args: &Args,
+    inbound: Arc<InboundContext>,
+) -> Result<Vec<(Role, TcpListener, SocketAddr)>, Error> {
     let transparent = !args.outbound_listen.is_empty() || !args.inbound_listen.is_empty();
     let explicit = match args.listen {
         Some(addr) => vec![addr],
@@ -306,7 +353,7 @@ async fn bind_listeners(args: &Args) -> Result<Vec<(Role, TcpListener, SocketAdd
         ),
         (
             "inbound (--inbound-listen)",
-            Role::Inbound,
+            Role::Inbound(inbound),
             &args.inbound_listen,
         ),
     ] {
@@ -353,12 +400,14 @@ pub async fn run(args: Args) -> Result<(), Error> {
         .max_client_connections
         .unwrap_or_else(|| default_max_connections(fd_limit))
         .max(1);
+    let readiness = Arc::new(Readiness::not_ready("waiting for the control plane"));
+    let mesh = start_identity(&args.identity, &readiness, &metrics)?;
     let upstream = Arc::new(UpstreamSettings {
         connect_timeout: args.connect_timeout,
+        mesh: mesh.clone(),
         ..Default::default()
     });
     let locality = Arc::new(ProxyLocality::new(args.locality.clone()));
-    let readiness = Arc::new(Readiness::not_ready("waiting for the control plane"));
     let settings = Arc::new(ManagerSettings {
         upstream: upstream.clone(),
         balancer: BalancerConfig {
@@ -381,31 +430,12 @@ pub async fn run(args: Args) -> Result<(), Error> {
             let addrs = resolve_backends(&args.backends).await?;
             let endpoints = addrs
                 .iter()
-                .map(|addr| {
-                    let meta = EndpointMeta {
-                        protocol: args.backend_protocol,
-                        ..EndpointMeta::static_backend(*addr)
-                    };
-                    (*addr, meta)
+                .map(|addr| EndpointMeta {
+                    protocol: args.backend_protocol,
+                    ..EndpointMeta::static_backend(*addr)
                 })
                 .collect();
-            let view = ServiceView {
-                service: "static".into(),
-                endpoints,
-                ..Default::default()
-            };
-            let destination = Destination::new("static", Resolution::Pending);
-            let (views, views_rx) = tokio::sync::watch::channel(Some(view));
-            let manager = Manager::new(destination.clone(), settings.clone());
-            let span = crate::manager::span(&destination);
-            tokio::spawn(
-                async move {
-                    // Holding the sender keeps the manager running for the process's life.
-                    let _views = views;
-                    manager.run(views_rx).await;
-                }
-                .instrument(span),
-            );
+            let destination = crate::manager::spawn_fixed("static", endpoints, settings.clone());
             metrics.discovery_connected.set(1);
             readiness.set_ready();
             Router::Static(destination)
@@ -457,13 +487,38 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let inspector = Arc::new(Inspector {
         router: router.clone(),
         locality: locality.clone(),
+        identity: mesh.as_ref().map(|m| m.identity.clone()),
     });
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     registry.register_collector(Box::new(inspector.clone()));
     registry.register_collector(Box::new(ProcessCollector));
 
-    let listeners = bind_listeners(&args).await?;
+    // The app behind the inbound listener is the only endpoint of its destination:
+    // it is never ejected (its errors are its callers' to see, and ejecting the only
+    // endpoint would refuse every request for it).
+    let app_settings = Arc::new(ManagerSettings {
+        upstream: settings.upstream.clone(),
+        balancer: settings.balancer,
+        outlier: OutlierConfig {
+            consecutive_failures: u32::MAX,
+            ..settings.outlier
+        },
+        locality: settings.locality.clone(),
+    });
+    let inbound = Arc::new(InboundContext::new(
+        mesh.clone(),
+        args.identity.inbound_policy,
+        args.identity.node_ip,
+        args.outbound_listen
+            .iter()
+            .chain(&args.inbound_listen)
+            .map(|a| a.port())
+            .collect(),
+        args.detect_timeout,
+        app_settings,
+    ));
+    let listeners = bind_listeners(&args, inbound).await?;
     let admin_listener = tandem_common::listen::bind("admin (--admin)", args.admin).await?;
     let admin_addr = admin_listener.local_addr().unwrap_or(args.admin);
 
@@ -487,6 +542,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
             stream_idle_timeout: args.stream_idle_timeout,
         },
         header_read_timeout: args.header_read_timeout,
+        inbound: None,
     });
     let limits = Limits {
         idle_timeout: args.idle_timeout,

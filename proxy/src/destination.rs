@@ -38,12 +38,13 @@ pub struct EndpointState {
 impl EndpointState {
     pub fn new(
         address: SocketAddr,
+        identity: &str,
         settings: &Arc<UpstreamSettings>,
         threshold: u32,
         report: mpsc::UnboundedSender<SocketAddr>,
     ) -> Self {
         Self {
-            upstream: Upstream::new(address, settings.clone()),
+            upstream: Upstream::new(address, identity, settings.clone()),
             stats: Arc::new(BackendStats::default()),
             failures: AtomicU32::new(0),
             threshold: threshold.max(1),
@@ -126,9 +127,9 @@ impl BackendSet {
             callers: Some(&placement.caller_shares).filter(|c| !c.is_empty()),
         };
         let balancer = Balancer::build(&views, &origin, &placement.config, seed);
-        let all_http1 = backends
-            .iter()
-            .all(|b| b.meta.protocol.version_for(false) == HttpVersion::Http1);
+        let all_http1 = backends.iter().all(|b| {
+            b.meta.protocol.version_for(false) == HttpVersion::Http1 && !b.state.upstream.meshed()
+        });
         Self {
             all_http1,
             version,

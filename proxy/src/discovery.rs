@@ -305,6 +305,25 @@ impl ViewBuilder {
     }
 }
 
+/// Callers' shares by zone: each a finite number, not negative (the balancer
+/// divides by their sum).
+fn caller_shares(
+    shares: &std::collections::HashMap<String, f64>,
+) -> Result<BTreeMap<String, f64>, String> {
+    shares
+        .iter()
+        .map(|(zone, share)| {
+            if share.is_finite() && *share >= 0.0 {
+                Ok((zone.clone(), *share))
+            } else {
+                Err(format!(
+                    "caller share {share} for zone {zone:?} is not a finite number >= 0"
+                ))
+            }
+        })
+        .collect()
+}
+
 /// Applies one update to `view`, validating all of it first: on error nothing changes.
 fn apply(view: Option<&ServiceView>, update: &pb::Update) -> Result<ServiceView, String> {
     match &update.change {
@@ -320,7 +339,7 @@ fn apply(view: Option<&ServiceView>, update: &pb::Update) -> Result<ServiceView,
                 version: update.version,
                 service: snapshot.service.clone(),
                 endpoints,
-                caller_shares: snapshot.caller_shares.clone().into_iter().collect(),
+                caller_shares: caller_shares(&snapshot.caller_shares)?,
                 proxy_locality: snapshot.proxy_locality.as_ref().map(locality_from_proto),
                 traffic_distribution: snapshot.traffic_distribution.clone(),
                 policy: snapshot
@@ -354,7 +373,7 @@ fn apply(view: Option<&ServiceView>, update: &pb::Update) -> Result<ServiceView,
                 next.endpoints.insert(meta.address, meta);
             }
             if let Some(shares) = &delta.caller_shares {
-                next.caller_shares = shares.by_zone.clone().into_iter().collect();
+                next.caller_shares = caller_shares(&shares.by_zone)?;
             }
             if let Some(policy) = &delta.policy {
                 next.policy = Policy::from_proto(policy)?;
@@ -433,6 +452,27 @@ mod tests {
             weights,
             vec![("10.0.0.1:80".into(), 5), ("10.0.0.3:80".into(), 2)]
         );
+    }
+
+    #[test]
+    fn caller_shares_must_be_finite_and_not_negative() {
+        for bad in [f64::NAN, f64::INFINITY, -1.0] {
+            let mut update = snapshot(1, vec![ep("10.0.0.1:80", 1)]);
+            if let Some(pb::update::Change::Snapshot(s)) = &mut update.change {
+                s.caller_shares.insert("zone-a".into(), bad);
+            }
+            let error = apply(None, &update).unwrap_err();
+            assert!(error.contains("zone-a"), "{error}");
+            let v1 = apply(None, &snapshot(1, vec![ep("10.0.0.1:80", 1)])).unwrap();
+            let shares = pb::CallerShares {
+                by_zone: [("zone-b".to_string(), bad)].into(),
+            };
+            let d = pb::Delta {
+                caller_shares: Some(shares),
+                ..Default::default()
+            };
+            assert!(apply(Some(&v1), &delta(2, d)).is_err(), "{bad} in a delta");
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub fn locality_from_proto(l: &pb::Locality) -> Locality {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Unknown: HTTP/1.1, which every HTTP server speaks, or HTTP/2 for gRPC.

@@ -23,6 +23,7 @@ use crate::body::{ProxyBody, RequestBody, RequestSlot};
 use crate::connections::ConnControl;
 use crate::destination::{BackendSet, Destination};
 use crate::http1::head::valid_host;
+use crate::identity::mesh::{APP_PROTOCOL, CLIENT_ID};
 use crate::metrics::ProxyErrorKind;
 use crate::shared::{
     Fault, HttpVersion, KEEP_ALIVE, PROXY_CONNECTION, is_idempotent, te_is_trailers,
@@ -49,6 +50,46 @@ pub struct Forwarder {
     /// How long a request head may take to arrive (enforced per connection; here to
     /// say so in the answer).
     pub header_read_timeout: Duration,
+    /// For the inbound listener: requests for the app in this pod.
+    pub inbound: Option<Inbound>,
+}
+
+/// What an inbound connection tells its requests.
+#[derive(Debug, Clone, Default)]
+pub struct Inbound {
+    /// The client proxy's identity, for connections over mesh TLS: given to the app
+    /// in [`CLIENT_ID`]. A request that did not come over mesh TLS has that header
+    /// removed, so the app can trust it.
+    pub client_id: Option<HeaderValue>,
+}
+
+impl Inbound {
+    /// Sets the app's view of who called; returns the HTTP version the client
+    /// proxy said the app speaks, if it said.
+    pub(crate) fn prepare(&self, headers: &mut HeaderMap) -> Option<HttpVersion> {
+        let hint = headers.remove(APP_PROTOCOL);
+        match &self.client_id {
+            Some(id) => {
+                headers.insert(CLIENT_ID, id.clone());
+            }
+            None => {
+                headers.remove(CLIENT_ID);
+            }
+        }
+        match hint.as_ref().map(HeaderValue::as_bytes) {
+            Some(b"http1") => Some(HttpVersion::Http1),
+            Some(b"http2") => Some(HttpVersion::Http2),
+            _ => None,
+        }
+    }
+}
+
+/// [`APP_PROTOCOL`]'s values.
+fn app_protocol_value(version: HttpVersion) -> HeaderValue {
+    match version {
+        HttpVersion::Http1 => HeaderValue::from_static("http1"),
+        HttpVersion::Http2 => HeaderValue::from_static("http2"),
+    }
 }
 
 #[inline]
@@ -107,7 +148,12 @@ fn strip_hop_by_hop(received_over: Version, headers: &mut HeaderMap) {
         && let Ok(listed) = connection.to_str()
     {
         for name in listed.split(',').map(str::trim) {
-            if !name.eq_ignore_ascii_case("te") && !name.is_empty() {
+            // What frames or routes the message is not the client's to drop by
+            // naming it (`Connection: host` would strip the Host the backend needs).
+            let kept = ["te", "host", "content-length"]
+                .iter()
+                .any(|k| name.eq_ignore_ascii_case(k));
+            if !kept && !name.is_empty() {
                 headers.remove(name);
             }
         }
@@ -251,6 +297,10 @@ impl Forwarder {
             let _admitted = self.resilience.admit(&destination)?;
             let req = slot.as_mut().expect("the request, not sent yet");
             strip_hop_by_hop(req.version(), req.headers_mut());
+            let app_hint = self
+                .inbound
+                .as_ref()
+                .and_then(|inbound| inbound.prepare(req.headers_mut()));
             // A request with no body and a safe-to-repeat method can be sent again when its
             // backend fails before answering. A copy of its head is made only for a
             // transport that takes the request away (the raw HTTP/1 client leaves it).
@@ -264,9 +314,23 @@ impl Forwarder {
             let mut attempts = Attempts::default();
             loop {
                 let backend = set.pick().map_err(|e| nothing_to_pick(&destination, e))?;
-                let version = backend.meta.protocol.version_for(grpc);
+                // What the app at the endpoint speaks; to its proxy (mesh TLS), HTTP/2.
+                let app_version =
+                    app_hint.unwrap_or_else(|| backend.meta.protocol.version_for(grpc));
+                let meshed = backend.state.upstream.meshed();
+                let version = if meshed {
+                    HttpVersion::Http2
+                } else {
+                    app_version
+                };
                 let req = slot.as_mut().expect("a request to send");
                 adapt(req, version, backend.meta.address);
+                if meshed {
+                    req.headers_mut()
+                        .insert(APP_PROTOCOL, app_protocol_value(app_version));
+                } else if attempts.count() > 0 {
+                    req.headers_mut().remove(APP_PROTOCOL);
+                }
                 if replayable && replay.is_none() && upstream::takes_request(version, &slot) {
                     replay = slot.as_ref().map(Replay::of);
                 }
@@ -338,6 +402,19 @@ mod tests {
         );
 
         let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("host, Content-Length"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("web"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        strip_hop_by_hop(Version::HTTP_11, &mut h);
+        assert!(
+            h.contains_key(header::HOST) && h.contains_key(header::CONTENT_LENGTH),
+            "Connection cannot strip what routes and frames the message"
+        );
+
+        let mut h = HeaderMap::new();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         strip_hop_by_hop(Version::HTTP_11, &mut h);
         assert_eq!(h.len(), 1, "end-to-end headers are untouched");
@@ -376,6 +453,7 @@ mod future_size {
             discovery_timeout: Duration::from_secs(1),
             resilience: Resilience::default(),
             header_read_timeout: Duration::from_secs(1),
+            inbound: None,
         });
         let future = forwarder.handle(Request::new(ProxyBody::Empty), None);
         let size = std::mem::size_of_val(&future);

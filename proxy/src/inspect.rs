@@ -24,6 +24,8 @@ use crate::view::ProxyLocality;
 pub struct Inspector {
     pub router: Arc<Router>,
     pub locality: Arc<ProxyLocality>,
+    /// This proxy's identity, when it has one.
+    pub identity: Option<Arc<crate::identity::Identity>>,
 }
 
 impl std::fmt::Debug for Inspector {
@@ -96,6 +98,13 @@ impl Inspector {
                                 e["idle_connections"] = b.state.upstream.idle_connections().into();
                                 e["http2_connections"] =
                                     b.state.upstream.http2_connections().into();
+                                // How requests reach it: mutual TLS to its proxy, or plaintext.
+                                e["transport"] = if b.state.upstream.meshed() {
+                                    "mtls"
+                                } else {
+                                    "plaintext"
+                                }
+                                .into();
                                 e
                             })
                             .collect();
@@ -107,6 +116,7 @@ impl Inspector {
         json!({
             "mode": match &*self.router { Router::Static(_) => "static", Router::Discovery { .. } => "discovery" },
             "locality": self.locality.current(),
+            "identity": self.identity.as_ref().map(|i| i.describe()),
             "destinations": destinations,
         })
     }

@@ -14,6 +14,8 @@
 //!   spoken to a backend, idempotent methods, hop-by-hop headers, whose fault a
 //!   failure was); [`body`] is the one body type; [`pool`] what every connection pool
 //!   shares.
+//! - [`identity`]: the proxy's certificate (from the control plane) and the mutual
+//!   TLS it speaks with other proxies.
 //! - [`inspect`] serves `/config` and the per-destination metrics; [`metrics`] holds counters.
 
 pub mod app;
@@ -27,7 +29,10 @@ pub mod discovery;
 pub mod endpoint;
 pub mod forward;
 pub mod http1;
+pub mod http1_conn;
 pub mod http2;
+pub mod identity;
+pub mod inbound;
 pub mod init;
 pub mod inspect;
 pub mod manager;

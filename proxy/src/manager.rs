@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use crate::destination::{
     Backend, BackendSet, Destination, EndpointState, LocalHealth, Placement, Resolution,
 };
+use crate::endpoint::EndpointMeta;
 use crate::policy::HealthCheck;
 use crate::pool::UpstreamSettings;
 use crate::view::{ProxyLocality, ServiceView};
@@ -79,6 +80,35 @@ pub struct ManagerSettings {
 /// destination is not what its tasks are about.
 pub fn span(destination: &Destination) -> tracing::Span {
     tracing::info_span!(parent: None, "destination", destination = %destination.name())
+}
+
+/// A destination whose endpoints never change (`--backends`, the app behind the
+/// inbound listener), with its manager running for the process's life (health,
+/// outlier detection and pools work as for any other).
+pub fn spawn_fixed(
+    name: &str,
+    endpoints: Vec<EndpointMeta>,
+    settings: Arc<ManagerSettings>,
+) -> Arc<Destination> {
+    use tracing::Instrument;
+    let view = ServiceView {
+        service: name.into(),
+        endpoints: endpoints.into_iter().map(|e| (e.address, e)).collect(),
+        ..Default::default()
+    };
+    let destination = Destination::new(name, Resolution::Pending);
+    let (views, views_rx) = watch::channel(Some(view));
+    let manager = Manager::new(destination.clone(), settings);
+    let span = span(&destination);
+    tokio::spawn(
+        async move {
+            // Holding the sender keeps the manager running.
+            let _views = views;
+            manager.run(views_rx).await;
+        }
+        .instrument(span),
+    );
+    destination
 }
 
 /// How often the set is rebuilt while an endpoint ramps up (slow start).
@@ -171,12 +201,22 @@ impl Manager {
             .retain(|addr, _| view.endpoints.contains_key(addr));
         for meta in view.endpoints.values() {
             let healthy = meta.health == Health::Healthy;
+            // An address whose identity changed is another peer (a new pod): its
+            // connections, made for the old identity, must not be reused.
+            if self
+                .endpoints
+                .get(&meta.address)
+                .is_some_and(|t| t.state.upstream.identity() != meta.identity)
+            {
+                self.endpoints.remove(&meta.address);
+            }
             let tracked = self
                 .endpoints
                 .entry(meta.address)
                 .or_insert_with(|| Tracked {
                     state: Arc::new(EndpointState::new(
                         meta.address,
+                        &meta.identity,
                         &self.settings.upstream,
                         self.settings.outlier.consecutive_failures,
                         self.reports_tx.clone(),

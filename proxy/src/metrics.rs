@@ -245,6 +245,29 @@ pub struct ProxyMetrics {
     pub header_read_timeouts: Counter,
     /// accept() failures (out of file descriptors, typically).
     pub accept_errors: Counter,
+    /// Certificate requests to the identity service, by result (`ok`, `failed`).
+    pub identity_renewals: Family<ResultLabel, Counter>,
+    /// When the current certificate expires (Unix seconds; 0 before the first).
+    pub identity_expiry: Gauge,
+    /// Mesh TLS handshakes, by side (`client`, `server`) and result.
+    pub mesh_handshakes: Family<MeshHandshakeLabel, Counter>,
+    /// Inbound connections by whether they came over mesh TLS, and the client's
+    /// identity (bounded: the ServiceAccounts that call this pod).
+    pub inbound_connections: Family<InboundLabel, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MeshHandshakeLabel {
+    pub side: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InboundLabel {
+    /// `mtls`, `plaintext`, or `refused` (plaintext under `mtls-only`).
+    pub transport: &'static str,
+    /// The client proxy's identity; empty for plaintext.
+    pub client_id: String,
 }
 
 impl ProxyMetrics {
@@ -299,6 +322,26 @@ impl ProxyMetrics {
             "accept_errors",
             "Failures to accept a client connection (out of file descriptors, typically)",
             self.accept_errors.clone(),
+        );
+        r.register(
+            "identity_renewals",
+            "Certificate requests to the identity service by result (the last certificate serves while they fail)",
+            self.identity_renewals.clone(),
+        );
+        r.register(
+            "identity_certificate_expiry_timestamp_seconds",
+            "When this proxy's certificate expires, in Unix seconds (0: none yet)",
+            self.identity_expiry.clone(),
+        );
+        r.register(
+            "mesh_tls_handshakes",
+            "Mutual TLS handshakes with other proxies by side (client, server) and result",
+            self.mesh_handshakes.clone(),
+        );
+        r.register(
+            "inbound_connections",
+            "Inbound connections by transport (mtls, plaintext, refused) and client identity",
+            self.inbound_connections.clone(),
         );
         r.register(
             "discovery_connected",

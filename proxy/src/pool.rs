@@ -21,6 +21,8 @@ pub struct UpstreamSettings {
     /// keep-alive connections; reusing one at that moment fails the request).
     pub idle_timeout: Duration,
     pub max_idle_per_endpoint: usize,
+    /// Mutual TLS to endpoints that have an identity (the proxy has one too).
+    pub mesh: Option<std::sync::Arc<crate::identity::MeshTls>>,
 }
 
 impl Default for UpstreamSettings {
@@ -29,6 +31,7 @@ impl Default for UpstreamSettings {
             connect_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(60),
             max_idle_per_endpoint: 512,
+            mesh: None,
         }
     }
 }

@@ -9,34 +9,29 @@
 //! per connection, and what the control plane does not know forwarded as it is), or
 //! inbound (connections for the app: to its port on the pod's loopback).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures_util::FutureExt;
-use futures_util::future::Either;
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tandem_common::Shutdown;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 use tracing::field::display;
 
-use crate::connections::{ConnControl, Connections, Managed, Phase, Tracked};
+use crate::connections::{ConnControl, Connections, Phase, Tracked};
 use crate::destination::{BackendSet, Destination, Resolution};
 use crate::detect::{self, Sniffed};
 use crate::forward::{Forwarder, Router};
-use crate::http1::{self as own_http1, Outcome};
+use crate::http1 as own_http1;
+use crate::inbound::InboundContext;
 use crate::metrics::{InterceptedLabel, ListenerLabel, ProxyMetrics, ResultLabel};
 use crate::original_dst::original_destination;
 use crate::rewind::Rewind;
 use crate::tcp;
-use crate::upgrade::{self, Tunnel};
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Room a client connection's read buffer starts with.
@@ -69,8 +64,9 @@ pub enum Role {
         /// opaque (server-speaks-first protocols wait for the server).
         detect_timeout: Duration,
     },
-    /// Connections for the app, redirected here: to its port on the loopback.
-    Inbound,
+    /// Connections for the app, redirected here: to its port on the loopback
+    /// ([`crate::inbound`]).
+    Inbound(Arc<InboundContext>),
 }
 
 pub struct Server {
@@ -212,7 +208,22 @@ impl Server {
                     .outbound(stream, control, hyper, &ports, *detect_timeout)
                     .await;
             }
-            Role::Inbound => return self.inbound(stream, control).await,
+            Role::Inbound(context) => {
+                let Some(original) = redirected(&stream) else {
+                    return;
+                };
+                let context = context.clone();
+                return crate::inbound::serve(
+                    &self.forwarder,
+                    &self.metrics,
+                    &context,
+                    stream,
+                    original,
+                    control,
+                    hyper,
+                )
+                .await;
+            }
         }
         let Some(acceptor) = &self.tls else {
             let mut io = Tracked::new(stream, control.clone());
@@ -220,7 +231,7 @@ impl Server {
             match detect(&mut io, &mut buf, control).await {
                 Detected::Http1 => {
                     tracing::Span::current().record("protocol", display("http1"));
-                    self.http1(&self.forwarder, io, buf, control, hyper).await
+                    crate::http1_conn::serve(&self.forwarder, io, buf, control, hyper).await
                 }
                 Detected::Http2 => {
                     tracing::Span::current().record("protocol", display("http2"));
@@ -272,55 +283,7 @@ impl Server {
             crate::http2::serve(&self.forwarder, control, tls).await;
         } else {
             let buf = BytesMut::with_capacity(CLIENT_BUFFER);
-            self.http1(&self.forwarder, tls, buf, control, hyper).await;
-        }
-    }
-
-    /// HTTP/1.1: the proxy's own path, then hyper from the first request it hands over.
-    async fn http1<IO>(
-        &self,
-        forwarder: &Arc<Forwarder>,
-        io: IO,
-        buf: BytesMut,
-        control: &Arc<ConnControl>,
-        hyper: &http1::Builder,
-    ) where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (io, buffered) = match own_http1::serve(forwarder, control, io, buf).await {
-            Outcome::Closed => return,
-            Outcome::Handoff {
-                io,
-                buffered,
-                reason,
-            } => {
-                tracing::trace!(reason = reason.0, "continuing the connection in hyper");
-                (io, buffered)
-            }
-        };
-        let io = TokioIo::new(Rewind::new(io, buffered));
-        let tunnel = Arc::new(Mutex::new(None));
-        let conn = hyper
-            .serve_connection(io, service(forwarder, control, &tunnel))
-            .with_upgrades();
-        if let Some(Err(error)) = Managed::new(conn, control.clone()).await {
-            tracing::debug!(%error, "connection error");
-        }
-        // An upgraded connection (WebSocket): hyper handed it over with the `101`.
-        let tunnel = tunnel.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(tunnel) = tunnel {
-            control.set_phase(Phase::Delegated);
-            let closed = std::future::poll_fn(|cx| {
-                if control.closing(cx) {
-                    std::task::Poll::Ready(())
-                } else {
-                    std::task::Poll::Pending
-                }
-            });
-            tokio::select! {
-                _ = tunnel => {}
-                _ = closed => tracing::debug!("closing an upgraded connection at shutdown"),
-            }
+            crate::http1_conn::serve(&self.forwarder, tls, buf, control, hyper).await;
         }
     }
 
@@ -370,7 +333,7 @@ impl Server {
                     let io = Rewind::new(io, buf.freeze());
                     crate::http2::serve(&forwarder, control, io).await;
                 } else {
-                    self.http1(&forwarder, io, buf, control, hyper).await;
+                    crate::http1_conn::serve(&forwarder, io, buf, control, hyper).await;
                 }
             }
             (_, Some((destination, set))) => {
@@ -416,70 +379,12 @@ impl Server {
         }
     }
 
-    /// An inbound connection: to the app's port on the pod's loopback.
-    async fn inbound(&self, stream: TcpStream, control: &Arc<ConnControl>) {
-        let Some(original) = redirected(&stream) else {
-            return;
-        };
-        control.set_phase(Phase::Delegated);
-        let loopback: std::net::IpAddr = if original.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        };
-        let mut io = Tracked::new(stream, control.clone());
-        let app = SocketAddr::new(loopback, original.port());
-        if let Err(error) = tcp::passthrough(&mut io, app).await {
-            tracing::debug!(%error, "the app did not take the connection");
-        }
-    }
-
     fn tls_result(&self, result: &'static str) {
         self.metrics
             .tls_handshakes
             .get_or_create(&ResultLabel { result })
             .inc();
     }
-}
-
-/// Forwards each request hyper parsed; the connection is [`Phase::Delegated`] while
-/// one is in flight (its own timers bound it), idle between them. An upgrade that the
-/// backend accepted leaves its tunnel in `tunnel`.
-fn service(
-    forwarder: &Arc<Forwarder>,
-    control: &Arc<ConnControl>,
-    tunnel: &Arc<Mutex<Option<Tunnel>>>,
-) -> impl hyper::service::Service<
-    http::Request<hyper::body::Incoming>,
-    Response = http::Response<crate::body::ProxyBody>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<http::Response<crate::body::ProxyBody>, Infallible>>
-             + Send
-             + 'static,
-> + Clone
-+ 'static {
-    let forwarder = forwarder.clone();
-    let control = control.clone();
-    let tunnel = tunnel.clone();
-    service_fn(move |req| {
-        control.set_phase(Phase::Delegated);
-        let done = control.clone();
-        if upgrade::is_upgrade(&req) {
-            let tunnel = tunnel.clone();
-            let upgrading = upgrade::forward(forwarder.clone(), req).map(move |(response, t)| {
-                *tunnel.lock().unwrap_or_else(|e| e.into_inner()) = t;
-                done.set_phase(Phase::Idle);
-                Ok::<_, Infallible>(response)
-            });
-            return Either::Left(upgrading);
-        }
-        // The connection's sweeps bound the wait for the response (deadline.rs).
-        let conn = Some(control.clone());
-        Either::Right(forwarder.clone().handle(req, conn).map(move |response| {
-            done.set_phase(Phase::Idle);
-            Ok::<_, Infallible>(response)
-        }))
-    })
 }
 
 /// A forwarder whose every request goes to `destination` (an outbound connection
@@ -490,6 +395,7 @@ fn for_destination(forwarder: &Forwarder, destination: Arc<Destination>) -> Forw
         discovery_timeout: forwarder.discovery_timeout,
         resilience: forwarder.resilience.clone(),
         header_read_timeout: forwarder.header_read_timeout,
+        inbound: None,
     }
 }
 
@@ -516,7 +422,7 @@ impl Role {
         match self {
             Role::Explicit => "proxy",
             Role::Outbound { .. } => "outbound",
-            Role::Inbound => "inbound",
+            Role::Inbound(_) => "inbound",
         }
     }
 }

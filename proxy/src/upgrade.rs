@@ -128,6 +128,10 @@ async fn switch(
     let (destination, set) = forwarder.backends(&destination).await?;
     let _admitted = forwarder.resilience.admit(&destination)?;
     upgrade_headers(req.headers_mut());
+    if let Some(inbound) = &forwarder.inbound {
+        // For the app: who called (mesh TLS), and nothing a client claimed.
+        inbound.prepare(req.headers_mut());
+    }
     if let Some(pq) = req.uri().path_and_query().cloned() {
         // Origin-form towards the backend; Host carries the authority.
         if let Some(authority) = req.uri().authority()

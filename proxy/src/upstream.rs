@@ -32,6 +32,7 @@ use crate::http1::client;
 use crate::http1::pool::RawPool;
 use crate::http2::body::request_body_failed;
 use crate::http2::client::{Http2Connection, Http2Error};
+use crate::identity::mesh::{Carries, MeshClient};
 use crate::pool::{self, ConnectError, IdlePool};
 
 pub use crate::pool::{UpstreamSettings, connect_fault};
@@ -121,6 +122,11 @@ pub(crate) type SendResult = Result<Response<ProxyBody>, UpstreamError>;
 /// The connections to one endpoint.
 pub struct Upstream {
     addr: SocketAddr,
+    /// The endpoint's identity as discovery named it (empty: none).
+    identity: Box<str>,
+    /// Mutual TLS to the endpoint's proxy, when both sides have an identity: then
+    /// every request goes over HTTP/2 (see [`Upstream::meshed`]).
+    mesh: Option<MeshClient>,
     settings: Arc<UpstreamSettings>,
     /// Idle hyper HTTP/1 connections, shared with the [`Lease`]s that bring them back.
     idle: Arc<HyperPool>,
@@ -161,9 +167,21 @@ impl Connection {
 }
 
 impl Upstream {
-    pub fn new(addr: SocketAddr, settings: Arc<UpstreamSettings>) -> Arc<Self> {
+    pub fn new(addr: SocketAddr, identity: &str, settings: Arc<UpstreamSettings>) -> Arc<Self> {
+        let mesh = match &settings.mesh {
+            Some(mesh) if !identity.is_empty() => match mesh.client(identity) {
+                Ok(client) => Some(client),
+                Err(error) => {
+                    tracing::warn!(%addr, %error, "cannot set up mutual TLS to the endpoint; plaintext");
+                    None
+                }
+            },
+            _ => None,
+        };
         Arc::new(Self {
             addr,
+            identity: identity.into(),
+            mesh,
             idle: Arc::new(IdlePool::new(settings.max_idle_per_endpoint)),
             raw: Arc::new(RawPool::new(addr, settings.clone())),
             settings,
@@ -174,6 +192,22 @@ impl Upstream {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Whether requests to this endpoint go to its proxy over mutual TLS, as HTTP/2
+    /// whatever the app speaks (the version for the app travels in a header).
+    #[inline]
+    pub fn meshed(&self) -> bool {
+        self.mesh.is_some()
+    }
+
+    /// The mesh TLS to the endpoint's proxy, if it has one.
+    pub fn mesh(&self) -> Option<&MeshClient> {
+        self.mesh.as_ref()
     }
 
     /// Idle HTTP/1 connections right now.
@@ -334,14 +368,30 @@ impl Upstream {
     /// A new HTTP/1.1 connection of its own for an upgrade request (it cannot be
     /// pooled: once switched, it carries another protocol).
     pub async fn dial_upgrade(&self) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
-        let io = TokioIo::new(self.dial().await?);
-        let (sender, connection) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(UpstreamError::Handshake)?;
+        let tcp = self.dial().await?;
+        let (sender, connection) = match &self.mesh {
+            Some(mesh) => {
+                let tls = mesh
+                    .handshake(tcp, self.addr, Carries::Http1)
+                    .await
+                    .map_err(UpstreamError::Connect)?;
+                let (sender, connection) = http1::Builder::new()
+                    .handshake(TokioIo::new(tls))
+                    .await
+                    .map_err(UpstreamError::Handshake)?;
+                (sender, Either::Left(connection.with_upgrades()))
+            }
+            None => {
+                let (sender, connection) = http1::Builder::new()
+                    .handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(UpstreamError::Handshake)?;
+                (sender, Either::Right(connection.with_upgrades()))
+            }
+        };
         let addr = self.addr;
         tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
+            if let Err(error) = connection.await {
                 tracing::debug!(%addr, %error, "upstream upgrade connection ended");
             }
         });
@@ -355,7 +405,17 @@ impl Upstream {
             return Ok(conn);
         }
         let stream = self.dial().await?;
-        let conn = Arc::new(Http2Connection::handshake(stream, self.addr).await);
+        let conn = match &self.mesh {
+            Some(mesh) => {
+                let tls = mesh
+                    .handshake(stream, self.addr, Carries::Http2)
+                    .await
+                    .map_err(UpstreamError::Connect)?;
+                Http2Connection::handshake(tls, self.addr).await
+            }
+            None => Http2Connection::handshake(stream, self.addr).await,
+        };
+        let conn = Arc::new(conn);
         self.h2.store(Some(conn.clone()));
         Ok(conn)
     }

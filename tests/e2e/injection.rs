@@ -110,14 +110,115 @@ async fn objects_of(cluster: &Cluster, file: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Gives ServiceAccount `tandem-control-plane` of `ns` exactly `deploy/`'s rights (its
+/// ClusterRole, named `config` and with the webhook configuration's name made
+/// `config` too, and its Role, in `ns`, which is the control plane's namespace here)
+/// and writes a kubeconfig with a token the API server minted for it.
+pub async fn control_plane_kubeconfig(ns: &Namespace, config: &str) -> PathBuf {
+    let cluster = ns.cluster();
+    // deploy/'s rules: its ClusterRole (for this test's configuration name) and
+    // its Role (in this namespace, which is the control plane's here).
+    let rbac = objects_of(cluster, "deploy/control-plane/rbac.yaml").await;
+    let of = |kind: &str| {
+        rbac.iter()
+            .find(|o| o["kind"] == kind)
+            .unwrap_or_else(|| panic!("deploy/control-plane/rbac.yaml has a {kind}"))["rules"]
+            .clone()
+    };
+    let mut cluster_rules = of("ClusterRole");
+    for rule in cluster_rules.as_array_mut().unwrap() {
+        if rule["resourceNames"] == json!(["tandem-injector"]) {
+            rule["resourceNames"] = json!([config]);
+        }
+    }
+    let sa =
+        json!([{"kind": "ServiceAccount", "name": "tandem-control-plane", "namespace": ns.name()}]);
+    cluster
+        .apply(&[
+            json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                   "metadata": {"name": "tandem-control-plane", "namespace": ns.name()}}),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                   "metadata": {"name": config}, "rules": cluster_rules}),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                   "metadata": {"name": config},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": config},
+                   "subjects": sa}),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                   "metadata": {"name": "tandem-control-plane", "namespace": ns.name()},
+                   "rules": of("Role")}),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                   "metadata": {"name": "tandem-control-plane", "namespace": ns.name()},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tandem-control-plane"},
+                   "subjects": sa}),
+        ])
+        .await;
+    let token = ns
+        .kubectl(&[
+            "create",
+            "token",
+            "tandem-control-plane",
+            "--duration",
+            "2h",
+        ])
+        .await;
+    let env = std::fs::read_to_string(cluster.dir().join("cluster.env")).expect("cluster.env");
+    let value = |key: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(|v| v.trim_matches('\'').to_string())
+            .unwrap_or_else(|| panic!("cluster.env has no {key}"))
+    };
+    let kubeconfig = cluster
+        .dir()
+        .join(format!("injector-{}.kubeconfig", ns.name()));
+    std::fs::write(
+        &kubeconfig,
+        serde_json::to_string(&json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "tandem", "cluster": {
+                "server": value("TANDEM_CLUSTER_SERVER"),
+                "certificate-authority": value("TANDEM_CLUSTER_CA")}}],
+            "users": [{"name": "tandem-control-plane", "user": {"token": token.trim()}}],
+            "contexts": [{"name": "tandem", "context": {"cluster": "tandem", "user": "tandem-control-plane"}}],
+            "current-context": "tandem"
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    kubeconfig
+}
+
+/// A metric of an admin endpoint: the sum of its series whose labels contain
+/// `labels` (`None`: no such series).
+pub async fn metric(admin: std::net::SocketAddr, name: &str, labels: &str) -> Option<f64> {
+    let mut conn = Connection::http1(admin).await.ok()?;
+    let reply = conn.get("localhost", "/metrics").await.ok()?;
+    let text = reply.text();
+    let mut sum = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (series, value) = rest.rsplit_once(' ')?;
+        if (series.is_empty() || series.starts_with('{')) && series.contains(labels) {
+            *sum.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+        }
+    }
+    sum
+}
+
 /// A control plane serving the webhook for one namespace, as `deploy/` runs it.
 pub struct Injector {
     pub cp: Spawned,
     pub port: u16,
     /// Where the control plane serves discovery (and injected proxies dial).
     pub discovery: String,
+    /// Where it serves proxies' certificates (and injected proxies ask).
+    pub identity: String,
     /// The MutatingWebhookConfiguration (and ClusterRole) of this test.
     pub config: String,
+    /// More control-plane flags, for restarts too.
+    flags: Vec<String>,
     namespace: String,
     kubeconfig: PathBuf,
     cluster: &'static Cluster,
@@ -135,93 +236,47 @@ impl Injector {
     /// discovery there, and injected proxies are told to dial it (pods the node agent
     /// runs reach the host at their gateway; there is no cluster DNS).
     pub async fn start_with(ns: &Namespace, discovery: Option<Ipv4Addr>) -> Injector {
+        Self::start_with_flags(ns, discovery, &[]).await
+    }
+
+    /// As [`Injector::start_with`], with more control-plane flags (kept for restarts).
+    pub async fn start_with_flags(
+        ns: &Namespace,
+        discovery: Option<Ipv4Addr>,
+        flags: &[&str],
+    ) -> Injector {
         let cluster = ns.cluster();
         let config = format!("tandem-injector-{}", ns.name());
         ns.kubectl(&["label", "namespace", ns.name(), "tandem.io/inject=enabled"])
             .await;
 
-        // deploy/'s rules: its ClusterRole (for this test's configuration name) and
-        // its Role (in this namespace, which is the control plane's here).
-        let rbac = objects_of(cluster, "deploy/control-plane/rbac.yaml").await;
-        let of = |kind: &str| {
-            rbac.iter()
-                .find(|o| o["kind"] == kind)
-                .unwrap_or_else(|| panic!("deploy/control-plane/rbac.yaml has a {kind}"))["rules"]
-                .clone()
-        };
-        let mut cluster_rules = of("ClusterRole");
-        for rule in cluster_rules.as_array_mut().unwrap() {
-            if rule["resourceNames"] == json!(["tandem-injector"]) {
-                rule["resourceNames"] = json!([config]);
-            }
-        }
-        let sa = json!([{"kind": "ServiceAccount", "name": "tandem-control-plane", "namespace": ns.name()}]);
-        cluster
-            .apply(&[
-                json!({"apiVersion": "v1", "kind": "ServiceAccount",
-                       "metadata": {"name": "tandem-control-plane", "namespace": ns.name()}}),
-                json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-                       "metadata": {"name": config}, "rules": cluster_rules}),
-                json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-                       "metadata": {"name": config},
-                       "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": config},
-                       "subjects": sa}),
-                json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                       "metadata": {"name": "tandem-control-plane", "namespace": ns.name()},
-                       "rules": of("Role")}),
-                json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                       "metadata": {"name": "tandem-control-plane", "namespace": ns.name()},
-                       "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tandem-control-plane"},
-                       "subjects": sa}),
-            ])
-            .await;
-        let token = ns
-            .kubectl(&[
-                "create",
-                "token",
-                "tandem-control-plane",
-                "--duration",
-                "2h",
-            ])
-            .await;
-        let env = std::fs::read_to_string(cluster.dir().join("cluster.env")).expect("cluster.env");
-        let value = |key: &str| {
-            env.lines()
-                .find_map(|l| l.strip_prefix(&format!("{key}=")))
-                .map(|v| v.trim_matches('\'').to_string())
-                .unwrap_or_else(|| panic!("cluster.env has no {key}"))
-        };
-        let kubeconfig = cluster
-            .dir()
-            .join(format!("injector-{}.kubeconfig", ns.name()));
-        std::fs::write(
-            &kubeconfig,
-            serde_json::to_string(&json!({
-                "apiVersion": "v1", "kind": "Config",
-                "clusters": [{"name": "tandem", "cluster": {
-                    "server": value("TANDEM_CLUSTER_SERVER"),
-                    "certificate-authority": value("TANDEM_CLUSTER_CA")}}],
-                "users": [{"name": "tandem-control-plane", "user": {"token": token.trim()}}],
-                "contexts": [{"name": "tandem", "context": {"cluster": "tandem", "user": "tandem-control-plane"}}],
-                "current-context": "tandem"
-            }))
-            .unwrap(),
-        )
-        .unwrap();
+        let kubeconfig = control_plane_kubeconfig(ns, &config).await;
 
-        let discovery = match discovery {
-            // A port from the OS, released for the control plane to bind: injected
-            // pods must be told it before the control plane starts.
+        // Ports from the OS (held together, so they differ), released for the control
+        // plane to bind: injected pods must be told them before it starts.
+        let (discovery, identity) = match discovery {
             Some(ip) => {
-                let probe = std::net::TcpListener::bind((ip, 0)).expect("a port on the gateway");
-                probe.local_addr().unwrap().to_string()
+                let probes = [(); 2]
+                    .map(|()| std::net::TcpListener::bind((ip, 0)).expect("a port on the gateway"));
+                let [d, i] = probes.map(|p| p.local_addr().unwrap().to_string());
+                (d, i)
             }
-            None => "127.0.0.1:0".to_string(),
+            None => ("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string()),
         };
         let mut injector = Injector {
-            cp: start_control_plane(&kubeconfig, ns.name(), &config, "127.0.0.1:0", &discovery)
-                .await,
+            cp: start_control_plane(
+                &kubeconfig,
+                ns.name(),
+                &config,
+                "127.0.0.1:0",
+                &discovery,
+                &identity,
+                flags,
+            )
+            .await,
+            flags: flags.iter().map(|f| f.to_string()).collect(),
             discovery,
+            identity,
             port: 0,
             config: config.clone(),
             namespace: ns.name().to_string(),
@@ -334,20 +389,7 @@ impl Injector {
 
     /// A metric of the control plane's admin endpoint (the sum of its series).
     pub async fn metric(&self, name: &str, labels: &str) -> Option<f64> {
-        let mut conn = Connection::http1(self.cp.addr("admin")).await.ok()?;
-        let reply = conn.get("localhost", "/metrics").await.ok()?;
-        let text = reply.text();
-        let mut sum = None;
-        for line in text.lines() {
-            let Some(rest) = line.strip_prefix(name) else {
-                continue;
-            };
-            let (series, value) = rest.rsplit_once(' ')?;
-            if (series.is_empty() || series.starts_with('{')) && series.contains(labels) {
-                *sum.get_or_insert(0.0) += value.parse::<f64>().ok()?;
-            }
-        }
-        sum
+        metric(self.cp.addr("admin"), name, labels).await
     }
 
     /// Stops the control plane (the webhook goes with it).
@@ -364,6 +406,8 @@ impl Injector {
             &self.config,
             &listen,
             &self.discovery,
+            &self.identity,
+            &self.flags.iter().map(String::as_str).collect::<Vec<_>>(),
         )
         .await;
         assert_eq!(self.cp.addr("webhook").port(), self.port);
@@ -372,43 +416,61 @@ impl Injector {
 
 impl Drop for Injector {
     fn drop(&mut self) {
-        // Cluster-scoped: not deleted with the namespace.
-        let kubeconfig = self.cluster.kubeconfig().display().to_string();
-        let config = self.config.clone();
-        let kubectl = std::process::Command::new(repo().join("tests/cluster/build-tools.sh"))
-            .args(["--print-bin-dir", "kubernetes"])
-            .output()
-            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("kubectl"));
-        if let Ok(kubectl) = kubectl {
-            for kind in [
+        delete_cluster_scoped(
+            self.cluster,
+            &[
                 "mutatingwebhookconfiguration",
                 "clusterrolebinding",
                 "clusterrole",
-            ] {
-                let _ = std::process::Command::new(&kubectl)
-                    .args(["--kubeconfig", &kubeconfig, "delete", kind, &config])
-                    .args([
-                        "--ignore-not-found",
-                        "--wait=false",
-                        "--request-timeout=10s",
-                    ])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-            }
+            ],
+            &self.config,
+        );
+    }
+}
+
+/// Deletes objects of these cluster-scoped kinds named `name` (not deleted with a
+/// test's namespace), without waiting; for `Drop`s, so it blocks and never panics.
+pub fn delete_cluster_scoped(cluster: &Cluster, kinds: &[&str], name: &str) {
+    let kubeconfig = cluster.kubeconfig().display().to_string();
+    let kubectl = std::process::Command::new(repo().join("tests/cluster/build-tools.sh"))
+        .args(["--print-bin-dir", "kubernetes"])
+        .output()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("kubectl"));
+    if let Ok(kubectl) = kubectl {
+        for kind in kinds {
+            let _ = std::process::Command::new(&kubectl)
+                .args(["--kubeconfig", &kubeconfig, "delete", kind, name])
+                .args([
+                    "--ignore-not-found",
+                    "--wait=false",
+                    "--request-timeout=10s",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
 
-async fn start_control_plane(
+/// The control plane as `deploy/` runs it, with the credentials of `kubeconfig`, in
+/// `namespace` (its Secrets', ConfigMap's and webhook's): the webhook on `webhook`
+/// (or `off`), discovery on `discovery`, the identity endpoint on `identity`, then
+/// `extra` flags.
+pub async fn start_control_plane(
     kubeconfig: &Path,
     namespace: &str,
     config: &str,
     webhook: &str,
     discovery: &str,
+    identity: &str,
+    extra: &[&str],
 ) -> Spawned {
     let kubeconfig = kubeconfig.display().to_string();
+    let identity_ip = identity
+        .rsplit_once(':')
+        .map(|(ip, _)| ip)
+        .unwrap_or_default();
     let mut args = vec![
         "control-plane",
         "--source",
@@ -427,6 +489,8 @@ async fn start_control_plane(
         namespace,
         "--webhook-config-name",
         config,
+        "--identity-listen",
+        identity,
         "--proxy-image",
         PROXY_IMAGE,
         "--init-image",
@@ -435,10 +499,23 @@ async fn start_control_plane(
         "1s",
     ];
     // Injected proxies that run (the node agent's pods) dial this control plane;
-    // otherwise the pods keep deploy/'s address, as users get it.
+    // otherwise the pods keep deploy/'s addresses, as users get them.
     if !discovery.starts_with("127.") {
         args.extend(["--proxy-control-plane-address", discovery]);
     }
+    if !identity.starts_with("127.") {
+        // Pods reach it at the gateway's address: its certificate names it, and
+        // proxies are told to check that name.
+        args.extend([
+            "--identity-cert-san",
+            identity_ip,
+            "--proxy-identity-address",
+            identity,
+            "--proxy-identity-server-name",
+            identity_ip,
+        ]);
+    }
+    args.extend_from_slice(extra);
     let options = Options {
         envs: vec![("RUST_LOG", "info,kube_client=off")],
         capture_stderr: true,
@@ -528,9 +605,39 @@ fn assert_injected(pod: &Value) {
             "TANDEM_NODE",
             "TANDEM_SERVICE_ACCOUNT",
             "TANDEM_POD_IP",
-            "RUST_LOG"
+            "TANDEM_HOST_IP",
+            "RUST_LOG",
+            "TANDEM_IDENTITY_ADDRESS",
+            "TANDEM_IDENTITY_SERVER_NAME",
+            "TANDEM_IDENTITY",
+            "TANDEM_INBOUND_POLICY"
         ]
     );
+    // The identity the proxy asks for is its ServiceAccount's, as the kubelet expands it.
+    assert_eq!(
+        proxy["env"][9]["value"],
+        "spiffe://cluster.local/ns/$(TANDEM_NAMESPACE)/sa/$(TANDEM_SERVICE_ACCOUNT)"
+    );
+    let mounts: Vec<String> = names(&proxy["volumeMounts"]);
+    assert!(
+        mounts.starts_with(&["tandem-identity-token".into(), "tandem-trust-roots".into()]),
+        "{mounts:?}"
+    );
+    let volumes = spec["volumes"].as_array().unwrap();
+    let token = volumes
+        .iter()
+        .find(|v| v["name"] == "tandem-identity-token")
+        .expect("the token volume");
+    assert_eq!(
+        token["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+        "tandem"
+    );
+    let roots = volumes
+        .iter()
+        .find(|v| v["name"] == "tandem-trust-roots")
+        .expect("the trust roots volume");
+    assert_eq!(roots["configMap"]["name"], "tandem-trust-roots");
+    assert_eq!(roots["configMap"]["optional"], true);
     assert_eq!(
         proxy["env"][2]["valueFrom"]["fieldRef"]["fieldPath"],
         "spec.nodeName"
@@ -597,6 +704,7 @@ async fn deploy_is_accepted_by_the_api_server_applies_idempotently_and_deletes_c
             "rolebinding.rbac.authorization.k8s.io/tandem-control-plane",
             "clusterrolebinding.rbac.authorization.k8s.io/tandem-control-plane",
             "service/tandem-control-plane",
+            "service/tandem-identity",
             "service/tandem-webhook",
             "deployment.apps/tandem-control-plane",
             "poddisruptionbudget.policy/tandem-control-plane",
@@ -638,7 +746,7 @@ async fn deploy_is_accepted_by_the_api_server_applies_idempotently_and_deletes_c
         )
         .await;
         let before = versions().await;
-        assert_eq!(before.len(), 11, "{before:?}");
+        assert_eq!(before.len(), 12, "{before:?}");
         kubectl_ok(cluster, &apply, Some(built.as_bytes())).await;
         let diff = kubectl(
             cluster,
@@ -671,7 +779,7 @@ async fn deploy_is_accepted_by_the_api_server_applies_idempotently_and_deletes_c
             dry.lines()
                 .filter(|l| l.ends_with("(server dry run)"))
                 .count(),
-            11,
+            12,
             "{dry}"
         );
         let dry = kubectl_ok(
@@ -692,7 +800,7 @@ async fn deploy_is_accepted_by_the_api_server_applies_idempotently_and_deletes_c
             dry.lines()
                 .filter(|l| l.contains("serverside-applied (server dry run)"))
                 .count(),
-            11,
+            12,
             "{dry}"
         );
 
@@ -754,6 +862,25 @@ async fn deploy_is_accepted_by_the_api_server_applies_idempotently_and_deletes_c
         .await;
         assert_eq!(s["spec"]["ports"][0]["port"], 443);
         assert_eq!(s["spec"]["ports"][0]["targetPort"], "webhook");
+        // Proxies' certificates: the name injected proxies are given by default.
+        let s = get(&[
+            "-n",
+            "tandem-system",
+            "get",
+            "service",
+            "tandem-identity",
+            "-o",
+            "json",
+        ])
+        .await;
+        assert_eq!(s["spec"]["ports"][0]["port"], 8087);
+        assert_eq!(s["spec"]["ports"][0]["targetPort"], "identity");
+        assert!(
+            c["args"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("--identity-listen=0.0.0.0:8087"))
+        );
 
         // Deleted, all of it (cluster-scoped objects too).
         kubectl_ok(cluster, &["delete", "-k", &deploy, "--wait=false"], None).await;
@@ -977,6 +1104,8 @@ async fn replicas_share_one_certificate_and_keep_the_ca_bundle() {
             &injector.config,
             "127.0.0.1:0",
             "127.0.0.1:0",
+            "127.0.0.1:0",
+            &[],
         )
         .await;
         eventually(CLUSTER_STEP, "the second replica to serve", || async {

@@ -276,7 +276,13 @@ async fn a_deployment_is_followed_through_scaling_and_readiness() {
         ns.apply(&[
             service_account("web"),
             service("web", json!({})),
-            deployment("web", 3, false, json!({"tandem.io/weight": "2"})),
+            // Marked as injection marks meshed pods: only those get an identity.
+            deployment(
+                "web",
+                3,
+                false,
+                json!({"tandem.io/weight": "2", "tandem.io/injected": "test"}),
+            ),
         ])
         .await;
         let pods = ns.wait_deployment("web").await;
@@ -286,7 +292,7 @@ async fn a_deployment_is_followed_through_scaling_and_readiness() {
 
         // Every pod, with the zone of its node (one per zone: the agent spreads them),
         // the region from the node's label, the weight from the pod's annotation and
-        // the identity of its ServiceAccount.
+        // the identity of its ServiceAccount (a meshed pod's: unmeshed ones have none).
         let items = watch
             .until("3 healthy endpoints", |i| healthy(i) == 3)
             .await;

@@ -85,7 +85,14 @@ fn workloads() -> Vec<Value> {
 
 /// Runs `args` in the pod's network namespace, as root (not the proxy's UID: it is
 /// intercepted like the app); its stdout, or a panic with what it said.
-async fn in_pod(cluster: &Cluster, pod: Ipv4Addr, args: &[&str]) -> String {
+pub(crate) async fn in_pod(cluster: &Cluster, pod: Ipv4Addr, args: &[&str]) -> String {
+    let (ok, said) = try_in_pod(cluster, pod, args).await;
+    assert!(ok, "{args:?} in the pod at {pod} failed: {said}");
+    said
+}
+
+/// As [`in_pod`]: whether it succeeded, and its stdout (then stderr).
+pub(crate) async fn try_in_pod(cluster: &Cluster, pod: Ipv4Addr, args: &[&str]) -> (bool, String) {
     let netns = cluster.netns(pod);
     let run = tokio::process::Command::new("ip")
         .args(["netns", "exec", &netns])
@@ -97,14 +104,12 @@ async fn in_pod(cluster: &Cluster, pod: Ipv4Addr, args: &[&str]) -> String {
         .await
         .unwrap_or_else(|_| panic!("{args:?} in {netns} did not finish within {IN_POD:?}"))
         .expect("ip netns exec runs");
-    assert!(
-        out.status.success(),
-        "{args:?} in {netns} failed ({}): {}{}",
-        out.status,
+    let said = format!(
+        "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    (out.status.success(), said)
 }
 
 /// A small TCP client in python: connects to `addr`, reads a greeting first when
@@ -150,10 +155,16 @@ async fn metrics(pod: Ipv4Addr) -> String {
         .text()
 }
 
-fn series(page: &str, series: &str) -> f64 {
+/// The sum of the series named `series` (with its labels) on a metrics page.
+pub(crate) fn series(page: &str, series: &str) -> f64 {
     page.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
+        .filter_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        })
+        .sum()
 }
 
 fn assert_alternates(names: &[String], servers: usize) {
@@ -172,7 +183,7 @@ fn assert_alternates(names: &[String], servers: usize) {
     );
 }
 
-async fn cluster_ip(ns: &Namespace, service: &str) -> Ipv4Addr {
+pub(crate) async fn cluster_ip(ns: &Namespace, service: &str) -> Ipv4Addr {
     let ip = ns
         .kubectl(&[
             "get",

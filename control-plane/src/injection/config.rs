@@ -15,6 +15,13 @@ pub const DEFAULT_INIT_IMAGE: &str = concat!(
 /// Where injected proxies find the control plane (`deploy/`'s Service).
 pub const DEFAULT_CONTROL_PLANE_ADDRESS: &str =
     "tandem-control-plane.tandem-system.svc.cluster.local:8086";
+/// Where injected proxies ask for their certificate (`deploy/`'s Service)…
+pub const DEFAULT_IDENTITY_ADDRESS: &str = "tandem-identity.tandem-system.svc.cluster.local:8087";
+/// …and the name they verify its certificate for (the control plane's default
+/// `--identity-server-name` in namespace tandem-system).
+pub const DEFAULT_IDENTITY_SERVER_NAME: &str = "tandem-identity.tandem-system.svc";
+/// The mesh's trust domain unless `--trust-domain` says.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// The flags shared by the webhook and `tandem inject`.
 #[derive(Debug, Clone, clap::Args)]
@@ -35,6 +42,27 @@ pub struct InjectArgs {
     /// Injected proxies' RUST_LOG (a pod's `tandem.io/proxy-log-level` wins).
     #[arg(long, default_value = "info")]
     pub proxy_log_level: String,
+    /// Where injected proxies ask for their certificate: the control plane's identity
+    /// endpoint (`--identity-listen`), as HOST:PORT.
+    #[arg(
+        long,
+        env = "TANDEM_PROXY_IDENTITY_ADDRESS",
+        default_value = DEFAULT_IDENTITY_ADDRESS
+    )]
+    pub proxy_identity_address: String,
+    /// The name injected proxies verify the identity endpoint's certificate for (a
+    /// DNS name or an IP address the control plane's `--identity-server-name` or
+    /// `--identity-cert-san` gives it).
+    #[arg(
+        long,
+        env = "TANDEM_PROXY_IDENTITY_SERVER_NAME",
+        default_value = DEFAULT_IDENTITY_SERVER_NAME
+    )]
+    pub proxy_identity_server_name: String,
+    /// The mesh's trust domain: workload identities are
+    /// spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>.
+    #[arg(long, env = "TANDEM_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
 }
 
 /// Resources as Kubernetes writes them (`10m`, `20Mi`); `None`: not set.
@@ -58,6 +86,9 @@ pub struct InjectConfig {
     /// The proxy runs as this UID (and GID); its own traffic is never intercepted.
     pub proxy_uid: u32,
     pub proxy_resources: Resources,
+    pub identity_address: String,
+    pub identity_server_name: String,
+    pub trust_domain: String,
 }
 
 impl Default for InjectConfig {
@@ -77,6 +108,9 @@ impl Default for InjectConfig {
                 cpu_limit: None,
                 memory_limit: Some("128Mi".to_string()),
             },
+            identity_address: DEFAULT_IDENTITY_ADDRESS.to_string(),
+            identity_server_name: DEFAULT_IDENTITY_SERVER_NAME.to_string(),
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
         }
     }
 }
@@ -88,6 +122,9 @@ impl From<&InjectArgs> for InjectConfig {
             init_image: args.init_image.clone(),
             control_plane_address: args.proxy_control_plane_address.clone(),
             log_level: args.proxy_log_level.clone(),
+            identity_address: args.proxy_identity_address.clone(),
+            identity_server_name: args.proxy_identity_server_name.clone(),
+            trust_domain: args.trust_domain.clone(),
             ..Self::default()
         }
     }
@@ -103,6 +140,7 @@ impl InjectArgs {
                 "--proxy-control-plane-address",
                 &self.proxy_control_plane_address,
             ),
+            ("--proxy-identity-address", &self.proxy_identity_address),
         ] {
             if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(format!("{flag} {value:?}: empty or with spaces"));
@@ -110,6 +148,74 @@ impl InjectArgs {
         }
         crate::injection::overrides::log_level(&self.proxy_log_level)
             .map_err(|e| format!("--proxy-log-level {:?}: {e}", self.proxy_log_level))?;
+        rustls::pki_types::ServerName::try_from(self.proxy_identity_server_name.as_str()).map_err(
+            |_| {
+                format!(
+                    "--proxy-identity-server-name {:?}: not a DNS name or an IP address",
+                    self.proxy_identity_server_name
+                )
+            },
+        )?;
+        crate::identity::name::check_trust_domain(&self.trust_domain)
+            .map_err(|e| format!("--trust-domain {:?}: {e}", self.trust_domain))?;
         Ok(InjectConfig::from(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        inject: InjectArgs,
+    }
+
+    fn validate(args: &[&str]) -> Result<InjectConfig, String> {
+        let cli = Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.inject.validate()
+    }
+
+    #[test]
+    fn identity_defaults_and_flags() {
+        let config = validate(&[]).unwrap();
+        assert_eq!(config.identity_address, DEFAULT_IDENTITY_ADDRESS);
+        assert_eq!(config.identity_server_name, DEFAULT_IDENTITY_SERVER_NAME);
+        assert_eq!(config.trust_domain, "cluster.local");
+        assert_eq!(config, InjectConfig::default());
+        let config = validate(&[
+            "--proxy-identity-address",
+            "10.0.0.1:8087",
+            "--proxy-identity-server-name",
+            "10.0.0.1",
+            "--trust-domain",
+            "prod.example",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                config.identity_address.as_str(),
+                config.identity_server_name.as_str(),
+                config.trust_domain.as_str()
+            ),
+            ("10.0.0.1:8087", "10.0.0.1", "prod.example")
+        );
+        for (args, says) in [
+            (&["--trust-domain", "Prod"][..], "--trust-domain \"Prod\""),
+            (
+                &["--proxy-identity-server-name", "a b"][..],
+                "--proxy-identity-server-name",
+            ),
+            (
+                &["--proxy-identity-address", ""][..],
+                "--proxy-identity-address",
+            ),
+        ] {
+            let error = validate(args).unwrap_err();
+            assert!(error.contains(says), "{error}");
+        }
     }
 }

@@ -347,8 +347,10 @@ fn inject_object(object: &mut Node, config: &InjectConfig, notes: &mut Vec<Note>
             }
         }
     }
+    // Offline, the namespace is not known: its annotations play no part.
     let context = Context {
         namespace_enabled: true,
+        namespace_inbound_policy: None,
         config,
     };
     match mutate::inject(&template.to_json(), context) {

@@ -37,11 +37,22 @@ pub const PROXY_CPU_REQUEST: &str = "tandem.io/proxy-cpu-request";
 pub const PROXY_MEMORY_REQUEST: &str = "tandem.io/proxy-memory-request";
 pub const PROXY_CPU_LIMIT: &str = "tandem.io/proxy-cpu-limit";
 pub const PROXY_MEMORY_LIMIT: &str = "tandem.io/proxy-memory-limit";
+/// On a pod or its namespace: `mtls-only` (plaintext from unmeshed clients refused)
+/// or `permissive` (the default).
+pub const INBOUND_POLICY: &str = "tandem.io/inbound-policy";
 
 /// The containers and the volume the mutation adds.
 pub const INIT_CONTAINER: &str = "tandem-init";
 pub const PROXY_CONTAINER: &str = "tandem-proxy";
 pub const XTABLES_VOLUME: &str = "tandem-xtables";
+/// The proxy's ServiceAccount token for the identity endpoint (audience `tandem`)…
+pub const IDENTITY_TOKEN_VOLUME: &str = "tandem-identity-token";
+pub const IDENTITY_TOKEN_DIR: &str = "/var/run/secrets/tandem.io/identity";
+/// …its lifetime (the kubelet renews it at 80%; Kubernetes' own default)…
+pub const IDENTITY_TOKEN_SECONDS: u32 = 3600;
+/// …and the trust roots (the ConfigMap the control plane copies into the namespace).
+pub const TRUST_ROOTS_VOLUME: &str = "tandem-trust-roots";
+pub const TRUST_ROOTS_DIR: &str = "/var/run/tandem/trust-roots";
 
 /// What `tandem.io/injected` says.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

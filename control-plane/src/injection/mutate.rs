@@ -14,7 +14,9 @@
 //! 5. an invalid override annotation: left alone (unmeshed), with a warning naming it.
 //! 6. otherwise: `tandem-init` and the `tandem-proxy` native sidecar in front of the
 //!    pod's own init containers (so those already go through the proxy), the
-//!    `tandem-xtables` volume, and `tandem.io/injected`.
+//!    `tandem-xtables` volume, the proxy's identity (a projected ServiceAccount token
+//!    for audience `tandem`, the trust roots ConfigMap, and where to ask for its
+//!    certificate), and `tandem.io/injected`.
 
 use std::fmt;
 
@@ -23,13 +25,20 @@ use serde_json::{Map, Value, json};
 
 use super::config::{InjectConfig, Resources};
 use super::overrides::{self, Invalid, Overrides};
-use super::{INIT_CONTAINER, INJECT, INJECTED, PROXY_CONTAINER, VERSION, XTABLES_VOLUME};
+use super::{
+    IDENTITY_TOKEN_DIR, IDENTITY_TOKEN_SECONDS, IDENTITY_TOKEN_VOLUME, INIT_CONTAINER, INJECT,
+    INJECTED, PROXY_CONTAINER, TRUST_ROOTS_DIR, TRUST_ROOTS_VOLUME, VERSION, XTABLES_VOLUME,
+};
+use crate::identity::TRUST_ROOTS;
+use crate::identity::review::AUDIENCE;
 
 /// What the mutation knows besides the pod.
 #[derive(Debug, Clone, Copy)]
 pub struct Context<'a> {
     /// The pod's namespace is labelled `tandem.io/inject: enabled`.
     pub namespace_enabled: bool,
+    /// The namespace's `tandem.io/inbound-policy` annotation (a pod's own wins).
+    pub namespace_inbound_policy: Option<&'a str>,
     pub config: &'a InjectConfig,
 }
 
@@ -157,7 +166,12 @@ fn decide(pod: &Value, context: Context<'_>) -> Result<Overrides, Skipped> {
     let annotations = string_at(pod, &["metadata", "annotations"])
         .and_then(Value::as_object)
         .unwrap_or(&empty);
-    overrides::parse(annotations, context.config).map_err(Skipped::Invalid)
+    overrides::parse(
+        annotations,
+        context.namespace_inbound_policy,
+        context.config,
+    )
+    .map_err(Skipped::Invalid)
 }
 
 /// `/` and `~` escaped for a JSON pointer.
@@ -270,7 +284,25 @@ pub fn proxy_container(config: &InjectConfig, overrides: &Overrides) -> Value {
             field("TANDEM_NODE", "spec.nodeName"),
             field("TANDEM_SERVICE_ACCOUNT", "spec.serviceAccountName"),
             field("TANDEM_POD_IP", "status.podIP"),
-            {"name": "RUST_LOG", "value": overrides.log_level}
+            // The kubelet's probes come from the node: served in plaintext even
+            // under `mtls-only`.
+            field("TANDEM_HOST_IP", "status.hostIP"),
+            {"name": "RUST_LOG", "value": overrides.log_level},
+            // Where the proxy gets its certificate, and for which identity: the
+            // ServiceAccount's, through Kubernetes' $(VAR) expansion of the two
+            // variables above.
+            {"name": "TANDEM_IDENTITY_ADDRESS", "value": config.identity_address},
+            {"name": "TANDEM_IDENTITY_SERVER_NAME", "value": config.identity_server_name},
+            {"name": "TANDEM_IDENTITY", "value": format!(
+                "spiffe://{}/ns/$(TANDEM_NAMESPACE)/sa/$(TANDEM_SERVICE_ACCOUNT)",
+                config.trust_domain
+            )},
+            {"name": "TANDEM_INBOUND_POLICY", "value": overrides.inbound_policy.as_str()}
+        ],
+        // The proxy's defaults for --identity-token-file and --trust-roots-file.
+        "volumeMounts": [
+            {"name": IDENTITY_TOKEN_VOLUME, "mountPath": IDENTITY_TOKEN_DIR, "readOnly": true},
+            {"name": TRUST_ROOTS_VOLUME, "mountPath": TRUST_ROOTS_DIR, "readOnly": true}
         ],
         "ports": [
             {"name": "tandem-inbound", "containerPort": config.inbound_port, "protocol": "TCP"},
@@ -306,14 +338,25 @@ fn patch(pod: &Value, config: &InjectConfig, overrides: &Overrides) -> Patch {
     } else {
         ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [init, proxy]}));
     }
-    let volume = json!({"name": XTABLES_VOLUME, "emptyDir": {}});
-    match spec.get("volumes").and_then(Value::as_array) {
-        Some(volumes)
-            if volumes
-                .iter()
-                .any(|v| v.get("name").and_then(Value::as_str) == Some(XTABLES_VOLUME)) => {}
-        Some(_) => ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume})),
-        None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
+    // Volumes of those names already there (a pod that lost its containers) stay.
+    let present = |name: &str| {
+        spec.get("volumes")
+            .and_then(Value::as_array)
+            .is_some_and(|vs| {
+                vs.iter()
+                    .any(|v| v.get("name").and_then(Value::as_str) == Some(name))
+            })
+    };
+    let volumes: Vec<Value> = volumes()
+        .into_iter()
+        .filter(|v| !present(v["name"].as_str().unwrap_or_default()))
+        .collect();
+    if spec.get("volumes").is_some_and(Value::is_array) {
+        for volume in volumes {
+            ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
+        }
+    } else if !volumes.is_empty() {
+        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes}));
     }
     match pod.get("metadata").filter(|m| m.is_object()) {
         None => ops.push(json!({"op": "add", "path": "/metadata",
@@ -327,6 +370,25 @@ fn patch(pod: &Value, config: &InjectConfig, overrides: &Overrides) -> Patch {
                                    "value": VERSION})),
     }
     serde_json::from_value(Value::Array(ops)).expect("the operations are JSON patch operations")
+}
+
+/// The volumes the mutation adds: iptables' lock dir for the init container, and the
+/// proxy's token (audience `tandem`, for the identity endpoint's TokenReview) and
+/// trust roots (optional: the control plane copies the ConfigMap into the namespace,
+/// and the kubelet fills the volume in once it exists).
+pub fn volumes() -> Vec<Value> {
+    vec![
+        json!({"name": XTABLES_VOLUME, "emptyDir": {}}),
+        json!({"name": IDENTITY_TOKEN_VOLUME, "projected": {"sources": [
+            {"serviceAccountToken": {
+                "audience": AUDIENCE,
+                "expirationSeconds": IDENTITY_TOKEN_SECONDS,
+                "path": "token"
+            }}
+        ]}}),
+        // Its one key, ca-bundle.crt, is the file the proxy reads.
+        json!({"name": TRUST_ROOTS_VOLUME, "configMap": {"name": TRUST_ROOTS, "optional": true}}),
+    ]
 }
 
 /// The pod with the patch applied (what the API server stores).
@@ -370,6 +432,7 @@ mod tests {
             pod,
             Context {
                 namespace_enabled,
+                namespace_inbound_policy: None,
                 config: &config,
             },
         )
@@ -413,7 +476,15 @@ mod tests {
             ["tandem-init", "tandem-proxy", "migrate"]
         );
         assert_eq!(names(&spec["containers"]), ["web"]);
-        assert_eq!(names(&spec["volumes"]), ["data", "tandem-xtables"]);
+        assert_eq!(
+            names(&spec["volumes"]),
+            [
+                "data",
+                "tandem-xtables",
+                "tandem-identity-token",
+                "tandem-trust-roots"
+            ]
+        );
         assert_eq!(out["metadata"]["annotations"][INJECTED], VERSION);
         // Unknown fields survive.
         assert_eq!(spec["somethingNew"], json!([1, 2, 3]));
@@ -491,9 +562,43 @@ mod tests {
                 ("TANDEM_NODE", "spec.nodeName".into()),
                 ("TANDEM_SERVICE_ACCOUNT", "spec.serviceAccountName".into()),
                 ("TANDEM_POD_IP", "status.podIP".into()),
+                ("TANDEM_HOST_IP", "status.hostIP".into()),
                 ("RUST_LOG", "info".into()),
+                (
+                    "TANDEM_IDENTITY_ADDRESS",
+                    "tandem-identity.tandem-system.svc.cluster.local:8087".into()
+                ),
+                (
+                    "TANDEM_IDENTITY_SERVER_NAME",
+                    "tandem-identity.tandem-system.svc".into()
+                ),
+                (
+                    "TANDEM_IDENTITY",
+                    "spiffe://cluster.local/ns/$(TANDEM_NAMESPACE)/sa/$(TANDEM_SERVICE_ACCOUNT)"
+                        .into()
+                ),
+                ("TANDEM_INBOUND_POLICY", "permissive".into()),
             ]
         );
+        // The proxy's token (audience tandem) and trust roots, read-only, at the
+        // paths the proxy reads by default.
+        assert_eq!(
+            proxy["volumeMounts"],
+            json!([
+                {"name": "tandem-identity-token", "mountPath": "/var/run/secrets/tandem.io/identity", "readOnly": true},
+                {"name": "tandem-trust-roots", "mountPath": "/var/run/tandem/trust-roots", "readOnly": true}
+            ])
+        );
+        assert_eq!(
+            spec["volumes"][2]["projected"]["sources"],
+            json!([{"serviceAccountToken": {"audience": "tandem", "expirationSeconds": 3600, "path": "token"}}])
+        );
+        assert_eq!(
+            spec["volumes"][3]["configMap"],
+            json!({"name": "tandem-trust-roots", "optional": true})
+        );
+        // Only the proxy mounts them.
+        assert!(init["volumeMounts"].as_array().unwrap().len() == 1);
         assert_eq!(names(&proxy["ports"]), ["tandem-inbound", "tandem-admin"]);
         assert_eq!(
             proxy["startupProbe"]["httpGet"],
@@ -559,13 +664,27 @@ mod tests {
             names(&out["spec"]["initContainers"]),
             ["tandem-init", "tandem-proxy"]
         );
-        assert_eq!(names(&out["spec"]["volumes"]), ["tandem-xtables"]);
+        assert_eq!(
+            names(&out["spec"]["volumes"]),
+            [
+                "tandem-xtables",
+                "tandem-identity-token",
+                "tandem-trust-roots"
+            ]
+        );
         assert_eq!(out["metadata"]["annotations"], json!({INJECTED: VERSION}));
         // A volume of that name already there is not added twice.
         let p = json!({"metadata": {"annotations": null},
                        "spec": {"containers": [], "volumes": [{"name": "tandem-xtables", "emptyDir": {}}]}});
         let out = stored(&p, true);
-        assert_eq!(names(&out["spec"]["volumes"]), ["tandem-xtables"]);
+        assert_eq!(
+            names(&out["spec"]["volumes"]),
+            [
+                "tandem-xtables",
+                "tandem-identity-token",
+                "tandem-trust-roots"
+            ]
+        );
         assert_eq!(out["metadata"]["annotations"], json!({INJECTED: VERSION}));
     }
 
@@ -627,6 +746,7 @@ mod tests {
             PROXY_MEMORY_REQUEST: "32Mi",
             PROXY_CPU_LIMIT: "1",
             PROXY_MEMORY_LIMIT: "256Mi",
+            INBOUND_POLICY: "mtls-only",
         }));
         let out = stored(&p, true);
         let init = &out["spec"]["initContainers"][0];
@@ -644,6 +764,13 @@ mod tests {
             .find(|e| e["name"] == "RUST_LOG")
             .unwrap();
         assert_eq!(rust_log["value"], "debug,h2=info");
+        let policy = proxy["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "TANDEM_INBOUND_POLICY")
+            .unwrap();
+        assert_eq!(policy["value"], "mtls-only");
         assert_eq!(
             proxy["resources"],
             json!({"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}})
@@ -666,6 +793,7 @@ mod tests {
             (PROXY_MEMORY_REQUEST, "1MB"),
             (PROXY_CPU_LIMIT, "-1"),
             (PROXY_MEMORY_LIMIT, ""),
+            (INBOUND_POLICY, "strict"),
         ] {
             let p = pod(json!({ annotation: value }));
             let s = skipped(&p, true);
@@ -676,5 +804,49 @@ mod tests {
             );
             assert_eq!(stored(&p, true), p, "never half-patched");
         }
+    }
+
+    #[test]
+    fn the_namespace_inbound_policy_and_the_trust_domain() {
+        let config = InjectConfig {
+            trust_domain: "prod.example".into(),
+            ..config()
+        };
+        let policy_of = |ns_policy: Option<&str>| {
+            let context = Context {
+                namespace_enabled: true,
+                namespace_inbound_policy: ns_policy,
+                config: &config,
+            };
+            match inject(&pod(json!({})), context) {
+                Outcome::Inject(patch) => {
+                    let out = apply(&pod(json!({})), &patch).unwrap();
+                    let env = out["spec"]["initContainers"][1]["env"].clone();
+                    let value = |name: &str| {
+                        env.as_array()
+                            .unwrap()
+                            .iter()
+                            .find(|e| e["name"] == name)
+                            .unwrap()["value"]
+                            .as_str()
+                            .unwrap()
+                            .to_string()
+                    };
+                    assert!(value("TANDEM_IDENTITY").starts_with("spiffe://prod.example/ns/"));
+                    Ok(value("TANDEM_INBOUND_POLICY"))
+                }
+                Outcome::Skip(s) => Err(s),
+            }
+        };
+        assert_eq!(policy_of(None), Ok("permissive".into()));
+        assert_eq!(policy_of(Some("mtls-only")), Ok("mtls-only".into()));
+        let Err(skipped) = policy_of(Some("nope")) else {
+            panic!("a bad namespace annotation leaves the pod unmeshed")
+        };
+        let warning = skipped.warning().unwrap();
+        assert!(
+            warning.contains("tandem.io/inbound-policy: \"nope\": on the namespace"),
+            "{warning}"
+        );
     }
 }

@@ -8,9 +8,36 @@ use serde_json::{Map, Value};
 
 use super::config::{InjectConfig, Resources};
 use super::{
-    PROXY_CPU_LIMIT, PROXY_CPU_REQUEST, PROXY_LOG_LEVEL, PROXY_MEMORY_LIMIT, PROXY_MEMORY_REQUEST,
-    SKIP_INBOUND_PORTS, SKIP_OUTBOUND_CIDRS, SKIP_OUTBOUND_PORTS, quantity,
+    INBOUND_POLICY, PROXY_CPU_LIMIT, PROXY_CPU_REQUEST, PROXY_LOG_LEVEL, PROXY_MEMORY_LIMIT,
+    PROXY_MEMORY_REQUEST, SKIP_INBOUND_PORTS, SKIP_OUTBOUND_CIDRS, SKIP_OUTBOUND_PORTS, quantity,
 };
+
+/// What the proxy does with plaintext from unmeshed clients (`tandem.io/inbound-policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InboundPolicy {
+    /// Served (the default: meshing a server does not cut off its unmeshed clients).
+    #[default]
+    Permissive,
+    /// Refused: only mesh TLS comes in.
+    MtlsOnly,
+}
+
+impl InboundPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InboundPolicy::Permissive => "permissive",
+            InboundPolicy::MtlsOnly => "mtls-only",
+        }
+    }
+
+    fn parse(value: &str) -> Result<Self, String> {
+        match value.trim() {
+            "permissive" => Ok(Self::Permissive),
+            "mtls-only" => Ok(Self::MtlsOnly),
+            _ => Err("use mtls-only or permissive".into()),
+        }
+    }
+}
 
 /// What a pod's annotations ask for, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +48,8 @@ pub struct Overrides {
     pub skip_outbound_cidrs: Vec<String>,
     pub log_level: String,
     pub resources: Resources,
+    /// The pod's annotation, else its namespace's, else permissive.
+    pub inbound_policy: InboundPolicy,
 }
 
 /// An annotation whose value cannot be used.
@@ -130,9 +159,11 @@ impl Pair<'_> {
     }
 }
 
-/// The overrides of a pod with these annotations.
+/// The overrides of a pod with these annotations, in a namespace whose
+/// `tandem.io/inbound-policy` annotation is `namespace_inbound_policy`.
 pub fn parse(
     annotations: &Map<String, Value>,
+    namespace_inbound_policy: Option<&str>,
     config: &InjectConfig,
 ) -> Result<Overrides, Invalid> {
     let get = |name: &'static str| -> Result<Option<&str>, Invalid> {
@@ -160,7 +191,15 @@ pub fn parse(
         skip_outbound_cidrs: Vec::new(),
         log_level: config.log_level.clone(),
         resources: config.proxy_resources.clone(),
+        inbound_policy: InboundPolicy::default(),
     };
+    if let Some(v) = get(INBOUND_POLICY)? {
+        overrides.inbound_policy = InboundPolicy::parse(v).map_err(invalid(INBOUND_POLICY, v))?;
+    } else if let Some(v) = namespace_inbound_policy {
+        overrides.inbound_policy = InboundPolicy::parse(v)
+            .map_err(|e| format!("on the namespace: {e}"))
+            .map_err(invalid(INBOUND_POLICY, v))?;
+    }
     if let Some(v) = get(SKIP_INBOUND_PORTS)? {
         overrides.skip_inbound_ports = ports(v).map_err(invalid(SKIP_INBOUND_PORTS, v))?;
     }
@@ -211,7 +250,11 @@ mod tests {
     use serde_json::json;
 
     fn of(annotations: Value) -> Result<Overrides, Invalid> {
-        parse(annotations.as_object().unwrap(), &InjectConfig::default())
+        parse(
+            annotations.as_object().unwrap(),
+            None,
+            &InjectConfig::default(),
+        )
     }
 
     #[test]
@@ -252,6 +295,8 @@ mod tests {
             (PROXY_CPU_REQUEST, json!("lots")),
             (PROXY_MEMORY_LIMIT, json!("-1Mi")),
             (SKIP_INBOUND_PORTS, json!(8080)),
+            (INBOUND_POLICY, json!("strict")),
+            (INBOUND_POLICY, json!(true)),
         ] {
             let error = of(json!({ annotation: value })).unwrap_err();
             assert_eq!(error.annotation, annotation, "{error}");
@@ -285,5 +330,36 @@ mod tests {
         let e = of(json!({PROXY_CPU_REQUEST: "2", PROXY_CPU_LIMIT: "500m"})).unwrap_err();
         assert_eq!(e.annotation, PROXY_CPU_REQUEST);
         assert!(e.reason.contains(PROXY_CPU_LIMIT), "{e}");
+    }
+
+    #[test]
+    fn inbound_policy_of_the_pod_else_its_namespace() {
+        let policy = |pod: Value, ns: Option<&str>| {
+            parse(pod.as_object().unwrap(), ns, &InjectConfig::default()).map(|o| o.inbound_policy)
+        };
+        assert_eq!(policy(json!({}), None), Ok(InboundPolicy::Permissive));
+        assert_eq!(
+            policy(json!({INBOUND_POLICY: "mtls-only"}), None),
+            Ok(InboundPolicy::MtlsOnly)
+        );
+        assert_eq!(
+            policy(json!({}), Some("mtls-only")),
+            Ok(InboundPolicy::MtlsOnly)
+        );
+        assert_eq!(
+            policy(json!({INBOUND_POLICY: " permissive "}), Some("mtls-only")),
+            Ok(InboundPolicy::Permissive),
+            "the pod's wins"
+        );
+        let e = policy(json!({}), Some("strict")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tandem.io/inbound-policy: \"strict\": on the namespace: use mtls-only or permissive"
+        );
+        let e = policy(json!({INBOUND_POLICY: "strict"}), None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tandem.io/inbound-policy: \"strict\": use mtls-only or permissive"
+        );
     }
 }

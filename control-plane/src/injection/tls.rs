@@ -103,6 +103,11 @@ impl CertStore {
         self.current.load().is_some()
     }
 
+    /// The chain served now (leaf first).
+    pub fn chain(&self) -> Option<Vec<CertificateDer<'static>>> {
+        self.current.load().as_ref().map(|k| k.cert.clone())
+    }
+
     /// Serves this certificate chain and key (PEM).
     pub fn load(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), String> {
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
@@ -112,8 +117,16 @@ impl CertStore {
             return Err("tls.crt holds no certificate".into());
         }
         let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("tls.key: {e}"))?;
-        let key = rustls::crypto::ring::sign::any_supported_type(&key)
-            .map_err(|e| format!("tls.key: {e}"))?;
+        self.set(chain, &key).map_err(|e| format!("tls.key: {e}"))
+    }
+
+    /// Serves this certificate chain (leaf first) and key.
+    pub fn set(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: &PrivateKeyDer<'_>,
+    ) -> Result<(), String> {
+        let key = rustls::crypto::ring::sign::any_supported_type(key).map_err(|e| e.to_string())?;
         self.current
             .store(Some(Arc::new(CertifiedKey::new(chain, key))));
         Ok(())
@@ -180,7 +193,9 @@ fn parse_date(s: &str) -> Option<i64> {
     Some(era * 146_097 + doe - 719_468)
 }
 
-fn validity(params: &mut CertificateParams, days: i64) {
+/// Valid from yesterday for `days` (whole days: the clocks of the machines that
+/// check it may be a little behind).
+pub(crate) fn validity(params: &mut CertificateParams, days: i64) {
     let (y, m, d) = civil(today() - 1);
     params.not_before = rcgen::date_time_ymd(y, m, d);
     let (y, m, d) = civil(today() + days);

@@ -13,13 +13,19 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 
 use super::mutate::{self, Context, Outcome, Skipped};
-use super::{INJECT, InjectConfig};
+use super::{INBOUND_POLICY, INJECT, InjectConfig};
 use crate::metrics::Metrics;
 
-/// Whether this pod, in an enabled namespace, should be meshed and is not.
-pub fn is_unmeshed(pod: &serde_json::Value, config: &InjectConfig) -> bool {
+/// Whether this pod, in an enabled namespace (with this `tandem.io/inbound-policy`
+/// annotation), should be meshed and is not.
+pub fn is_unmeshed(
+    pod: &serde_json::Value,
+    namespace_inbound_policy: Option<&str>,
+    config: &InjectConfig,
+) -> bool {
     let context = Context {
         namespace_enabled: true,
+        namespace_inbound_policy,
         config,
     };
     matches!(
@@ -36,6 +42,12 @@ pub async fn count(client: &Client, config: &InjectConfig) -> Result<i64, kube::
     let live = ListParams::default().fields("status.phase!=Succeeded,status.phase!=Failed");
     let mut unmeshed = 0;
     for ns in namespaces.items {
+        let policy = ns
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(INBOUND_POLICY))
+            .cloned();
         let Some(name) = ns.metadata.name else {
             continue;
         };
@@ -47,7 +59,7 @@ pub async fn count(client: &Client, config: &InjectConfig) -> Result<i64, kube::
                 continue;
             }
             let value = serde_json::to_value(&pod).unwrap_or_default();
-            if is_unmeshed(&value, config) {
+            if is_unmeshed(&value, policy.as_deref(), config) {
                 unmeshed += 1;
             }
         }
@@ -98,18 +110,18 @@ mod tests {
     fn what_counts_as_unmeshed() {
         let config = InjectConfig::default();
         let plain = json!({"metadata": {"name": "a"}, "spec": {"containers": [{"name": "a"}]}});
-        assert!(is_unmeshed(&plain, &config));
+        assert!(is_unmeshed(&plain, None, &config));
         let mut opted_out = plain.clone();
         opted_out["metadata"]["annotations"] = json!({INJECT: "disabled"});
-        assert!(!is_unmeshed(&opted_out, &config));
+        assert!(!is_unmeshed(&opted_out, None, &config));
         let mut bad = plain.clone();
         bad["metadata"]["annotations"] = json!({"tandem.io/skip-inbound-ports": "x"});
-        assert!(is_unmeshed(&bad, &config));
+        assert!(is_unmeshed(&bad, None, &config));
         let mut injected = plain.clone();
         injected["spec"]["initContainers"] = json!([{"name": "tandem-proxy"}]);
-        assert!(!is_unmeshed(&injected, &config));
+        assert!(!is_unmeshed(&injected, None, &config));
         let mut host = plain;
         host["spec"]["hostNetwork"] = json!(true);
-        assert!(!is_unmeshed(&host, &config));
+        assert!(!is_unmeshed(&host, None, &config));
     }
 }

@@ -26,7 +26,8 @@ use tokio_rustls::TlsAcceptor;
 
 use super::mutate::{self, Context, Outcome, Skipped};
 use super::tls::CertStore;
-use super::{INJECT, InjectConfig};
+use super::{INBOUND_POLICY, INJECT, InjectConfig};
+use crate::identity::Copies;
 use crate::metrics::{Metrics, ResultLabel};
 
 /// The largest AdmissionReview read (a Pod is at most ~1.5 MiB in etcd).
@@ -54,30 +55,67 @@ impl Result {
     }
 }
 
-/// Whether pods in a namespace are to be meshed (`tandem.io/inject: enabled`).
+/// What the mutation needs to know of a pod's namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamespaceFacts {
+    /// Labelled `tandem.io/inject: enabled`.
+    pub enabled: bool,
+    /// Its `tandem.io/inbound-policy` annotation.
+    pub inbound_policy: Option<String>,
+}
+
+/// The namespaces of the pods under review.
 pub trait Namespaces: Send + Sync {
-    fn enabled(&self, namespace: &str) -> impl std::future::Future<Output = bool> + Send;
+    fn facts(&self, namespace: &str) -> impl std::future::Future<Output = NamespaceFacts> + Send;
+
+    /// Called once a pod of `namespace` is to be injected, before the answer.
+    fn injecting(&self, namespace: &str) -> impl std::future::Future<Output = ()> + Send {
+        let _ = namespace;
+        std::future::ready(())
+    }
 }
 
 /// Reads the namespace from the API server. If it cannot, it assumes `enabled`: the
-/// API server called the webhook because the namespace matched its selector.
-pub struct ApiNamespaces(pub Client);
+/// API server called the webhook because the namespace matched its selector. With
+/// identity on, makes sure an injected pod's namespace has the trust roots.
+pub struct ApiNamespaces {
+    pub client: Client,
+    pub copies: Option<Arc<Copies>>,
+}
 
 impl Namespaces for ApiNamespaces {
-    async fn enabled(&self, namespace: &str) -> bool {
-        match Api::<Namespace>::all(self.0.clone()).get(namespace).await {
-            Ok(ns) => ns
-                .metadata
-                .labels
-                .and_then(|l| l.get(INJECT).cloned())
-                .is_some_and(|v| v == "enabled"),
+    async fn facts(&self, namespace: &str) -> NamespaceFacts {
+        match Api::<Namespace>::all(self.client.clone())
+            .get(namespace)
+            .await
+        {
+            Ok(ns) => NamespaceFacts {
+                enabled: ns
+                    .metadata
+                    .labels
+                    .and_then(|l| l.get(INJECT).cloned())
+                    .is_some_and(|v| v == "enabled"),
+                inbound_policy: ns
+                    .metadata
+                    .annotations
+                    .and_then(|a| a.get(INBOUND_POLICY).cloned()),
+            },
             Err(e) => {
                 tracing::warn!(
                     namespace,
                     "cannot read the namespace's labels ({e}); taking it as enabled, since the webhook was called for it"
                 );
-                true
+                NamespaceFacts {
+                    enabled: true,
+                    inbound_policy: None,
+                }
             }
+        }
+    }
+
+    async fn injecting(&self, namespace: &str) {
+        if let Some(copies) = &self.copies {
+            copies.ensure(namespace).await;
         }
     }
 }
@@ -163,9 +201,10 @@ pub async fn review(body: &[u8], config: &InjectConfig, namespaces: &impl Namesp
         tracing::warn!(pod = %who(&namespace, object), uid, "{warning}");
         return allowed(Result::Error, json!({"warnings": [warning]}));
     }
-    let namespace_enabled = namespaces.enabled(&namespace).await;
+    let facts = namespaces.facts(&namespace).await;
     let context = Context {
-        namespace_enabled,
+        namespace_enabled: facts.enabled,
+        namespace_inbound_policy: facts.inbound_policy.as_deref(),
         config,
     };
     match mutate::inject(object, context) {
@@ -177,6 +216,7 @@ pub async fn review(body: &[u8], config: &InjectConfig, namespaces: &impl Namesp
                 return allowed(Result::Error, json!({"warnings": [warning]}));
             }
             let bytes = serde_json::to_vec(&patch).expect("a patch serialises");
+            namespaces.injecting(&namespace).await;
             tracing::info!(pod = %who(&namespace, object), uid, "injected");
             allowed(
                 Result::Injected,
@@ -323,8 +363,11 @@ mod tests {
 
     struct Fixed(bool);
     impl Namespaces for Fixed {
-        async fn enabled(&self, _: &str) -> bool {
-            self.0
+        async fn facts(&self, _: &str) -> NamespaceFacts {
+            NamespaceFacts {
+                enabled: self.0,
+                inbound_policy: None,
+            }
         }
     }
 

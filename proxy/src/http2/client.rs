@@ -1,4 +1,4 @@
-//! One multiplexed HTTP/2 connection to a backend.
+//! One multiplexed HTTP/2 connection to a backend (plain, or mesh TLS to its proxy).
 //!
 //! A request is opened and its response awaited from the caller's own task; only
 //! the connection's I/O (and its keep-alive PINGs) runs in a task of its own.
@@ -11,7 +11,7 @@ use http::Response;
 use http_body::Body;
 use tandem_h2::keep_alive::{self, KeepAlive};
 use tandem_h2::{Client, Config, Connection, Error};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
 use super::body::send_body;
@@ -50,7 +50,10 @@ pub enum Http2Error {
 
 impl Http2Connection {
     /// Speaks HTTP/2 on `stream` (prior knowledge), and drives it from a new task.
-    pub async fn handshake(stream: TcpStream, addr: SocketAddr) -> Self {
+    pub async fn handshake<IO>(stream: IO, addr: SocketAddr) -> Self
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (conn, client) = Connection::client(stream, config());
         let (settled, settling) = oneshot::channel();
         tokio::spawn(drive(conn, settled, addr));
@@ -97,7 +100,11 @@ impl Http2Connection {
     }
 }
 
-async fn drive(mut conn: Connection<TcpStream>, settled: oneshot::Sender<()>, addr: SocketAddr) {
+async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: Connection<IO>,
+    settled: oneshot::Sender<()>,
+    addr: SocketAddr,
+) {
     let mut keep_alive = KeepAlive::new();
     let mut settled = Some(settled);
     poll_fn(|cx| {

@@ -161,6 +161,8 @@ struct Relist {
 
 pub struct KubernetesSource {
     client: Client,
+    /// The domain of the endpoints' identities (`--trust-domain`).
+    trust_domain: String,
     index: Arc<ServiceIndex>,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
@@ -170,12 +172,14 @@ impl KubernetesSource {
     /// `readiness` says what the source lacks: the first sync, or a permission.
     pub fn new(
         client: Client,
+        trust_domain: String,
         index: Arc<ServiceIndex>,
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
     ) -> Self {
         Self {
             client,
+            trust_domain,
             index,
             metrics,
             readiness,
@@ -217,7 +221,7 @@ impl KubernetesSource {
         );
         let metrics = self.metrics;
         Runner {
-            state: ClusterState::new(self.index.cluster_domain()),
+            state: ClusterState::new(&self.trust_domain),
             index: self.index,
             metrics: metrics.clone(),
             relist: Relist::default(),

@@ -15,6 +15,8 @@ use crate::model::{HealthCheck, Policy, Protocol};
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const WEIGHT_ANNOTATION: &str = "tandem.io/weight";
+/// Set by injection on every pod it gave a proxy (`crate::injection::INJECTED`).
+pub const MESHED_ANNOTATION: &str = crate::injection::INJECTED;
 pub const TIMEOUT_ANNOTATION: &str = "tandem.io/request-timeout";
 pub const HEALTH_PATH_ANNOTATION: &str = "tandem.io/health-check-path";
 pub const HEALTH_INTERVAL_ANNOTATION: &str = "tandem.io/health-check-interval";
@@ -290,11 +292,21 @@ pub fn pod(pod: &Pod, ignored: &mut Vec<Ignored>) -> Option<PodObj> {
         .as_ref()
         .and_then(|s| s.service_account_name.clone())
         .unwrap_or_else(|| "default".to_string());
+    // Only a pod with our proxy can answer mutual TLS: the identity tells client
+    // proxies to speak it, so an unmeshed pod gets none (plaintext to it).
+    let meshed = meta
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(MESHED_ANNOTATION));
     Some(PodObj {
         namespace,
         name,
         weight,
-        service_account,
+        service_account: if meshed {
+            service_account
+        } else {
+            String::new()
+        },
     })
 }
 
@@ -358,7 +370,21 @@ mod tests {
         let mut ignored = Vec::new();
         assert_eq!(pod(&p, &mut ignored).unwrap().weight, 1);
         assert_eq!(ignored.len(), 1);
-        assert_eq!(pod(&p, &mut Vec::new()).unwrap().service_account, "default");
+        assert_eq!(
+            pod(&p, &mut Vec::new()).unwrap().service_account,
+            "",
+            "not meshed: no identity"
+        );
+        let mut meshed = p.clone();
+        meshed
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(MESHED_ANNOTATION.into(), "0.1.0".into());
+        assert_eq!(
+            pod(&meshed, &mut Vec::new()).unwrap().service_account,
+            "default"
+        );
     }
 
     #[test]

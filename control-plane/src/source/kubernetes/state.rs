@@ -161,7 +161,8 @@ impl Pending {
 
 #[derive(Debug, Default)]
 pub struct ClusterState {
-    cluster_domain: String,
+    /// The domain of endpoints' identities (spiffe://DOMAIN/ns/NS/sa/SA).
+    trust_domain: String,
     services: HashMap<ObjectId, ServiceObj>,
     /// Slices by the service they belong to, then by slice name.
     slices: HashMap<ObjectId, HashMap<Arc<str>, SliceObj>>,
@@ -178,9 +179,9 @@ fn id(ns: &Arc<str>, name: &Arc<str>) -> ObjectId {
 }
 
 impl ClusterState {
-    pub fn new(cluster_domain: &str) -> Self {
+    pub fn new(trust_domain: &str) -> Self {
         Self {
-            cluster_domain: cluster_domain.to_string(),
+            trust_domain: trust_domain.to_string(),
             ..Default::default()
         }
     }
@@ -527,11 +528,13 @@ impl ClusterState {
                 subzone: String::new(),
             },
             health: facts.health(),
+            // Meshed pods only (an unmeshed one has no service account here).
             identity: pod
+                .filter(|p| !p.service_account.is_empty())
                 .map(|p| {
                     format!(
                         "spiffe://{}/ns/{}/sa/{}",
-                        self.cluster_domain, p.namespace, p.service_account
+                        self.trust_domain, p.namespace, p.service_account
                     )
                 })
                 .unwrap_or_default(),
