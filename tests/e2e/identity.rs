@@ -639,7 +639,7 @@ async fn a_missing_issuer_is_made_once_by_one_replica_and_kept_across_restarts()
 /// A root and an issuer under it, made by openssl as cert-manager would store them:
 /// an ECDSA root, an RSA issuer whose key is PKCS#1 (cert-manager's default encoding).
 /// (root PEM, issuer certificate PEM, issuer key PEM).
-async fn openssl_issuer(dir: &TestDir, name: &str) -> (String, String, String) {
+pub(crate) async fn openssl_issuer(dir: &TestDir, name: &str) -> (String, String, String) {
     let path = |f: &str| dir.path(&format!("{name}-{f}")).display().to_string();
     let ext = path("issuer.ext");
     std::fs::write(
@@ -736,7 +736,7 @@ async fn openssl_issuer(dir: &TestDir, name: &str) -> (String, String, String) {
 }
 
 /// The issuer Secret in cert-manager's layout.
-fn issuer_secret(tls_crt: &str, tls_key: &str, ca_crt: &str) -> Value {
+pub(crate) fn issuer_secret(tls_crt: &str, tls_key: &str, ca_crt: &str) -> Value {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     json!({
         "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
@@ -746,7 +746,7 @@ fn issuer_secret(tls_crt: &str, tls_key: &str, ca_crt: &str) -> Value {
     })
 }
 
-fn trust_roots_map(bundle: &str) -> Value {
+pub(crate) fn trust_roots_map(bundle: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tandem-trust-roots"},
            "data": {"ca-bundle.crt": bundle}})
 }

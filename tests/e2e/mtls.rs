@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, cluster, pod_ip};
+use crate::identity::{issuer_secret, openssl_issuer, trust_roots_map};
 use crate::injection::{CLUSTER_WIDE, Injector};
 use crate::mesh::{cluster_ip, in_pod, series, try_in_pod};
 use crate::support::*;
@@ -406,6 +407,109 @@ async fn certificates_renew_and_outlive_a_control_plane_outage() {
         )
         .await;
         assert!(expiry().await > second_expiry);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_root_rotation_under_traffic_fails_no_request() {
+    bounded(LIMIT, async {
+        let cluster = cluster().await;
+        let _only = CLUSTER_WIDE.lock().await;
+        let ns = cluster.namespace("rotate").await;
+        let dir = TestDir::new("mtls-rotate");
+        let (root1, issuer1, key1) = openssl_issuer(&dir, "one").await;
+        let (root2, issuer2, key2) = openssl_issuer(&dir, "two").await;
+        // The user's issuer (cert-manager's layout), certificates for 15 s (renewed
+        // after about 10), the Secret and ConfigMap read every second.
+        ns.apply(&[issuer_secret(&issuer1, &key1, &root1)]).await;
+        let _injector = Injector::start_with_flags(
+            &ns,
+            Some(cluster.pod_gateway()),
+            &["--identity-lifetime", "15s", "--identity-refresh", "1s"],
+        )
+        .await;
+        ns.apply(&small_workloads()).await;
+        let web = ns.wait_ready("app=web", 1).await;
+        let client = ns
+            .wait_pod("client", "ready", crate::cluster::is_ready)
+            .await;
+        let proxies = [
+            pod_ip(&client).expect("the client pod's address"),
+            pod_ip(&web[0]).expect("the web pod's address"),
+        ];
+        let client_ip = proxies[0];
+        let url = format!("http://{}/", cluster_ip(&ns, "web").await);
+        let roots_held = || async move {
+            let mut held = Vec::new();
+            for ip in proxies {
+                let config: Value = serde_json::from_str(&admin(ip, "/config").await).unwrap();
+                held.push(config["identity"]["trust_roots"].as_u64().unwrap_or(0));
+            }
+            held
+        };
+        let renewed = || async move {
+            let mut ok = Vec::new();
+            for ip in proxies {
+                let page = admin(ip, "/metrics").await;
+                ok.push(series(
+                    &page,
+                    r#"tandem_proxy_identity_renewals_total{result="ok"}"#,
+                ));
+            }
+            ok
+        };
+        let step = Duration::from_secs(60);
+
+        // 1. The new root beside the old one: every proxy comes to trust both.
+        ns.apply(&[trust_roots_map(&format!("{root1}{root2}"))])
+            .await;
+        requests_until(
+            cluster,
+            client_ip,
+            &url,
+            "the new root spreads",
+            step,
+            || async { roots_held().await == [2, 2] },
+        )
+        .await;
+        // 2. The issuer under the new root: every proxy renews twice (so its
+        // certificate is the new issuer's), no request failing.
+        let before = renewed().await;
+        ns.apply(&[issuer_secret(&issuer2, &key2, &root2)]).await;
+        requests_until(
+            cluster,
+            client_ip,
+            &url,
+            "certificates from the new issuer",
+            step,
+            || {
+                let before = before.clone();
+                async move {
+                    let now = renewed().await;
+                    now.iter().zip(&before).all(|(n, b)| *n >= b + 2.0)
+                }
+            },
+        )
+        .await;
+        // 3. The old root goes: trusted by no proxy, and traffic goes on.
+        ns.apply(&[trust_roots_map(&root2)]).await;
+        requests_until(
+            cluster,
+            client_ip,
+            &url,
+            "the old root is dropped",
+            step,
+            || async { roots_held().await == [1, 1] },
+        )
+        .await;
+        let said = in_pod(
+            cluster,
+            client_ip,
+            &["curl", "-sS", "--fail", "--max-time", "5", &url],
+        )
+        .await;
+        assert!(!said.is_empty());
     })
     .await
 }
