@@ -52,7 +52,6 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// tandem-proxy: balances HTTP/1.1, HTTP/2 and gRPC requests across backends.
 /// tandem-proxy: balances HTTP/1.1, HTTP/2 and gRPC requests across backends; `init`
 /// installs the interception rules (the init container's job).
 #[derive(Debug, Clone, clap::Parser)]
@@ -494,18 +493,6 @@ pub async fn run(args: Args) -> Result<(), Error> {
     registry.register_collector(Box::new(inspector.clone()));
     registry.register_collector(Box::new(ProcessCollector));
 
-    // The app behind the inbound listener is the only endpoint of its destination:
-    // it is never ejected (its errors are its callers' to see, and ejecting the only
-    // endpoint would refuse every request for it).
-    let app_settings = Arc::new(ManagerSettings {
-        upstream: settings.upstream.clone(),
-        balancer: settings.balancer,
-        outlier: OutlierConfig {
-            consecutive_failures: u32::MAX,
-            ..settings.outlier
-        },
-        locality: settings.locality.clone(),
-    });
     let inbound = Arc::new(InboundContext::new(
         mesh.clone(),
         args.identity.inbound_policy,
@@ -516,7 +503,9 @@ pub async fn run(args: Args) -> Result<(), Error> {
             .map(|a| a.port())
             .collect(),
         args.detect_timeout,
-        app_settings,
+        // An ejected app (its destination's only endpoint) is still picked: below
+        // the panic threshold, the balancer uses every endpoint not draining.
+        settings.clone(),
     ));
     let listeners = bind_listeners(&args, inbound).await?;
     let admin_listener = tandem_common::listen::bind("admin (--admin)", args.admin).await?;

@@ -86,7 +86,7 @@ pub enum ProxyBody {
 pub struct ClientBodyError(pub BoxError);
 
 /// `error` and its causes, as one line.
-fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn causes(error: &(dyn std::error::Error + 'static)) -> String {
     let mut line = error.to_string();
     let mut next = error.source();
     while let Some(cause) = next {

@@ -223,6 +223,19 @@ fn adapt(req: &mut Request<ProxyBody>, to: HttpVersion, backend: std::net::Socke
 }
 
 impl Forwarder {
+    /// A forwarder like this one whose every request goes to `destination` (an
+    /// intercepted connection routes by where it was going, not by `Host`), with what
+    /// an inbound connection tells its requests, if it is one.
+    pub fn fixed_to(&self, destination: Arc<Destination>, inbound: Option<Inbound>) -> Arc<Self> {
+        Arc::new(Forwarder {
+            router: Arc::new(Router::Static(destination)),
+            discovery_timeout: self.discovery_timeout,
+            resilience: self.resilience.clone(),
+            header_read_timeout: self.header_read_timeout,
+            inbound,
+        })
+    }
+
     /// The destination of a request that addressed `authority` (its Host / :authority).
     #[inline]
     pub(crate) fn route(&self, authority: Option<&str>) -> Result<Arc<Destination>, ProxyError> {

@@ -26,7 +26,8 @@ use crate::connections::{ConnControl, Phase, Tracked};
 use crate::destination::Destination;
 use crate::detect::{self, Sniffed};
 use crate::endpoint::{EndpointMeta, Protocol};
-use crate::forward::{Forwarder, Inbound, Router};
+use crate::forward::error::http1_answer;
+use crate::forward::{Forwarder, Inbound};
 use crate::http1::{Read, read_more};
 use crate::identity::mesh::{ALPN_H2, ALPN_HTTP1, ALPN_OPAQUE, is_mesh_alpn};
 use crate::identity::{InboundPolicy, MeshTls};
@@ -37,14 +38,6 @@ use crate::tcp;
 
 /// A ClientHello bigger than this is not one of ours (proxies send small ones).
 const MAX_HELLO: usize = 16 * 1024;
-
-const MTLS_REQUIRED: &[u8] = b"HTTP/1.1 403 Forbidden\r\n\
-content-type: text/plain; charset=utf-8\r\n\
-x-tandem-error: mtls_required\r\n\
-connection: close\r\n\
-content-length: 94\r\n\
-\r\n\
-tandem: this pod accepts only mutual TLS from meshed clients (tandem.io/inbound-policy: mtls-only)\n";
 
 /// The inbound listener's settings and its apps' destinations.
 pub struct InboundContext {
@@ -159,21 +152,6 @@ fn handshake_result(metrics: &ProxyMetrics, result: &'static str) {
         .inc();
 }
 
-/// A forwarder for one inbound connection: every request to the app at `app`.
-fn for_app(
-    base: &Forwarder,
-    destination: Arc<Destination>,
-    client_id: Option<HeaderValue>,
-) -> Arc<Forwarder> {
-    Arc::new(Forwarder {
-        router: Arc::new(Router::Static(destination)),
-        discovery_timeout: base.discovery_timeout,
-        resilience: base.resilience.clone(),
-        header_read_timeout: base.header_read_timeout,
-        inbound: Some(Inbound { client_id }),
-    })
-}
-
 /// Serves one inbound connection whose original destination was `original`.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve(
@@ -222,7 +200,14 @@ pub async fn serve(
         count(metrics, "refused", "");
         tracing::info!(%app, protocol = sniffed.name(), "refused a plaintext connection: this pod accepts only mutual TLS");
         if sniffed == Sniffed::Http1 {
-            let _ = io.write_all(MTLS_REQUIRED).await;
+            let answer = http1_answer(
+                http::StatusCode::FORBIDDEN,
+                "mtls_required",
+                "this pod accepts only mutual TLS from meshed clients (tandem.io/inbound-policy: mtls-only)",
+                false,
+                true,
+            );
+            let _ = io.write_all(&answer).await;
         }
         let _ = io.shutdown().await;
         return;
@@ -230,11 +215,17 @@ pub async fn serve(
     count(metrics, "plaintext", "");
     match sniffed {
         Sniffed::Http1 => {
-            let forwarder = for_app(forwarder, context.app(app, Protocol::Http1), None);
+            let forwarder = forwarder.fixed_to(
+                context.app(app, Protocol::Unspecified),
+                Some(Inbound { client_id: None }),
+            );
             crate::http1_conn::serve(&forwarder, io, buf, control, hyper).await;
         }
         Sniffed::Http2 => {
-            let forwarder = for_app(forwarder, context.app(app, Protocol::Http2), None);
+            let forwarder = forwarder.fixed_to(
+                context.app(app, Protocol::Http2),
+                Some(Inbound { client_id: None }),
+            );
             control.set_phase(Phase::Multiplexed);
             crate::http2::serve(&forwarder, control, Rewind::new(io, buf.freeze())).await;
         }
@@ -293,13 +284,19 @@ async fn serve_mesh<IO>(
     match alpn.as_deref() {
         Some(ALPN_H2) => {
             // The app's protocol comes with each request; the destination's is the
-            // fallback (HTTP/1.1, or HTTP/2 for gRPC).
-            let forwarder = for_app(forwarder, context.app(app, Protocol::Unspecified), header);
+            // fallback (HTTP/1.1, or HTTP/2 for gRPC), as for HTTP/1.1 clients.
+            let forwarder = forwarder.fixed_to(
+                context.app(app, Protocol::Unspecified),
+                Some(Inbound { client_id: header }),
+            );
             control.set_phase(Phase::Multiplexed);
             crate::http2::serve(&forwarder, control, tls).await;
         }
         Some(ALPN_HTTP1) => {
-            let forwarder = for_app(forwarder, context.app(app, Protocol::Http1), header);
+            let forwarder = forwarder.fixed_to(
+                context.app(app, Protocol::Unspecified),
+                Some(Inbound { client_id: header }),
+            );
             let buf = BytesMut::with_capacity(8 * 1024);
             crate::http1_conn::serve(&forwarder, tls, buf, control, hyper).await;
         }

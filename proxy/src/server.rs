@@ -25,6 +25,7 @@ use tracing::field::display;
 use crate::connections::{ConnControl, Connections, Phase, Tracked};
 use crate::destination::{BackendSet, Destination, Resolution};
 use crate::detect::{self, Sniffed};
+use crate::forward::error::http1_answer;
 use crate::forward::{Forwarder, Router};
 use crate::http1 as own_http1;
 use crate::inbound::InboundContext;
@@ -41,14 +42,6 @@ const CLIENT_BUFFER: usize = 8 * 1024;
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 use crate::detect::H2_PREFACE;
-
-const PLAINTEXT_ON_TLS_PORT: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
-content-type: text/plain; charset=utf-8\r\n\
-x-tandem-error: tls_required\r\n\
-connection: close\r\n\
-content-length: 63\r\n\
-\r\n\
-tandem: this port speaks TLS; a plain-text request was sent to it\n";
 
 /// What a listener's connections are.
 #[derive(Debug, Clone)]
@@ -251,7 +244,14 @@ impl Server {
                 // Plain HTTP on the TLS port: say so, as nginx does, instead of a reset.
                 self.tls_result("plaintext");
                 let mut stream = stream;
-                let _ = stream.write_all(PLAINTEXT_ON_TLS_PORT).await;
+                let answer = http1_answer(
+                    http::StatusCode::BAD_REQUEST,
+                    "tls_required",
+                    "this port speaks TLS; a plain-text request was sent to it",
+                    false,
+                    true,
+                );
+                let _ = stream.write_all(&answer).await;
                 let _ = stream.shutdown().await;
                 return;
             }
@@ -327,7 +327,7 @@ impl Server {
         match (sniffed, known) {
             (Sniffed::Http1 | Sniffed::Http2, Some((destination, _))) => {
                 // This connection's requests all go to the service it addressed.
-                let forwarder = Arc::new(for_destination(&self.forwarder, destination));
+                let forwarder = self.forwarder.fixed_to(destination, None);
                 if sniffed == Sniffed::Http2 {
                     control.set_phase(Phase::Multiplexed);
                     let io = Rewind::new(io, buf.freeze());
@@ -384,18 +384,6 @@ impl Server {
             .tls_handshakes
             .get_or_create(&ResultLabel { result })
             .inc();
-    }
-}
-
-/// A forwarder whose every request goes to `destination` (an outbound connection
-/// routes by where it was going, not by `Host`).
-fn for_destination(forwarder: &Forwarder, destination: Arc<Destination>) -> Forwarder {
-    Forwarder {
-        router: Arc::new(Router::Static(destination)),
-        discovery_timeout: forwarder.discovery_timeout,
-        resilience: forwarder.resilience.clone(),
-        header_read_timeout: forwarder.header_read_timeout,
-        inbound: None,
     }
 }
 

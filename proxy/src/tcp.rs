@@ -5,18 +5,15 @@
 //! identity, the bytes go to its proxy inside mutual TLS.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
-
-use futures_util::future::Either;
 
 use crate::destination::{BackendSet, Destination};
+use crate::forward::resilience::record_failure;
 use crate::identity::mesh::Carries;
+use crate::pool::{self, UpstreamSettings};
+use crate::upstream::UpstreamError;
 
-/// How long a connect to a backend may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes read at a time in each direction of an opaque connection.
 const COPY_BUFFER: usize = 32 * 1024;
 /// Endpoints tried for one connection when connecting fails.
@@ -27,25 +24,11 @@ const ATTEMPTS: usize = 3;
 pub enum TcpError {
     #[error("no endpoint to connect to: {0}")]
     NoEndpoint(String),
-    #[error("connect to {addr}: {error}")]
-    Connect { addr: SocketAddr, error: String },
-}
-
-async fn connect(addr: SocketAddr) -> Result<TcpStream, TcpError> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
-        Ok(Err(error)) => Err(TcpError::Connect {
-            addr,
-            error: error.to_string(),
-        }),
-        Err(_) => Err(TcpError::Connect {
-            addr,
-            error: format!("timed out after {CONNECT_TIMEOUT:?}"),
-        }),
-    }
+    #[error("{addr}: {error}")]
+    Connect {
+        addr: SocketAddr,
+        error: UpstreamError,
+    },
 }
 
 /// Copies `client`'s bytes to one endpoint of `set` and back. An endpoint that
@@ -63,40 +46,20 @@ where
         let backend = set
             .pick()
             .map_err(|e| TcpError::NoEndpoint(format!("{}: {e}", destination.name())))?;
-        let connected = match (
-            connect(backend.meta.address).await,
-            backend.state.upstream.mesh(),
-        ) {
-            // To the endpoint's proxy: the bytes inside mutual TLS.
-            (Ok(tcp), Some(mesh)) => mesh
-                .handshake(tcp, backend.meta.address, Carries::Opaque)
-                .await
-                .map(Either::Right)
-                .map_err(|error| TcpError::Connect {
-                    addr: backend.meta.address,
-                    error: error.to_string(),
-                }),
-            (connected, _) => connected.map(Either::Left),
-        };
-        match connected {
-            Ok(Either::Left(mut upstream)) => {
+        let upstream = &backend.state.upstream;
+        match upstream.connect(Carries::Opaque).await {
+            Ok(mut connection) => {
                 backend.state.succeeded();
-                return Ok(copy(client, &mut upstream).await);
-            }
-            Ok(Either::Right(mut upstream)) => {
-                backend.state.succeeded();
-                return Ok(copy(client, &mut upstream).await);
+                return Ok(copy(client, &mut connection).await);
             }
             Err(error) => {
-                // The backend's own failure: it counts for outlier detection.
-                backend.state.failed();
-                backend
-                    .state
-                    .stats
-                    .failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Counted against the endpoint only if it was the endpoint's fault.
+                record_failure(backend, error.fault());
                 tracing::debug!(%error, backend = %backend.meta.address, "opaque connection failed; trying another endpoint");
-                last = Some(error);
+                last = Some(TcpError::Connect {
+                    addr: backend.meta.address,
+                    error,
+                });
             }
         }
     }
@@ -108,7 +71,13 @@ pub async fn passthrough<C>(client: &mut C, addr: SocketAddr) -> Result<(u64, u6
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut upstream = connect(addr).await?;
+    // What the control plane does not know has no settings of its own: the defaults.
+    let mut upstream = pool::dial(addr, &UpstreamSettings::default())
+        .await
+        .map_err(|error| TcpError::Connect {
+            addr,
+            error: error.into(),
+        })?;
     Ok(copy(client, &mut upstream).await)
 }
 

@@ -20,11 +20,12 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use futures_util::FutureExt;
-use futures_util::future::Either;
+use futures_util::future::Either as FutureEither;
 use http::Response;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 use crate::body::{ClientBodyError, HyperPool, Lease, ProxyBody, RequestSlot};
 use crate::http1::SendFailure;
@@ -32,7 +33,7 @@ use crate::http1::client;
 use crate::http1::pool::RawPool;
 use crate::http2::body::request_body_failed;
 use crate::http2::client::{Http2Connection, Http2Error};
-use crate::identity::mesh::{Carries, MeshClient};
+use crate::identity::mesh::{Carries, MeshClient, MeshStream};
 use crate::pool::{self, ConnectError, IdlePool};
 
 pub use crate::pool::{UpstreamSettings, connect_fault};
@@ -236,10 +237,10 @@ impl Upstream {
         match version {
             HttpVersion::Http1 if !takes_request(version, slot) => {
                 let req = slot.as_ref().expect("a request to send");
-                Either::Left(Either::Left(client::send(&self.raw, req)))
+                FutureEither::Left(FutureEither::Left(client::send(&self.raw, req)))
             }
-            HttpVersion::Http1 => Either::Left(Either::Right(self.send_http1(slot))),
-            HttpVersion::Http2 => Either::Right(self.send_http2(slot)),
+            HttpVersion::Http1 => FutureEither::Left(FutureEither::Right(self.send_http1(slot))),
+            HttpVersion::Http2 => FutureEither::Right(self.send_http2(slot)),
         }
     }
 
@@ -348,6 +349,23 @@ impl Upstream {
         Ok(pool::dial(self.addr, &self.settings).await?)
     }
 
+    /// A new connection to the endpoint: TCP, or mesh TLS to its proxy (for
+    /// `carries`) when it is meshed.
+    pub async fn connect(
+        &self,
+        carries: Carries,
+    ) -> Result<Either<TcpStream, MeshStream>, UpstreamError> {
+        let tcp = self.dial().await?;
+        match &self.mesh {
+            Some(mesh) => mesh
+                .handshake(tcp, self.addr, carries)
+                .await
+                .map(Either::Right)
+                .map_err(UpstreamError::Connect),
+            None => Ok(Either::Left(tcp)),
+        }
+    }
+
     async fn dial_http1(&self) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
         let io = TokioIo::new(self.dial().await?);
         let (sender, connection) = http1::Builder::new()
@@ -368,27 +386,12 @@ impl Upstream {
     /// A new HTTP/1.1 connection of its own for an upgrade request (it cannot be
     /// pooled: once switched, it carries another protocol).
     pub async fn dial_upgrade(&self) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
-        let tcp = self.dial().await?;
-        let (sender, connection) = match &self.mesh {
-            Some(mesh) => {
-                let tls = mesh
-                    .handshake(tcp, self.addr, Carries::Http1)
-                    .await
-                    .map_err(UpstreamError::Connect)?;
-                let (sender, connection) = http1::Builder::new()
-                    .handshake(TokioIo::new(tls))
-                    .await
-                    .map_err(UpstreamError::Handshake)?;
-                (sender, Either::Left(connection.with_upgrades()))
-            }
-            None => {
-                let (sender, connection) = http1::Builder::new()
-                    .handshake(TokioIo::new(tcp))
-                    .await
-                    .map_err(UpstreamError::Handshake)?;
-                (sender, Either::Right(connection.with_upgrades()))
-            }
-        };
+        let io = TokioIo::new(self.connect(Carries::Http1).await?);
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        let connection = connection.with_upgrades();
         let addr = self.addr;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -404,16 +407,11 @@ impl Upstream {
         if let Some(conn) = self.live_http2() {
             return Ok(conn);
         }
-        let stream = self.dial().await?;
-        let conn = match &self.mesh {
-            Some(mesh) => {
-                let tls = mesh
-                    .handshake(stream, self.addr, Carries::Http2)
-                    .await
-                    .map_err(UpstreamError::Connect)?;
-                Http2Connection::handshake(tls, self.addr).await
-            }
-            None => Http2Connection::handshake(stream, self.addr).await,
+        // Each transport's own type: the plain HTTP/2 path does not pay for a branch
+        // per read and write.
+        let conn = match self.connect(Carries::Http2).await? {
+            Either::Left(tcp) => Http2Connection::handshake(tcp, self.addr).await,
+            Either::Right(tls) => Http2Connection::handshake(tls, self.addr).await,
         };
         let conn = Arc::new(conn);
         self.h2.store(Some(conn.clone()));

@@ -483,11 +483,16 @@ impl Cluster {
 
     /// etcd's client URL (its JSON gateway: `/v3/kv/...`).
     pub fn etcd_url(&self) -> String {
-        let env = std::fs::read_to_string(self.dir.join("cluster.env")).unwrap_or_default();
+        self.env("TANDEM_CLUSTER_ETCD")
+    }
+
+    /// A value of the cluster's `cluster.env` (`scripts/cluster.sh`).
+    pub fn env(&self, key: &str) -> String {
+        let env = std::fs::read_to_string(self.dir.join("cluster.env")).expect("cluster.env");
         env.lines()
-            .find_map(|l| l.strip_prefix("TANDEM_CLUSTER_ETCD="))
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
             .map(|v| v.trim_matches('\'').to_string())
-            .expect("cluster.env names etcd")
+            .unwrap_or_else(|| panic!("cluster.env has no {key}"))
     }
 
     /// The admin kubeconfig (client certificate, system:masters).
@@ -634,6 +639,27 @@ pub fn is_ready(pod: &Pod) -> bool {
 }
 
 impl Namespace {
+    /// A kubeconfig (written to the cluster's directory as `FILE.kubeconfig`) with a
+    /// token the API server minted for ServiceAccount `sa` of this namespace.
+    pub async fn account_kubeconfig(&self, sa: &str, file: &str) -> PathBuf {
+        let token = self
+            .kubectl(&["create", "token", sa, "--duration", "2h"])
+            .await;
+        let cluster = self.cluster();
+        let kubeconfig = cluster.dir().join(format!("{file}.kubeconfig"));
+        let config = json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "tandem", "cluster": {
+                "server": cluster.env("TANDEM_CLUSTER_SERVER"),
+                "certificate-authority": cluster.env("TANDEM_CLUSTER_CA")}}],
+            "users": [{"name": sa, "user": {"token": token.trim()}}],
+            "contexts": [{"name": "tandem", "context": {"cluster": "tandem", "user": sa}}],
+            "current-context": "tandem"
+        });
+        std::fs::write(&kubeconfig, serde_json::to_string(&config).unwrap()).unwrap();
+        kubeconfig
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

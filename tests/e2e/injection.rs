@@ -152,40 +152,8 @@ pub async fn control_plane_kubeconfig(ns: &Namespace, config: &str) -> PathBuf {
                    "subjects": sa}),
         ])
         .await;
-    let token = ns
-        .kubectl(&[
-            "create",
-            "token",
-            "tandem-control-plane",
-            "--duration",
-            "2h",
-        ])
-        .await;
-    let env = std::fs::read_to_string(cluster.dir().join("cluster.env")).expect("cluster.env");
-    let value = |key: &str| {
-        env.lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .map(|v| v.trim_matches('\'').to_string())
-            .unwrap_or_else(|| panic!("cluster.env has no {key}"))
-    };
-    let kubeconfig = cluster
-        .dir()
-        .join(format!("injector-{}.kubeconfig", ns.name()));
-    std::fs::write(
-        &kubeconfig,
-        serde_json::to_string(&json!({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "tandem", "cluster": {
-                "server": value("TANDEM_CLUSTER_SERVER"),
-                "certificate-authority": value("TANDEM_CLUSTER_CA")}}],
-            "users": [{"name": "tandem-control-plane", "user": {"token": token.trim()}}],
-            "contexts": [{"name": "tandem", "context": {"cluster": "tandem", "user": "tandem-control-plane"}}],
-            "current-context": "tandem"
-        }))
-        .unwrap(),
-    )
-    .unwrap();
-    kubeconfig
+    ns.account_kubeconfig("tandem-control-plane", &format!("injector-{}", ns.name()))
+        .await
 }
 
 /// A metric of an admin endpoint: the sum of its series whose labels contain

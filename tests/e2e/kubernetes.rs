@@ -54,7 +54,6 @@ fn repo() -> &'static std::path::Path {
 /// `ns`, bound to a ClusterRole with `rules` (the deployed ones, or fewer), and a
 /// kubeconfig holding a token the API server minted for that account.
 async fn control_plane_with(ns: &Namespace, rules: Value) -> Spawned {
-    let cluster = ns.cluster();
     let role = format!("tandem-control-plane-{}", ns.name());
     ns.cluster()
         .apply(&[
@@ -68,39 +67,12 @@ async fn control_plane_with(ns: &Namespace, rules: Value) -> Spawned {
                    "subjects": [{"kind": "ServiceAccount", "name": "tandem-control-plane", "namespace": ns.name()}]}),
         ])
         .await;
-    let token = ns
-        .kubectl(&[
-            "create",
-            "token",
+    let kubeconfig = ns
+        .account_kubeconfig(
             "tandem-control-plane",
-            "--duration",
-            "2h",
-        ])
+            &format!("control-plane-{}", ns.name()),
+        )
         .await;
-    let env = std::fs::read_to_string(cluster.dir().join("cluster.env")).expect("cluster.env");
-    let value = |key: &str| {
-        env.lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .map(|v| v.trim_matches('\'').to_string())
-            .unwrap_or_else(|| panic!("cluster.env has no {key}"))
-    };
-    let kubeconfig = cluster
-        .dir()
-        .join(format!("control-plane-{}.kubeconfig", ns.name()));
-    std::fs::write(
-        &kubeconfig,
-        serde_json::to_string(&json!({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "tandem", "cluster": {
-                "server": value("TANDEM_CLUSTER_SERVER"),
-                "certificate-authority": value("TANDEM_CLUSTER_CA")}}],
-            "users": [{"name": "tandem-control-plane", "user": {"token": token.trim()}}],
-            "contexts": [{"name": "tandem", "context": {"cluster": "tandem", "user": "tandem-control-plane"}}],
-            "current-context": "tandem"
-        }))
-        .unwrap(),
-    )
-    .unwrap();
     control_plane_as(&kubeconfig).await
 }
 

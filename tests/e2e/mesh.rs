@@ -6,7 +6,6 @@
 //! Services by their ClusterIP, which only the proxy can make sense of (the cluster
 //! has no kube-proxy).
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -167,20 +166,15 @@ pub(crate) fn series(page: &str, series: &str) -> f64 {
         .sum()
 }
 
-fn assert_alternates(names: &[String], servers: usize) {
-    let mut counts = BTreeMap::new();
-    for n in names {
-        *counts.entry(n.as_str()).or_insert(0) += 1;
-    }
+/// Every one of `servers` answered, as often as the others, never twice in a row.
+fn assert_balanced(names: &[String], servers: usize) {
+    let counts = counts(names);
     assert_eq!(counts.len(), servers, "every server pod answers: {names:?}");
     assert!(
         counts.values().all(|c| *c == names.len() / servers),
         "evenly: {names:?}"
     );
-    assert!(
-        names.windows(2).all(|w| w[0] != w[1]),
-        "the server pods take turns: {names:?}"
-    );
+    assert_alternates(names, "the server pods take turns");
 }
 
 pub(crate) async fn cluster_ip(ns: &Namespace, service: &str) -> Ipv4Addr {
@@ -227,7 +221,7 @@ async fn injected_pods_reach_services_through_their_proxy() {
             let body = in_pod(cluster, client_ip, &["curl", "-sS", "--max-time", "10", &url]).await;
             names.push(body.trim().to_string());
         }
-        assert_alternates(&names, 3);
+        assert_balanced(&names, 3);
         for n in &names {
             assert!(server_names.contains(n), "{n} is a server pod: {server_names:?}");
         }
@@ -242,7 +236,7 @@ async fn injected_pods_reach_services_through_their_proxy() {
             let said = in_pod(cluster, client_ip, &client).await;
             let names: Vec<String> = said.lines().map(str::to_string).collect();
             assert_eq!(names.len(), 3, "{client:?}: {said}");
-            assert_alternates(&names, 3);
+            assert_balanced(&names, 3);
         }
 
         // Opaque TCP: the echo answers, whichever pod the connection went to.
@@ -265,7 +259,7 @@ async fn injected_pods_reach_services_through_their_proxy() {
             greeters.push(who.to_string());
             assert_eq!(lines.next(), Some(format!("line {i}").as_str()), "then the echo");
         }
-        assert_alternates(&greeters, 3);
+        assert_balanced(&greeters, 3);
 
         // An address the control plane does not know (a pod's own): forwarded as is.
         let server_ip = pod_ip(&servers[0]).unwrap();

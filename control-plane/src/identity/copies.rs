@@ -197,16 +197,8 @@ impl Copies {
                 return;
             }
         }
-        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
-        let object = to_config_map(namespace, TRUST_ROOTS, &bundle, None, true);
-        let made =
-            tokio::time::timeout(ENSURE_TIMEOUT, api.create(&PostParams::default(), &object)).await;
-        match made {
-            Ok(Ok(_)) => tracing::info!(
-                namespace,
-                "identity: copied the trust roots for an injected pod"
-            ),
-            Ok(Err(kube::Error::Api(s))) if s.code == 409 => {}
+        match tokio::time::timeout(ENSURE_TIMEOUT, self.create(namespace, &bundle)).await {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::warn!(
                     namespace,

@@ -79,19 +79,13 @@ impl ProxyError {
     /// The same answer as [`into_response`](Self::into_response) gives an HTTP client,
     /// as the bytes of an HTTP/1.1 response (for the proxy's own HTTP/1 path).
     pub fn to_http1(&self, is_head: bool, close: bool) -> Vec<u8> {
-        let body = self.body_text();
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: {TEXT_PLAIN}\r\nx-tandem-error: {}\r\ncontent-length: {}\r\n{}\r\n",
-            self.status.as_u16(),
-            self.status.canonical_reason().unwrap_or(""),
+        http1_answer(
+            self.status,
             self.kind.as_str(),
-            body.len(),
-            if close { "connection: close\r\n" } else { "" },
-        );
-        if !is_head {
-            out.push_str(&body);
-        }
-        out.into_bytes()
+            &self.message,
+            is_head,
+            close,
+        )
     }
 
     fn body_text(&self) -> String {
@@ -100,6 +94,29 @@ impl ProxyError {
 }
 
 const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+
+/// An answer of the proxy's own as the bytes of an HTTP/1.1 response:
+/// `x-tandem-error: <reason>` and the body `tandem: <message>`, its length counted.
+pub fn http1_answer(
+    status: StatusCode,
+    reason: &str,
+    message: &str,
+    is_head: bool,
+    close: bool,
+) -> Vec<u8> {
+    let body = format!("tandem: {message}\n");
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: {TEXT_PLAIN}\r\nx-tandem-error: {reason}\r\ncontent-length: {}\r\n{}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len(),
+        if close { "connection: close\r\n" } else { "" },
+    );
+    if !is_head {
+        out.push_str(&body);
+    }
+    out.into_bytes()
+}
 
 /// gRPC messages are percent-encoded outside printable ASCII (and '%' itself).
 fn grpc_message(message: &str) -> String {

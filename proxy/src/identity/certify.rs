@@ -235,20 +235,8 @@ impl Certifier {
         tonic::transport::Endpoint::from_static("http://identity")
             .connect_with_connector(connect)
             .await
-            .map_err(|e| err(error_chain(&e)))
+            .map_err(|e| err(crate::body::causes(&e)))
     }
-}
-
-/// An error with its causes, which tonic's transport errors hide otherwise.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// When to renew a certificate valid for `lifetime` from now: at 70% of it, less up
@@ -261,11 +249,12 @@ pub fn renew_after(lifetime: Duration) -> Duration {
 /// Gets the first certificate (the proxy is not ready until then), then renews it
 /// for the process's life.
 pub async fn run(certifier: Certifier, readiness: Arc<Readiness>, metrics: Arc<ProxyMetrics>) {
-    let mut retry = RETRY_MIN;
+    // Jittered, so proxies that lost the control plane together do not return together.
+    let mut backoff = tandem_common::Backoff::new(RETRY_MIN, RETRY_MAX);
     loop {
         match certifier.certify().await {
             Ok(valid_until) => {
-                retry = RETRY_MIN;
+                backoff.reset();
                 metrics
                     .identity_renewals
                     .get_or_create(&ResultLabel { result: "ok" })
@@ -300,9 +289,9 @@ pub async fn run(certifier: Certifier, readiness: Arc<Readiness>, metrics: Arc<P
                     }
                     Some(_) => {}
                 }
+                let retry = backoff.next_delay();
                 tracing::warn!(%error, retry_in = ?retry, has_certificate = current.is_some(), "cannot get a certificate; retrying");
                 tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(RETRY_MAX);
             }
         }
     }

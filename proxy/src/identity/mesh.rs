@@ -64,8 +64,11 @@ impl ResolvesServerCert for CurrentCert {
     }
 }
 
+/// ring, made once (making a provider allocates; a client config is made per endpoint).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: std::sync::LazyLock<Arc<rustls::crypto::CryptoProvider>> =
+        std::sync::LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+    PROVIDER.clone()
 }
 
 /// Mesh TLS for one proxy: the server side (one config) and client configs made

@@ -302,11 +302,7 @@ pub fn pod(pod: &Pod, ignored: &mut Vec<Ignored>) -> Option<PodObj> {
         namespace,
         name,
         weight,
-        service_account: if meshed {
-            service_account
-        } else {
-            String::new()
-        },
+        meshed_account: meshed.then_some(service_account),
     })
 }
 
@@ -371,8 +367,8 @@ mod tests {
         assert_eq!(pod(&p, &mut ignored).unwrap().weight, 1);
         assert_eq!(ignored.len(), 1);
         assert_eq!(
-            pod(&p, &mut Vec::new()).unwrap().service_account,
-            "",
+            pod(&p, &mut Vec::new()).unwrap().meshed_account,
+            None,
             "not meshed: no identity"
         );
         let mut meshed = p.clone();
@@ -382,8 +378,11 @@ mod tests {
             .get_or_insert_default()
             .insert(MESHED_ANNOTATION.into(), "0.1.0".into());
         assert_eq!(
-            pod(&meshed, &mut Vec::new()).unwrap().service_account,
-            "default"
+            pod(&meshed, &mut Vec::new())
+                .unwrap()
+                .meshed_account
+                .as_deref(),
+            Some("default")
         );
     }
 

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use crate::identity::name::WorkloadId;
 use crate::model::{Endpoint, EndpointChanges, Health, Locality, Policy, Protocol, ServiceKey};
 
 /// `namespace/name`.
@@ -114,7 +115,9 @@ pub struct PodObj {
     pub namespace: Arc<str>,
     pub name: Arc<str>,
     pub weight: u32,
-    pub service_account: String,
+    /// Its ServiceAccount if the pod is meshed (injected): only a pod with our proxy
+    /// can answer mutual TLS, so only such a pod's endpoints carry an identity.
+    pub meshed_account: Option<String>,
 }
 
 /// A slice's claim on one address of one service port.
@@ -528,13 +531,16 @@ impl ClusterState {
                 subzone: String::new(),
             },
             health: facts.health(),
-            // Meshed pods only (an unmeshed one has no service account here).
             identity: pod
-                .filter(|p| !p.service_account.is_empty())
-                .map(|p| {
-                    format!(
-                        "spiffe://{}/ns/{}/sa/{}",
-                        self.trust_domain, p.namespace, p.service_account
+                .and_then(|p| {
+                    let account = p.meshed_account.clone()?;
+                    Some(
+                        WorkloadId {
+                            trust_domain: self.trust_domain.clone(),
+                            namespace: p.namespace.to_string(),
+                            service_account: account,
+                        }
+                        .to_string(),
                     )
                 })
                 .unwrap_or_default(),
@@ -756,7 +762,7 @@ mod tests {
             namespace: s("default"),
             name: s("p1"),
             weight: 5,
-            service_account: "web".into(),
+            meshed_account: Some("web".into()),
         });
         let p = st.take_pending();
         assert!(p.nodes_changed);
