@@ -208,12 +208,15 @@ EOF
 
 # --- waiting -------------------------------------------------------------------------
 # wait_for COMPONENT WHAT CMD...: poll CMD until it succeeds; fail if the component
-# dies or the deadline passes.
+# dies or the deadline passes. `alive`, not `running`: this run started the pid, so it
+# is ours, and while it execs its binary /proc/PID/cmdline can read empty, which
+# `running` would take for an exit (seen on a loaded machine: a controller-manager
+# "exited" with an empty log, then was found and stopped).
 wait_for() {
   local c=$1 what=$2; shift 2
   while :; do
     "$@" >/dev/null 2>&1 && return 0
-    if ! running "$c"; then
+    if ! alive "$(pid_of "$c")"; then
       say "$c exited while waiting for $what"; tail_log "$c"; return 1
     fi
     if [ "$(date +%s)" -ge "$deadline" ]; then

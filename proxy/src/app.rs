@@ -469,7 +469,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
                 destinations,
                 default: args.default_destination.as_deref().map(|d| {
                     let mut buf = [0u8; 256];
-                    crate::forward::normalize_name(d, &mut buf)
+                    crate::forward::normalize_name(d.as_bytes(), &mut buf)
                         .unwrap_or(d)
                         .into()
                 }),

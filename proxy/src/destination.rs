@@ -7,14 +7,15 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tandem_balancer::{Balancer, BalancerConfig, EndpointView, Origin, PickError};
 use tokio::sync::{Notify, mpsc};
 
+use crate::clock;
 use crate::endpoint::{EndpointMeta, Locality};
 use crate::metrics::{BackendStats, DestinationStats};
 use crate::policy::Policy;
@@ -181,18 +182,11 @@ pub struct Destination {
     resolution: ArcSwap<Resolution>,
     resolved: Notify,
     evicted: Notify,
-    /// Seconds since the process started, at the last request: idle ones are evicted.
-    last_used: AtomicU64,
+    /// The coarse clock's seconds ([`clock::now`]) at the last request: idle ones are
+    /// evicted. Coarse because a clock read per request would cost more than the
+    /// eviction needs.
+    last_used: AtomicU32,
     pub stats: DestinationStats,
-}
-
-fn process_start() -> Instant {
-    static START: OnceLock<Instant> = OnceLock::new();
-    *START.get_or_init(Instant::now)
-}
-
-fn seconds_since_start(at: Instant) -> u64 {
-    at.saturating_duration_since(process_start()).as_secs()
 }
 
 impl Destination {
@@ -202,7 +196,7 @@ impl Destination {
             resolution: ArcSwap::from_pointee(resolution),
             resolved: Notify::new(),
             evicted: Notify::new(),
-            last_used: AtomicU64::new(seconds_since_start(Instant::now())),
+            last_used: AtomicU32::new(clock::now()),
             stats: DestinationStats::default(),
         })
     }
@@ -211,10 +205,10 @@ impl Destination {
         &self.name
     }
 
-    /// Marks the destination used at `now` (the request's own start time: no extra clock read).
+    /// Marks the destination used now.
     #[inline]
-    pub fn touch(&self, now: Instant) {
-        let secs = seconds_since_start(now);
+    pub fn touch(&self) {
+        let secs = clock::now();
         if self.last_used.load(Ordering::Relaxed) != secs {
             self.last_used.store(secs, Ordering::Relaxed);
         }
@@ -326,10 +320,10 @@ impl Destinations {
     /// Drops destinations unused for `idle`; their discovery watches end.
     pub fn evict_idle(&self, idle: Duration) -> usize {
         let _creating = self.create.lock().unwrap_or_else(|e| e.into_inner());
-        let now = seconds_since_start(Instant::now());
+        let now = clock::now();
         let current = self.map.load_full();
         let (keep, evict): (Vec<_>, Vec<_>) = current.iter().partition(|(_, d)| {
-            now.saturating_sub(d.last_used.load(Ordering::Relaxed)) < idle.as_secs()
+            u64::from(now.saturating_sub(d.last_used.load(Ordering::Relaxed))) < idle.as_secs()
         });
         if evict.is_empty() {
             return 0;

@@ -238,7 +238,7 @@ impl Forwarder {
 
     /// The destination of a request that addressed `authority` (its Host / :authority).
     #[inline]
-    pub(crate) fn route(&self, authority: Option<&str>) -> Result<Arc<Destination>, ProxyError> {
+    pub(crate) fn route(&self, authority: Option<&[u8]>) -> Result<Arc<Destination>, ProxyError> {
         self.router.route(authority)
     }
 
@@ -277,9 +277,11 @@ impl Forwarder {
         };
         // Combinators rather than an `async` block: awaiting a captured future would
         // move it into a second slot of the block's state.
-        let forwarding = match check_request(&req).and_then(|()| self.route(authority(&req))) {
+        let forwarding = match check_request(&req)
+            .and_then(|()| self.route(authority(&req).map(str::as_bytes)))
+        {
             Ok(destination) => {
-                destination.touch(start);
+                destination.touch();
                 let req = req.map(RequestBody::into_request_body);
                 Either::Left(self.forward(destination, req, start, grpc, conn))
             }
@@ -348,8 +350,9 @@ impl Forwarder {
                     replay = slot.as_ref().map(Replay::of);
                 }
                 let upstream = &backend.state.upstream;
-                let sending = upstream.send(version, &mut slot);
-                let error = match limit.bound(sending).await {
+                // Made inside the bound, not first in a local: a local is one more
+                // move of the send future (large, one per HTTP/2 stream).
+                let error = match limit.bound(upstream.send(version, &mut slot)).await {
                     Ok(Ok(mut response)) => {
                         record_response(backend, response.status().as_u16(), start);
                         strip_hop_by_hop(response.version(), response.headers_mut());

@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use futures_util::future::Either;
 use hyper::server::conn::http1;
@@ -47,6 +47,21 @@ pub async fn serve<IO>(
             }
         }
     };
+    // Boxed: most connections never get here, and their state then stays as small as
+    // the own path's.
+    Box::pin(serve_in_hyper(forwarder, io, buffered, control, hyper)).await;
+}
+
+/// The rest of the connection in hyper, starting with the `buffered` bytes.
+async fn serve_in_hyper<IO>(
+    forwarder: &Arc<Forwarder>,
+    io: IO,
+    buffered: Bytes,
+    control: &Arc<ConnControl>,
+    hyper: &http1::Builder,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(Rewind::new(io, buffered));
     let tunnel = Arc::new(Mutex::new(None));
     let conn = hyper

@@ -160,7 +160,9 @@ impl Server {
                 async move {
                     accepted.inc();
                     open.inc();
-                    this.connection(stream, guard.control(), &hyper).await;
+                    // Boxed: the spawned future stays small, so spawning it copies
+                    // a few words rather than the whole connection's state.
+                    Box::pin(this.connection(stream, guard.control(), &hyper)).await;
                     open.dec();
                     drop(guard);
                     tracing::trace!("connection closed");
@@ -197,8 +199,9 @@ impl Server {
                 detect_timeout,
             } => {
                 let ports = opaque_ports.clone();
-                return self
-                    .outbound(stream, control, hyper, &ports, *detect_timeout)
+                // Each role's future boxed: a connection's state is as large as its
+                // own path needs, not as the largest of them.
+                return Box::pin(self.outbound(stream, control, hyper, &ports, *detect_timeout))
                     .await;
             }
             Role::Inbound(context) => {
@@ -206,7 +209,7 @@ impl Server {
                     return;
                 };
                 let context = context.clone();
-                return crate::inbound::serve(
+                return Box::pin(crate::inbound::serve(
                     &self.forwarder,
                     &self.metrics,
                     &context,
@@ -214,29 +217,49 @@ impl Server {
                     original,
                     control,
                     hyper,
-                )
+                ))
                 .await;
             }
         }
-        let Some(acceptor) = &self.tls else {
-            let mut io = Tracked::new(stream, control.clone());
-            let mut buf = BytesMut::with_capacity(CLIENT_BUFFER);
-            match detect(&mut io, &mut buf, control).await {
-                Detected::Http1 => {
-                    tracing::Span::current().record("protocol", display("http1"));
-                    crate::http1_conn::serve(&self.forwarder, io, buf, control, hyper).await
-                }
-                Detected::Http2 => {
-                    tracing::Span::current().record("protocol", display("http2"));
-                    control.set_phase(Phase::Multiplexed);
-                    let io = Rewind::new(io, buf.freeze());
-                    crate::http2::serve(&self.forwarder, control, io).await;
-                }
-                Detected::Closed => {}
-            }
-            return;
-        };
+        match &self.tls {
+            Some(acceptor) => Box::pin(self.tls_connection(acceptor, stream, control, hyper)).await,
+            None => self.plain_connection(stream, control, hyper).await,
+        }
+    }
 
+    /// A connection to an explicit plain-text listener: HTTP/1.1 or h2c.
+    async fn plain_connection(
+        &self,
+        stream: TcpStream,
+        control: &Arc<ConnControl>,
+        hyper: &http1::Builder,
+    ) {
+        let mut io = Tracked::new(stream, control.clone());
+        let mut buf = BytesMut::with_capacity(CLIENT_BUFFER);
+        match detect(&mut io, &mut buf, control).await {
+            Detected::Http1 => {
+                tracing::Span::current().record("protocol", display("http1"));
+                crate::http1_conn::serve(&self.forwarder, io, buf, control, hyper).await
+            }
+            Detected::Http2 => {
+                tracing::Span::current().record("protocol", display("http2"));
+                control.set_phase(Phase::Multiplexed);
+                let io = Rewind::new(io, buf.freeze());
+                // Boxed, so an HTTP/1.1 connection's state does not have its size.
+                Box::pin(crate::http2::serve(&self.forwarder, control, io)).await;
+            }
+            Detected::Closed => {}
+        }
+    }
+
+    /// A connection to an explicit TLS listener: HTTP/2 or HTTP/1.1 by ALPN.
+    async fn tls_connection(
+        &self,
+        acceptor: &TlsAcceptor,
+        stream: TcpStream,
+        control: &Arc<ConnControl>,
+        hyper: &http1::Builder,
+    ) {
         let mut first = [0u8; 1];
         match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
             Ok(Ok(1..)) if first[0] == TLS_HANDSHAKE_RECORD => {}
@@ -371,7 +394,7 @@ impl Server {
                 destinations.get_or_create(name).ok()?
             }
         };
-        destination.touch(std::time::Instant::now());
+        destination.touch();
         let resolution = destination.resolve(self.forwarder.discovery_timeout).await;
         match &*resolution {
             Resolution::Ready(set) => Some((destination.clone(), set.clone())),

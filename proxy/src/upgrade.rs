@@ -123,8 +123,8 @@ async fn switch(
             let host = req.headers().get(header::HOST)?;
             host.to_str().ok().map(str::to_owned)
         });
-    let destination = forwarder.route(authority.as_deref())?;
-    destination.touch(start);
+    let destination = forwarder.route(authority.as_deref().map(str::as_bytes))?;
+    destination.touch();
     let (destination, set) = forwarder.backends(&destination).await?;
     let _admitted = forwarder.resilience.admit(&destination)?;
     upgrade_headers(req.headers_mut());

@@ -266,6 +266,37 @@ async fn meshed_pods_speak_mutual_tls_and_apps_learn_who_called() {
         // A meshed client reaches it.
         let said = in_pod(cluster, client_ip, &["curl", "-sS", "--max-time", "10", &format!("http://{vault_service}/headers")]).await;
         assert!(said.contains(&format!("x-tandem-client-id: {client_id}")), "{said}");
+
+        // A server proxy whose certificate names another identity than the one
+        // discovery gave is refused by the client's proxy. Here a hand-written
+        // EndpointSlice (anyone allowed to write slices could make one) says that a
+        // `web` pod serves at a `vault` pod's address.
+        let vault_ip = vault_ip.to_string();
+        let web_pod = crate::cluster::name(&web[0]);
+        ns.apply(&[
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "impostor"},
+                   "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": "impostor-1", "labels": {"kubernetes.io/service-name": "impostor"}},
+                   "addressType": "IPv4",
+                   "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                   "endpoints": [{"addresses": [vault_ip], "conditions": {"ready": true}, "zone": "zone-a",
+                                  "targetRef": {"kind": "Pod", "name": web_pod, "namespace": ns.name()}}]}),
+        ]).await;
+        let impostor = format!("http://{}/headers", cluster_ip(&ns, "impostor").await);
+        let vault_id = format!("spiffe://cluster.local/ns/{}/sa/vault", ns.name());
+        // Until the client's proxy has the new Service, the address is not one it
+        // knows and the connection goes nowhere (no kube-proxy here).
+        let refused = eventually(Duration::from_secs(30), "the client's proxy routing the impostor Service", || async {
+            let (_, said) = try_in_pod(cluster, client_ip, &["curl", "-sS", "-i", "--max-time", "10", &impostor]).await;
+            said.starts_with("HTTP/1.1 502").then_some(said)
+        }).await;
+        assert!(
+            refused.contains(&format!("names {vault_id:?}, not the expected {web_id:?}")),
+            "the answer says whose certificate it was: {refused}"
+        );
+        let page = admin(client_ip, "/metrics").await;
+        assert!(series(&page, r#"tandem_proxy_mesh_tls_handshakes_total{side="client",result="error"}"#) >= 1.0, "{page}");
     })
     .await
 }

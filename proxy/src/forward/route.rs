@@ -35,10 +35,12 @@ pub(crate) fn authority<B>(req: &Request<B>) -> Option<&str> {
 }
 
 /// Lower-cases `authority` and adds the default port (80) into `buf`, without allocating.
-pub fn normalize_name<'b>(authority: &str, buf: &'b mut [u8; 256]) -> Option<&'b str> {
-    let bytes = authority.as_bytes();
+/// Takes bytes: the one UTF-8 check is of the name it makes (HTTP/1 Host values come
+/// as bytes, and a fixed destination never needs them as text).
+pub fn normalize_name<'b>(authority: &[u8], buf: &'b mut [u8; 256]) -> Option<&'b str> {
+    let bytes = authority;
     let has_port = match bytes.first() {
-        Some(b'[') => authority.contains("]:"),
+        Some(b'[') => bytes.windows(2).any(|w| w == b"]:"),
         _ => bytes.contains(&b':'),
     };
     let len = bytes.len() + if has_port { 0 } else { 3 };
@@ -56,7 +58,7 @@ pub fn normalize_name<'b>(authority: &str, buf: &'b mut [u8; 256]) -> Option<&'b
 
 impl Router {
     /// The destination of a request that addressed `authority` (its Host / :authority).
-    pub(crate) fn route(&self, authority: Option<&str>) -> Result<Arc<Destination>, ProxyError> {
+    pub(crate) fn route(&self, authority: Option<&[u8]>) -> Result<Arc<Destination>, ProxyError> {
         match self {
             Router::Static(destination) => Ok(destination.clone()),
             Router::Discovery {
@@ -188,14 +190,17 @@ mod tests {
     #[test]
     fn normalizes_authorities() {
         let mut buf = [0u8; 256];
-        assert_eq!(normalize_name("web", &mut buf), Some("web:80"));
+        assert_eq!(normalize_name(b"web", &mut buf), Some("web:80"));
         assert_eq!(
-            normalize_name("Web.Default:8080", &mut buf),
+            normalize_name(b"Web.Default:8080", &mut buf),
             Some("web.default:8080")
         );
-        assert_eq!(normalize_name("10.0.0.1:80", &mut buf), Some("10.0.0.1:80"));
-        assert_eq!(normalize_name("[::1]", &mut buf), Some("[::1]:80"));
-        assert_eq!(normalize_name("[::1]:81", &mut buf), Some("[::1]:81"));
-        assert_eq!(normalize_name(&"a".repeat(300), &mut buf), None);
+        assert_eq!(
+            normalize_name(b"10.0.0.1:80", &mut buf),
+            Some("10.0.0.1:80")
+        );
+        assert_eq!(normalize_name(b"[::1]", &mut buf), Some("[::1]:80"));
+        assert_eq!(normalize_name(b"[::1]:81", &mut buf), Some("[::1]:81"));
+        assert_eq!(normalize_name("a".repeat(300).as_bytes(), &mut buf), None);
     }
 }

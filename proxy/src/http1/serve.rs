@@ -140,7 +140,8 @@ async fn refuse<IO: AsyncRead + AsyncWrite + Unpin>(io: &mut IO, error: &ProxyEr
         return;
     }
     let _ = io.shutdown().await;
-    let mut scratch = [0u8; 1024];
+    // On the heap: an array here would be part of every connection's state.
+    let mut scratch = vec![0u8; 1024];
     let _ = tokio::time::timeout(LINGER, async {
         while let Ok(1..) = io.read(&mut scratch).await {}
     })
@@ -232,7 +233,7 @@ impl ClientConn<'_> {
             Ok(destination) => destination,
             Err(error) => return self.answer(client, error, head).await,
         };
-        destination.touch(start);
+        destination.touch();
         let (destination, mut set) = match forwarder.backends(&destination).await {
             Ok(found) => found,
             Err(error) => return self.answer(client, error, head).await,

@@ -197,9 +197,23 @@ impl MeshClient {
             .map_err(|e| {
                 std::io::Error::new(
                     e.kind(),
-                    format!("mesh TLS with {addr} ({}): {e}", self.expected),
+                    format!("mesh TLS with {addr} ({}): {}", self.expected, reason(&e)),
                 )
             })
+    }
+}
+
+/// Why a handshake failed, for a person: rustls shows a certificate error of ours
+/// (a wrong identity) with its Debug form, so that one is told in its own words.
+fn reason(error: &std::io::Error) -> String {
+    match error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => {
+            format!("invalid peer certificate: {other}")
+        }
+        _ => error.to_string(),
     }
 }
 
@@ -322,7 +336,7 @@ pub(crate) mod tests {
             .await
             .unwrap_err();
         assert!(
-            error.contains("WrongIdentity") && error.contains(WEB),
+            error.contains(&format!("names {WEB:?}, not the expected {API:?}")),
             "{error}"
         );
     }
