@@ -42,7 +42,7 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
-use crate::support::exe;
+use crate::support::{exe, repo};
 
 /// How long a cluster wait (pods ready, a slice changing) may take.
 pub const CLUSTER_STEP: Duration = Duration::from_secs(60);
@@ -108,10 +108,6 @@ enum Own {
         name: String,
         apiserver_flags: String,
     },
-}
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// `<target>` (the binaries are in `<target>/<profile>/`).

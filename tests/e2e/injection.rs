@@ -32,10 +32,6 @@ pub const INIT_IMAGE: &str = "tandem-init:e2e";
 /// Held by every test that labels a namespace for injection or installs `deploy/`.
 pub static CLUSTER_WIDE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// What a kubectl run said.
 pub struct Said {
     pub ok: bool,

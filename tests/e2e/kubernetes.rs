@@ -46,10 +46,6 @@ async fn deploy_control_plane_rules(cluster: &Cluster) -> Value {
         .expect("deploy/control-plane/rbac.yaml has a ClusterRole")
 }
 
-fn repo() -> &'static std::path::Path {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// A control plane as `deploy/` runs it: ServiceAccount `tandem-control-plane` in
 /// `ns`, bound to a ClusterRole with `rules` (the deployed ones, or fewer), and a
 /// kubeconfig holding a token the API server minted for that account.

@@ -744,6 +744,11 @@ pub fn ejected(config: &Value, addr: &str) -> bool {
     endpoint(config, addr).is_some_and(|e| e["ejected"] == true)
 }
 
+/// The repository's root (the tests run from the `tandem` package there).
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
 /// The sum of every sample of `name` (any labels) in a Prometheus text page.
 pub fn metric(page: &str, name: &str) -> f64 {
     page.lines()
