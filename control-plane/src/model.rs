@@ -8,6 +8,17 @@ use std::sync::Arc;
 
 use tandem_proto::discovery::v1 as pb;
 
+/// A DNS-1123 label, what Kubernetes allows as most object names and as a namespace:
+/// lowercase letters, digits and '-', starting and ending alphanumeric, 63 at most.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// A service port: what a proxy's destination resolves to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {

@@ -246,24 +246,29 @@ async fn client(
     Ok(pb::identity_client::IdentityClient::new(channel))
 }
 
+/// The trust roots ConfigMap of `ns` as it is now, if it exists.
+async fn trust_roots_object(ns: &Namespace) -> Option<Value> {
+    let said = kubectl(
+        ns.cluster(),
+        &[
+            "-n",
+            ns.name(),
+            "get",
+            "configmap",
+            "tandem-trust-roots",
+            "-o",
+            "json",
+        ],
+        None,
+    )
+    .await;
+    serde_json::from_str(&said.stdout).ok()
+}
+
 /// The ConfigMap's bundle, once the control plane has made it.
 async fn trust_roots(ns: &Namespace) -> String {
     eventually(CLUSTER_STEP, "the trust roots ConfigMap", || async {
-        let said = kubectl(
-            ns.cluster(),
-            &[
-                "-n",
-                ns.name(),
-                "get",
-                "configmap",
-                "tandem-trust-roots",
-                "-o",
-                "json",
-            ],
-            None,
-        )
-        .await;
-        let object: Value = serde_json::from_str(&said.stdout).ok()?;
+        let object = trust_roots_object(ns).await?;
         object["data"]["ca-bundle.crt"].as_str().map(str::to_string)
     })
     .await
@@ -826,21 +831,7 @@ async fn a_users_issuer_is_used_and_a_root_rotation_needs_no_restart() {
             let apps = &apps;
             async move {
                 eventually(CLUSTER_STEP, "the trust roots copy", || async {
-                    let said = kubectl(
-                        apps.cluster(),
-                        &[
-                            "-n",
-                            apps.name(),
-                            "get",
-                            "configmap",
-                            "tandem-trust-roots",
-                            "-o",
-                            "json",
-                        ],
-                        None,
-                    )
-                    .await;
-                    let object: Value = serde_json::from_str(&said.stdout).ok()?;
+                    let object = trust_roots_object(apps).await?;
                     (object["data"]["ca-bundle.crt"].as_str() == Some(want.as_str()))
                         .then_some(object)
                 })

@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use crate::model::is_dns_label;
+
 /// The longest identity read (SPIFFE IDs are at most 2048 bytes).
 pub const MAX_LEN: usize = 2048;
 
@@ -38,26 +40,16 @@ pub fn check_trust_domain(trust_domain: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A DNS-1123 label: what Kubernetes allows as a namespace name.
-fn is_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 /// A DNS-1123 subdomain: what Kubernetes allows as a ServiceAccount name.
 fn is_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_label)
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 impl WorkloadId {
     /// The identity of ServiceAccount `namespace/service_account` (checked: the names
     /// come from the API server, but the identity is only as good as its parts).
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, String> {
-        if !is_label(namespace) {
+        if !is_dns_label(namespace) {
             return Err(format!("{namespace:?} is not a namespace name"));
         }
         if !is_subdomain(service_account) {

@@ -29,6 +29,7 @@ use crate::index::{NodeMap, ServiceIndex};
 use crate::metrics::{KindLabel, Metrics, ResultLabel};
 use crate::model::{
     Endpoint, Health, HealthCheck, Locality, Policy, Protocol, ServiceKey, ServiceSpec,
+    is_dns_label,
 };
 
 /// A rejected file: where and why.
@@ -224,16 +225,6 @@ impl From<ProtocolName> for Protocol {
             ProtocolName::Opaque => Protocol::Opaque,
         }
     }
-}
-
-/// A Kubernetes object name: lowercase letters, digits and '-', starting and ending alphanumeric.
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// Parses and validates a whole file.
