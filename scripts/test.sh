@@ -51,13 +51,15 @@ fi
 
 # --- tools built from pinned Go modules -----------------------------------------------
 # etcd, kube-apiserver, kube-controller-manager and kubectl (the real cluster of
-# tests/e2e/cluster.rs, which the tests start themselves, one per test process), and
-# h2spec (tests/e2e/h2spec.rs), into a cache outside the repository keyed by version:
-# about 11 minutes cold on 2 cores, nothing once cached.
+# tests/e2e/cluster.rs, which the tests start themselves, one per test process),
+# h2spec (tests/e2e/h2spec.rs) and Jaeger (tests/e2e/tracing.rs), into a cache outside
+# the repository keyed by version: about 20 minutes cold on 2 cores, nothing once
+# cached.
 say "tools from Go modules (tests/cluster/build-tools.sh)"
-tests/cluster/build-tools.sh kubernetes etcd h2spec >/dev/null
+tests/cluster/build-tools.sh kubernetes etcd h2spec jaeger >/dev/null
 TANDEM_H2SPEC="$(tests/cluster/build-tools.sh --print-bin-dir h2spec)/h2spec"
-export TANDEM_H2SPEC
+TANDEM_JAEGER="$(tests/cluster/build-tools.sh --print-bin-dir jaeger)/jaeger"
+export TANDEM_H2SPEC TANDEM_JAEGER
 
 # --- checks ---------------------------------------------------------------------------
 say "cargo fmt --check"

@@ -51,7 +51,7 @@ fuzz_target!(|buf: &[u8]| {
     }
 
     let mut out = Vec::new();
-    rewrite_request(buf, &mut out);
+    rewrite_request(buf, &mut out, None);
     assert!(crlf_only(&out), "rewritten head with a bare LF");
     assert!(
         out.ends_with(b"\r\n\r\n"),

@@ -27,6 +27,7 @@ use crate::manager::{ManagerSettings, OutlierConfig};
 use crate::metrics::ProxyMetrics;
 use crate::server::{Role, Server};
 use crate::tls::{TlsError, server_config};
+use crate::trace::Tracer;
 use crate::upstream::UpstreamSettings;
 
 /// How often idle destinations are looked for, and how long unused ones are kept.
@@ -217,6 +218,27 @@ pub struct Args {
     /// Log format on stderr: plain or json.
     #[arg(long, default_value = "plain", env = "TANDEM_LOG_FORMAT")]
     pub log_format: LogFormat,
+    /// Send OpenTelemetry spans of requests over OTLP/gRPC to this collector
+    /// (`host:port` or a URL: Jaeger, an OpenTelemetry Collector). Without it, no traces.
+    #[arg(long, env = "TANDEM_TRACE_COLLECTOR", help_heading = "Tracing")]
+    pub trace_collector: Option<String>,
+    /// The share of requests arriving without a trace context that start a trace (0 to
+    /// 1). A caller's sampled context is always followed, an unsampled one never.
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        env = "TANDEM_TRACE_SAMPLE_RATIO",
+        help_heading = "Tracing"
+    )]
+    pub trace_sample_ratio: f64,
+    /// `service.name` of this proxy's spans: the workload it sits beside.
+    #[arg(
+        long,
+        default_value = "tandem-proxy",
+        env = "TANDEM_SERVICE_NAME",
+        help_heading = "Tracing"
+    )]
+    pub service_name: String,
     #[command(flatten)]
     pub identity: IdentityArgs,
 }
@@ -519,6 +541,20 @@ pub async fn run(args: Args) -> Result<(), Error> {
     });
     tokio::spawn(admin.serve(admin_listener));
 
+    let tracer = match &args.trace_collector {
+        None => None,
+        Some(collector) => {
+            let settings = crate::trace::Settings {
+                collector: collector.clone(),
+                sample_ratio: args.trace_sample_ratio,
+                service_name: args.service_name.clone(),
+                namespace: args.namespace.clone(),
+                pod: args.pod.clone(),
+                node: args.node.clone(),
+            };
+            Some(Tracer::start(&settings, metrics.span_counts()).map_err(Error::Config)?)
+        }
+    };
     let forwarder = Arc::new(Forwarder {
         router: router.clone(),
         discovery_timeout: args.discovery_timeout,
@@ -532,6 +568,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         },
         header_read_timeout: args.header_read_timeout,
         inbound: None,
+        tracer,
     });
     let limits = Limits {
         idle_timeout: args.idle_timeout,

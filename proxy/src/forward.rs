@@ -28,6 +28,7 @@ use crate::metrics::ProxyErrorKind;
 use crate::shared::{
     Fault, HttpVersion, KEEP_ALIVE, PROXY_CONNECTION, is_idempotent, te_is_trailers,
 };
+use crate::trace::{Found, RequestInfo, RequestTrace, TRACEPARENT, Tracer};
 use crate::upstream;
 
 pub mod error;
@@ -52,6 +53,8 @@ pub struct Forwarder {
     pub header_read_timeout: Duration,
     /// For the inbound listener: requests for the app in this pod.
     pub inbound: Option<Inbound>,
+    /// With `--trace-collector`: spans of the requests that are traced.
+    pub tracer: Option<Arc<Tracer>>,
 }
 
 /// What an inbound connection tells its requests.
@@ -61,6 +64,8 @@ pub struct Inbound {
     /// in [`CLIENT_ID`]. A request that did not come over mesh TLS has that header
     /// removed, so the app can trust it.
     pub client_id: Option<HeaderValue>,
+    /// The client's address (the client proxy's, over mesh TLS), for traces.
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 impl Inbound {
@@ -82,6 +87,15 @@ impl Inbound {
             _ => None,
         }
     }
+}
+
+/// Records in the request's spans, if it is traced, that the proxy answered `error`.
+#[inline]
+fn answered(trace: &mut Option<Box<RequestTrace>>, error: ProxyError) -> ProxyError {
+    if let Some(trace) = trace {
+        trace.answered(error.kind, error.status.as_u16(), &error.message);
+    }
+    error
 }
 
 /// [`APP_PROTOCOL`]'s values.
@@ -233,6 +247,7 @@ impl Forwarder {
             resilience: self.resilience.clone(),
             header_read_timeout: self.header_read_timeout,
             inbound,
+            tracer: self.tracer.clone(),
         })
     }
 
@@ -304,12 +319,22 @@ impl Forwarder {
         grpc: bool,
         conn: Option<Arc<ConnControl>>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'static {
+        let mut trace = self
+            .tracer
+            .as_deref()
+            .and_then(|tracer| self.trace(tracer, &req, &destination));
         // The one place the request is kept until a backend takes it: the sends borrow it.
         let mut slot: RequestSlot = Some(req);
         async move {
-            let (destination, mut set) = self.backends(&destination).await?;
+            let (destination, mut set) = self
+                .backends(&destination)
+                .await
+                .map_err(|e| answered(&mut trace, e))?;
             let stats = &destination.stats;
-            let _admitted = self.resilience.admit(&destination)?;
+            let _admitted = self
+                .resilience
+                .admit(&destination)
+                .map_err(|e| answered(&mut trace, e))?;
             let req = slot.as_mut().expect("the request, not sent yet");
             strip_hop_by_hop(req.version(), req.headers_mut());
             let app_hint = self
@@ -328,7 +353,9 @@ impl Forwarder {
             let limit = self.resilience.response_limit(&set, conn.as_deref(), body);
             let mut attempts = Attempts::default();
             loop {
-                let backend = set.pick().map_err(|e| nothing_to_pick(&destination, e))?;
+                let backend = set
+                    .pick()
+                    .map_err(|e| answered(&mut trace, nothing_to_pick(&destination, e)))?;
                 // What the app at the endpoint speaks; to its proxy (mesh TLS), HTTP/2.
                 let app_version =
                     app_hint.unwrap_or_else(|| backend.meta.protocol.version_for(grpc));
@@ -340,6 +367,13 @@ impl Forwarder {
                 };
                 let req = slot.as_mut().expect("a request to send");
                 adapt(req, version, backend.meta.address);
+                if let Some(trace) = trace.as_mut() {
+                    let attempt = attempts.count() as u32 + 1;
+                    let traceparent = trace.attempt(attempt, backend, &set);
+                    if let Ok(value) = HeaderValue::from_bytes(&traceparent) {
+                        req.headers_mut().insert(TRACEPARENT, value);
+                    }
+                }
                 if meshed {
                     req.headers_mut()
                         .insert(APP_PROTOCOL, app_protocol_value(app_version));
@@ -355,23 +389,37 @@ impl Forwarder {
                 let error = match limit.bound(upstream.send(version, &mut slot)).await {
                     Ok(Ok(mut response)) => {
                         record_response(backend, response.status().as_u16(), start);
+                        if let Some(trace) = trace.as_mut() {
+                            trace.response(response.status().as_u16());
+                        }
                         strip_hop_by_hop(response.version(), response.headers_mut());
                         return Ok(response);
                     }
                     Ok(Err(error)) => error,
-                    Err(_elapsed) => return Err(timed_out(&destination, backend, limit.limit)),
+                    Err(_elapsed) => {
+                        return Err(answered(
+                            &mut trace,
+                            timed_out(&destination, backend, limit.limit),
+                        ));
+                    }
                 };
                 let fault = error.fault();
                 record_failure(backend, fault);
+                if let Some(trace) = trace.as_mut() {
+                    trace.attempt_failed(&error, false);
+                }
                 if fault == Fault::Client {
-                    return Err(client_failed(&destination, &error));
+                    return Err(answered(&mut trace, client_failed(&destination, &error)));
                 }
                 // Unwritten: safe to send anywhere; written: only if it can be replayed.
                 let written = error.written(&slot);
                 let again =
                     attempts.another(&self.resilience, &set, stats) && (!written || replayable);
                 if !again {
-                    return Err(upstream_failed(&destination, backend, &error));
+                    return Err(answered(
+                        &mut trace,
+                        upstream_failed(&destination, backend, &error),
+                    ));
                 }
                 if slot.is_none() {
                     // Taken by its transport, so copied before the send.
@@ -381,6 +429,41 @@ impl Forwarder {
                 set = destination.fresher(set);
             }
         }
+    }
+
+    /// The trace of `req`, if it is traced (see [`crate::trace`]).
+    #[cold]
+    fn trace(
+        &self,
+        tracer: &Tracer,
+        req: &Request<ProxyBody>,
+        destination: &Destination,
+    ) -> Option<Box<RequestTrace>> {
+        let found = Found::of_headers(req.headers());
+        if !found.any() && !tracer.starts_traces() {
+            return None;
+        }
+        let client_id = self
+            .inbound
+            .as_ref()
+            .and_then(|i| i.client_id.as_ref())
+            .and_then(|id| id.to_str().ok());
+        let info = RequestInfo {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            authority: authority(req).unwrap_or(""),
+            destination: destination.name(),
+            version: if req.version() == Version::HTTP_2 {
+                "2"
+            } else {
+                "1.1"
+            },
+            inbound: self.inbound.as_ref().map(|i| crate::trace::InboundInfo {
+                peer: i.peer,
+                client_id,
+            }),
+        };
+        tracer.request(&found, &info)
     }
 }
 
@@ -470,6 +553,7 @@ mod future_size {
             resilience: Resilience::default(),
             header_read_timeout: Duration::from_secs(1),
             inbound: None,
+            tracer: None,
         });
         let future = forwarder.handle(Request::new(ProxyBody::Empty), None);
         let size = std::mem::size_of_val(&future);

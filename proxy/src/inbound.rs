@@ -173,8 +173,8 @@ pub async fn serve(
         return;
     }
     let app = SocketAddr::new(loopback, original.port());
-    let from_node = context.node_ip.is_some()
-        && stream.peer_addr().ok().map(|peer| peer.ip()) == context.node_ip;
+    let peer = stream.peer_addr().ok();
+    let from_node = context.node_ip.is_some() && peer.map(|peer| peer.ip()) == context.node_ip;
     let mut io = Tracked::new(stream, control.clone());
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let sniffed = detect::sniff(&mut io, &mut buf, control, context.detect_timeout).await;
@@ -193,7 +193,8 @@ pub async fn serve(
         };
         if mesh_hello {
             let io = Rewind::new(io, buf.freeze());
-            return serve_mesh(forwarder, metrics, context, mesh, io, app, control, hyper).await;
+            let addrs = Addrs { app, peer };
+            return serve_mesh(forwarder, metrics, context, mesh, io, addrs, control, hyper).await;
         }
     }
     if context.policy == InboundPolicy::MtlsOnly && !from_node {
@@ -217,14 +218,20 @@ pub async fn serve(
         Sniffed::Http1 => {
             let forwarder = forwarder.fixed_to(
                 context.app(app, Protocol::Unspecified),
-                Some(Inbound { client_id: None }),
+                Some(Inbound {
+                    client_id: None,
+                    peer,
+                }),
             );
             crate::http1_conn::serve(&forwarder, io, buf, control, hyper).await;
         }
         Sniffed::Http2 => {
             let forwarder = forwarder.fixed_to(
                 context.app(app, Protocol::Http2),
-                Some(Inbound { client_id: None }),
+                Some(Inbound {
+                    client_id: None,
+                    peer,
+                }),
             );
             control.set_phase(Phase::Multiplexed);
             crate::http2::serve(&forwarder, control, Rewind::new(io, buf.freeze())).await;
@@ -239,6 +246,12 @@ pub async fn serve(
     }
 }
 
+/// Where an inbound connection goes (the app's port on loopback) and comes from.
+struct Addrs {
+    app: SocketAddr,
+    peer: Option<SocketAddr>,
+}
+
 /// Mesh TLS from another proxy: terminated, then what its ALPN says it carries.
 #[allow(clippy::too_many_arguments)]
 async fn serve_mesh<IO>(
@@ -247,7 +260,7 @@ async fn serve_mesh<IO>(
     context: &InboundContext,
     mesh: &MeshTls,
     io: IO,
-    app: SocketAddr,
+    Addrs { app, peer }: Addrs,
     control: &Arc<ConnControl>,
     hyper: &http1::Builder,
 ) where
@@ -287,7 +300,10 @@ async fn serve_mesh<IO>(
             // fallback (HTTP/1.1, or HTTP/2 for gRPC), as for HTTP/1.1 clients.
             let forwarder = forwarder.fixed_to(
                 context.app(app, Protocol::Unspecified),
-                Some(Inbound { client_id: header }),
+                Some(Inbound {
+                    client_id: header,
+                    peer,
+                }),
             );
             control.set_phase(Phase::Multiplexed);
             crate::http2::serve(&forwarder, control, tls).await;
@@ -295,7 +311,10 @@ async fn serve_mesh<IO>(
         Some(ALPN_HTTP1) => {
             let forwarder = forwarder.fixed_to(
                 context.app(app, Protocol::Unspecified),
-                Some(Inbound { client_id: header }),
+                Some(Inbound {
+                    client_id: header,
+                    peer,
+                }),
             );
             let buf = BytesMut::with_capacity(8 * 1024);
             crate::http1_conn::serve(&forwarder, tls, buf, control, hyper).await;

@@ -16,7 +16,8 @@
 //!   shares.
 //! - [`identity`]: the proxy's certificate (from the control plane) and the mutual
 //!   TLS it speaks with other proxies.
-//! - [`inspect`] serves `/config` and the per-destination metrics; [`metrics`] holds counters.
+//! - [`inspect`] serves `/config` and the per-destination metrics; [`metrics`] holds counters;
+//!   [`trace`] makes OpenTelemetry spans of requests and exports them over OTLP.
 
 pub mod app;
 pub mod body;
@@ -45,6 +46,7 @@ pub mod server;
 pub mod shared;
 pub mod tcp;
 pub mod tls;
+pub mod trace;
 pub mod upgrade;
 pub mod upstream;
 pub mod view;

@@ -254,6 +254,9 @@ pub struct ProxyMetrics {
     /// Inbound connections by whether they came over mesh TLS, and the client's
     /// identity (bounded: the ServiceAccounts that call this pod).
     pub inbound_connections: Family<InboundLabel, Counter>,
+    /// Spans by what became of them (`exported`, or dropped: `queue_full`,
+    /// `export_failed`).
+    pub trace_spans: Family<ResultLabel, Counter>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -271,6 +274,21 @@ pub struct InboundLabel {
 }
 
 impl ProxyMetrics {
+    /// The span counters, taken out of their family once: counting a span then
+    /// takes no lock.
+    pub fn span_counts(&self) -> crate::trace::SpanCounts {
+        let counter = |result| {
+            self.trace_spans
+                .get_or_create(&ResultLabel { result })
+                .clone()
+        };
+        crate::trace::SpanCounts {
+            exported: counter("exported"),
+            queue_full: counter("queue_full"),
+            export_failed: counter("export_failed"),
+        }
+    }
+
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("tandem_proxy");
         r.register(
@@ -342,6 +360,11 @@ impl ProxyMetrics {
             "inbound_connections",
             "Inbound connections by transport (mtls, plaintext, refused) and client identity",
             self.inbound_connections.clone(),
+        );
+        r.register(
+            "trace_spans",
+            "Spans by result: exported, or dropped (queue_full: the collector is slower than the traffic; export_failed: it did not take them)",
+            self.trace_spans.clone(),
         );
         r.register(
             "discovery_connected",

@@ -13,7 +13,8 @@
 #   tests/cluster/build-tools.sh --print-path [TOOL...] print bin dirs joined by ':' (no build)
 #   tests/cluster/build-tools.sh --list             print tool, version, bin dir, built?
 #
-# Tools: kubernetes (kube-apiserver, kube-controller-manager, kubectl), etcd, h2spec.
+# Tools: kubernetes (kube-apiserver, kube-controller-manager, kubectl), etcd, h2spec,
+# jaeger (the all-in-one Jaeger v2: OTLP in, query API out; tests/e2e/tracing.rs).
 # Needs Go >= 1.26 (the modules say `go 1.26.0`). The build output goes to stderr;
 # stdout carries only what the --print options print and, after a build, one line
 # per tool: "<tool> <version> <bin dir>".
@@ -22,7 +23,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 tools_src=$here/tools
 cache=${TANDEM_TOOLS:-$HOME/.cache/tandem-tools}
-all_tools=(kubernetes etcd h2spec)
+all_tools=(kubernetes etcd h2spec jaeger)
 
 log() { printf '%s\n' "$*" >&2; }
 die() { printf 'build-tools: error: %s\n' "$*" >&2; exit 1; }
@@ -33,6 +34,7 @@ tool_module() {
     kubernetes) echo k8s.io/kubernetes ;;
     etcd) echo go.etcd.io/etcd/server/v3 ;;
     h2spec) echo github.com/summerwind/h2spec ;;
+    jaeger) echo github.com/jaegertracing/jaeger ;;
     *) die "unknown tool '$1' (known: ${all_tools[*]})" ;;
   esac
 }
@@ -41,6 +43,7 @@ tool_bins() {
     kubernetes) echo kube-apiserver kube-controller-manager kubectl ;;
     etcd) echo etcd ;;
     h2spec) echo h2spec ;;
+    jaeger) echo jaeger ;;
   esac
 }
 
@@ -74,6 +77,7 @@ recipe() {
     etcd) printf '%s\n' "$ld" go.etcd.io/etcd/server/v3 ;;
     h2spec)
       v=${v#v}; printf '%s\n' "$ld -X main.VERSION=${v%+incompatible}" github.com/summerwind/h2spec/cmd/h2spec ;;
+    jaeger) printf '%s\n' "$ld" github.com/jaegertracing/jaeger/cmd/jaeger ;;
   esac
 }
 

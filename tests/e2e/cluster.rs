@@ -388,44 +388,12 @@ where
     }
 }
 
-/// Runs kubectl; panics with its output on failure.
-async fn run_kubectl(cluster: &Cluster, args: &[&str], stdin: Option<Vec<u8>>) -> String {
-    use tokio::io::AsyncWriteExt;
-    let mut command = tokio::process::Command::new(&cluster.kubectl);
-    command
-        .arg("--kubeconfig")
-        .arg(&cluster.kubeconfig)
-        .arg("--cache-dir")
-        .arg(cluster.dir.join("kubectl-cache"))
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", cluster.kubectl.display()));
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().expect("piped stdin");
-        pipe.write_all(&input).await.expect("write kubectl's stdin");
-        drop(pipe);
-    }
-    let output = tokio::time::timeout(CLUSTER_STEP, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("kubectl {args:?} did not finish within {CLUSTER_STEP:?}"))
-        .expect("kubectl runs");
-    assert!(
-        output.status.success(),
-        "kubectl {args:?} failed ({}): {}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+/// What a kubectl run said.
+pub struct Said {
+    pub ok: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 fn list_of(objects: &[Value]) -> Vec<u8> {
@@ -544,14 +512,76 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("a client for the test cluster: {e}"))
     }
 
+    /// `kubectl ARGS` as the admin, with `stdin`, whatever its exit status.
+    pub async fn run_kubectl(&self, args: &[&str], stdin: Option<&[u8]>) -> Said {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.dir.join("kubectl-cache"))
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.kubectl.display()));
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("piped stdin");
+            pipe.write_all(input).await.expect("write kubectl's stdin");
+        }
+        let out = tokio::time::timeout(CLUSTER_STEP, child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("kubectl {args:?} did not finish within {CLUSTER_STEP:?}"))
+            .expect("kubectl runs");
+        Said {
+            ok: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// `kubectl ARGS` with `stdin`, which must succeed (panics with its output).
+    pub async fn kubectl_ok(&self, args: &[&str], stdin: Option<&[u8]>) -> Said {
+        let said = self.run_kubectl(args, stdin).await;
+        assert!(
+            said.ok,
+            "kubectl {args:?} failed ({:?}): {}{}",
+            said.code, said.stdout, said.stderr
+        );
+        said
+    }
+
     /// `kubectl ARGS` as the admin: its stdout (panics with its output on failure).
     pub async fn kubectl(&self, args: &[&str]) -> String {
-        run_kubectl(self, args, None).await
+        self.kubectl_ok(args, None).await.stdout
+    }
+
+    /// `kubectl ARGS` from a `Drop`: blocks, never panics, output ignored (the
+    /// deletions a test leaves behind, asked for without waiting).
+    pub fn kubectl_quietly(&self, args: &[&str]) {
+        let _ = std::process::Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .arg("--request-timeout=10s")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 
     /// `kubectl apply` of these objects.
     pub async fn apply(&self, objects: &[Value]) -> String {
-        run_kubectl(self, &["apply", "-f", "-"], Some(list_of(objects))).await
+        self.kubectl_ok(&["apply", "-f", "-"], Some(&list_of(objects)))
+            .await
+            .stdout
     }
 
     /// What a container of a pod the agent runs wrote (stdout and stderr).
@@ -686,12 +716,13 @@ impl Namespace {
 
     /// `kubectl apply` of these objects in this namespace.
     pub async fn apply(&self, objects: &[Value]) -> String {
-        run_kubectl(
-            self.cluster,
-            &["-n", &self.name, "apply", "-f", "-"],
-            Some(list_of(objects)),
-        )
-        .await
+        self.cluster
+            .kubectl_ok(
+                &["-n", &self.name, "apply", "-f", "-"],
+                Some(&list_of(objects)),
+            )
+            .await
+            .stdout
     }
 
     pub async fn pod(&self, name: &str) -> Pod {
@@ -808,20 +839,12 @@ impl Namespace {
 
 impl Drop for Namespace {
     fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.cluster.kubectl)
-            .arg("--kubeconfig")
-            .arg(&self.cluster.kubeconfig)
-            .args([
-                "delete",
-                "namespace",
-                &self.name,
-                "--wait=false",
-                "--ignore-not-found",
-                "--request-timeout=10s",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        self.cluster.kubectl_quietly(&[
+            "delete",
+            "namespace",
+            &self.name,
+            "--wait=false",
+            "--ignore-not-found",
+        ]);
     }
 }

@@ -70,36 +70,7 @@ async fn h2spec_passes_over_tls() {
 
 /// The h2spec binary: `TANDEM_H2SPEC`, or where `build-tools.sh` builds it.
 fn h2spec() -> PathBuf {
-    let how = "build it with `tests/cluster/build-tools.sh h2spec` (needs Go >= 1.26; \
-               scripts/test.sh does it) or point TANDEM_H2SPEC at an h2spec 2.2.1 binary";
-    if let Some(path) = std::env::var_os("TANDEM_H2SPEC") {
-        let path = PathBuf::from(path);
-        assert!(
-            path.is_file(),
-            "TANDEM_H2SPEC={} is not a file: {how}",
-            path.display()
-        );
-        return path;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cluster/build-tools.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .args(["--print-bin-dir", "h2spec"])
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{} --print-bin-dir h2spec failed: {}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("h2spec");
-    assert!(
-        path.is_file(),
-        "h2spec is not built (no {}): {how}",
-        path.display()
-    );
-    path
+    built_tool("h2spec", "h2spec", "TANDEM_H2SPEC")
 }
 
 /// Runs h2spec's sections against the proxy at `addr`; returns its JUnit report.

@@ -27,8 +27,7 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::cluster::{CLUSTER_STEP, Cluster, Namespace, cluster};
 use crate::injection::{
-    CLUSTER_WIDE, control_plane_kubeconfig, delete_cluster_scoped, kubectl, kubectl_ok, metric,
-    start_control_plane,
+    CLUSTER_WIDE, control_plane_kubeconfig, delete_cluster_scoped, start_control_plane,
 };
 use crate::support::*;
 
@@ -92,7 +91,7 @@ impl Issuer {
     }
 
     async fn metric(&self, name: &str, labels: &str) -> f64 {
-        metric(self.cp.addr("admin"), name, labels)
+        crate::injection::metric(self.cp.addr("admin"), name, labels)
             .await
             .unwrap_or_default()
     }
@@ -134,21 +133,22 @@ fn b64url(bytes: &[u8]) -> String {
 /// that really expired is what is wanted).
 async fn expired_token(ns: &Namespace, sa: &str) -> String {
     let pki = ns.cluster().dir().join("pki");
-    let uid = kubectl_ok(
-        ns.cluster(),
-        &[
-            "-n",
-            ns.name(),
-            "get",
-            "serviceaccount",
-            sa,
-            "-o",
-            "jsonpath={.metadata.uid}",
-        ],
-        None,
-    )
-    .await
-    .stdout;
+    let uid = ns
+        .cluster()
+        .kubectl_ok(
+            &[
+                "-n",
+                ns.name(),
+                "get",
+                "serviceaccount",
+                sa,
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ],
+            None,
+        )
+        .await
+        .stdout;
     // The key id as the API server derives it: SHA-256 of the public key's DER.
     let public = std::fs::read(pki.join("sa.pub")).expect("the cluster's sa.pub");
     let public = rustls::pki_types::SubjectPublicKeyInfoDer::from_pem_slice(&public)
@@ -248,20 +248,21 @@ async fn client(
 
 /// The trust roots ConfigMap of `ns` as it is now, if it exists.
 async fn trust_roots_object(ns: &Namespace) -> Option<Value> {
-    let said = kubectl(
-        ns.cluster(),
-        &[
-            "-n",
-            ns.name(),
-            "get",
-            "configmap",
-            "tandem-trust-roots",
-            "-o",
-            "json",
-        ],
-        None,
-    )
-    .await;
+    let said = ns
+        .cluster()
+        .run_kubectl(
+            &[
+                "-n",
+                ns.name(),
+                "get",
+                "configmap",
+                "tandem-trust-roots",
+                "-o",
+                "json",
+            ],
+            None,
+        )
+        .await;
     serde_json::from_str(&said.stdout).ok()
 }
 
@@ -551,20 +552,21 @@ async fn certify_with_real_tokens_and_every_refusal_counted() {
 
 /// The issuer Secret's data (base64) and resourceVersion.
 async fn secret(ns: &Namespace) -> Option<Value> {
-    let said = kubectl(
-        ns.cluster(),
-        &[
-            "-n",
-            ns.name(),
-            "get",
-            "secret",
-            "tandem-identity-issuer",
-            "-o",
-            "json",
-        ],
-        None,
-    )
-    .await;
+    let said = ns
+        .cluster()
+        .run_kubectl(
+            &[
+                "-n",
+                ns.name(),
+                "get",
+                "secret",
+                "tandem-identity-issuer",
+                "-o",
+                "json",
+            ],
+            None,
+        )
+        .await;
     serde_json::from_str(&said.stdout).ok()
 }
 

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
 use crate::cluster::{CLUSTER_STEP, Namespace, cluster, name};
-use crate::injection::{CLUSTER_WIDE, INIT_IMAGE, Injector, PROXY_IMAGE, kubectl_ok};
+use crate::injection::{CLUSTER_WIDE, INIT_IMAGE, Injector, PROXY_IMAGE};
 use crate::support::*;
 
 const LIMIT: Duration = Duration::from_secs(300);
@@ -240,12 +240,13 @@ async fn pod_of(ns: &Namespace) -> Value {
         (pods.len() == 1).then_some(pods)
     })
     .await;
-    let said = kubectl_ok(
-        ns.cluster(),
-        &["-n", ns.name(), "get", "pod", &name(&pods[0]), "-o", "json"],
-        None,
-    )
-    .await;
+    let said = ns
+        .cluster()
+        .kubectl_ok(
+            &["-n", ns.name(), "get", "pod", &name(&pods[0]), "-o", "json"],
+            None,
+        )
+        .await;
     serde_json::from_str::<Value>(&said.stdout).unwrap()
 }
 
@@ -293,7 +294,7 @@ async fn its_output_applied_with_kubectl_gives_the_pod_the_webhook_makes() {
         meshed.apply(std::slice::from_ref(&deployment)).await;
         let injected = inject(&[], Some(&deployment.to_string())).await;
         assert!(injected.ok, "{}", injected.stderr);
-        kubectl_ok(cluster, &["-n", plain.name(), "apply", "-f", "-"], Some(injected.stdout.as_bytes())).await;
+        cluster.kubectl_ok(&["-n", plain.name(), "apply", "-f", "-"], Some(injected.stdout.as_bytes())).await;
 
         let (by_webhook, by_cli) = (pod_of(&meshed).await, pod_of(&plain).await);
         for field in ["initContainers", "containers"] {

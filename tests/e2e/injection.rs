@@ -14,13 +14,10 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tandem::client::Connection;
 use tandem::process::{Options, Spawned, spawn_with};
-use tokio::io::AsyncWriteExt;
 
 use crate::cluster::{CLUSTER_STEP, Cluster, Namespace, cluster, name};
 use crate::support::*;
@@ -32,74 +29,15 @@ pub const INIT_IMAGE: &str = "tandem-init:e2e";
 /// Held by every test that labels a namespace for injection or installs `deploy/`.
 pub static CLUSTER_WIDE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// What a kubectl run said.
-pub struct Said {
-    pub ok: bool,
-    pub code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-/// `kubectl ARGS` as the admin, whatever its exit status.
-pub async fn kubectl(cluster: &Cluster, args: &[&str], stdin: Option<&[u8]>) -> Said {
-    static KUBECTL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    let path = KUBECTL.get_or_init(|| {
-        let out = std::process::Command::new(repo().join("tests/cluster/build-tools.sh"))
-            .args(["--print-bin-dir", "kubernetes"])
-            .output()
-            .expect("tests/cluster/build-tools.sh runs");
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("kubectl")
-    });
-    let mut child = tokio::process::Command::new(path)
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig())
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kubectl starts");
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().expect("piped stdin");
-        pipe.write_all(input).await.expect("kubectl's stdin");
-    }
-    let out = tokio::time::timeout(CLUSTER_STEP, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("kubectl {args:?} did not finish within {CLUSTER_STEP:?}"))
-        .expect("kubectl runs");
-    Said {
-        ok: out.status.success(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// `kubectl ARGS`, which must succeed: its stdout and stderr.
-pub async fn kubectl_ok(cluster: &Cluster, args: &[&str], stdin: Option<&[u8]>) -> Said {
-    let said = kubectl(cluster, args, stdin).await;
-    assert!(
-        said.ok,
-        "kubectl {args:?} failed: {}{}",
-        said.stdout, said.stderr
-    );
-    said
-}
-
 /// The objects of a manifest file, as kubectl reads it (client-side, no cluster).
 async fn objects_of(cluster: &Cluster, file: &str) -> Vec<Value> {
     let path = repo().join(file).display().to_string();
-    let said = kubectl_ok(
-        cluster,
-        &["create", "--dry-run=client", "-o", "json", "-f", &path],
-        None,
-    )
-    .await;
+    let said = cluster
+        .kubectl_ok(
+            &["create", "--dry-run=client", "-o", "json", "-f", &path],
+            None,
+        )
+        .await;
     serde_json::Deserializer::from_str(&said.stdout)
         .into_iter::<Value>()
         .map(|o| o.expect("kubectl prints JSON"))
@@ -152,23 +90,10 @@ pub async fn control_plane_kubeconfig(ns: &Namespace, config: &str) -> PathBuf {
         .await
 }
 
-/// A metric of an admin endpoint: the sum of its series whose labels contain
-/// `labels` (`None`: no such series).
+/// A metric of an admin endpoint: the sum of its series whose labels include
+/// `labels` (`None`: no such series, or no answer).
 pub async fn metric(admin: std::net::SocketAddr, name: &str, labels: &str) -> Option<f64> {
-    let mut conn = Connection::http1(admin).await.ok()?;
-    let reply = conn.get("localhost", "/metrics").await.ok()?;
-    let text = reply.text();
-    let mut sum = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let (series, value) = rest.rsplit_once(' ')?;
-        if (series.is_empty() || series.starts_with('{')) && series.contains(labels) {
-            *sum.get_or_insert(0.0) += value.parse::<f64>().ok()?;
-        }
-    }
-    sum
+    samples(&metrics_page(admin).await?, name, labels)
 }
 
 /// A control plane serving the webhook for one namespace, as `deploy/` runs it.
@@ -282,21 +207,21 @@ impl Injector {
             "the API server to call the webhook",
             || async {
                 let pod = pod_object("probe", json!({}), json!({}));
-                let said = kubectl(
-                    cluster,
-                    &[
-                        "-n",
-                        ns.name(),
-                        "create",
-                        "--dry-run=server",
-                        "-o",
-                        "json",
-                        "-f",
-                        "-",
-                    ],
-                    Some(pod.to_string().as_bytes()),
-                )
-                .await;
+                let said = cluster
+                    .run_kubectl(
+                        &[
+                            "-n",
+                            ns.name(),
+                            "create",
+                            "--dry-run=server",
+                            "-o",
+                            "json",
+                            "-f",
+                            "-",
+                        ],
+                        Some(pod.to_string().as_bytes()),
+                    )
+                    .await;
                 let stored: Value = serde_json::from_str(&said.stdout).ok()?;
                 is_injected(&stored).then_some(())
             },
@@ -315,12 +240,12 @@ impl Injector {
             || {
                 let config = config.clone();
                 async move {
-                    let said = kubectl(
-                        cluster,
-                        &["get", "mutatingwebhookconfiguration", &config, "-o", "json"],
-                        None,
-                    )
-                    .await;
+                    let said = cluster
+                        .run_kubectl(
+                            &["get", "mutatingwebhookconfiguration", &config, "-o", "json"],
+                            None,
+                        )
+                        .await;
                     let object: Value = serde_json::from_str(&said.stdout).ok()?;
                     object["webhooks"][0]["clientConfig"]["caBundle"]
                         .as_str()
@@ -334,20 +259,21 @@ impl Injector {
 
     /// The webhook's Secret (JSON, data base64).
     pub async fn secret(&self) -> Value {
-        let said = kubectl_ok(
-            self.cluster,
-            &[
-                "-n",
-                &self.namespace,
-                "get",
-                "secret",
-                "tandem-webhook-tls",
-                "-o",
-                "json",
-            ],
-            None,
-        )
-        .await;
+        let said = self
+            .cluster
+            .kubectl_ok(
+                &[
+                    "-n",
+                    &self.namespace,
+                    "get",
+                    "secret",
+                    "tandem-webhook-tls",
+                    "-o",
+                    "json",
+                ],
+                None,
+            )
+            .await;
         serde_json::from_str(&said.stdout).expect("a Secret")
     }
 
@@ -395,25 +321,8 @@ impl Drop for Injector {
 /// Deletes objects of these cluster-scoped kinds named `name` (not deleted with a
 /// test's namespace), without waiting; for `Drop`s, so it blocks and never panics.
 pub fn delete_cluster_scoped(cluster: &Cluster, kinds: &[&str], name: &str) {
-    let kubeconfig = cluster.kubeconfig().display().to_string();
-    let kubectl = std::process::Command::new(repo().join("tests/cluster/build-tools.sh"))
-        .args(["--print-bin-dir", "kubernetes"])
-        .output()
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("kubectl"));
-    if let Ok(kubectl) = kubectl {
-        for kind in kinds {
-            let _ = std::process::Command::new(&kubectl)
-                .args(["--kubeconfig", &kubeconfig, "delete", kind, name])
-                .args([
-                    "--ignore-not-found",
-                    "--wait=false",
-                    "--request-timeout=10s",
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
+    for kind in kinds {
+        cluster.kubectl_quietly(&["delete", kind, name, "--ignore-not-found", "--wait=false"]);
     }
 }
 
@@ -519,12 +428,10 @@ pub fn is_injected(pod: &Value) -> bool {
 }
 
 async fn pod_json(ns: &Namespace, pod: &str) -> Value {
-    let said = kubectl_ok(
-        ns.cluster(),
-        &["-n", ns.name(), "get", "pod", pod, "-o", "json"],
-        None,
-    )
-    .await;
+    let said = ns
+        .cluster()
+        .kubectl_ok(&["-n", ns.name(), "get", "pod", pod, "-o", "json"], None)
+        .await;
     serde_json::from_str(&said.stdout).expect("a pod")
 }
 
@@ -635,18 +542,16 @@ async fn deploy_is_accepted_by_the_api_server_applies_idempotently_and_deletes_c
         let deploy = repo().join("deploy").display().to_string();
         // A previous run's leftovers (a cluster that outlived its test run).
         eventually(CLUSTER_STEP * 2, "no tandem-system namespace", || async {
-            let said = kubectl(
-                cluster,
-                &["get", "namespace", "tandem-system", "-o", "name"],
-                None,
-            )
-            .await;
+            let said = cluster
+                .run_kubectl(&["get", "namespace", "tandem-system", "-o", "name"], None)
+                .await;
             (!said.ok && said.stderr.contains("NotFound")).then_some(())
         })
         .await;
 
         // What kustomize makes, applied server-side: the API server validates every object.
-        let built = kubectl_ok(cluster, &["kustomize", &deploy], None)
+        let built = cluster
+            .kubectl_ok(&["kustomize", &deploy], None)
             .await
             .stdout;
         let apply = [
@@ -656,7 +561,8 @@ async fn deploy_is_accepted_by_the_api_server_applies_idempotently_and_deletes_c
             "-f",
             "-",
         ];
-        let first = kubectl_ok(cluster, &apply, Some(built.as_bytes()))
+        let first = cluster
+            .kubectl_ok(&apply, Some(built.as_bytes()))
             .await
             .stdout;
         let applied: Vec<&str> = first.lines().collect();
@@ -682,7 +588,9 @@ async fn deploy_is_accepted_by_the_api_server_applies_idempotently_and_deletes_c
 
         // Twice changes nothing: no object is written again, and diff finds nothing.
         let versions = || async {
-            let said = kubectl_ok(cluster, &["get", "-k", &deploy, "-o", "json"], None).await;
+            let said = cluster
+                .kubectl_ok(&["get", "-k", &deploy, "-o", "json"], None)
+                .await;
             let list: Value = serde_json::from_str(&said.stdout).expect("a List");
             let mut versions: Vec<(String, String)> = list["items"]
                 .as_array()
@@ -711,19 +619,19 @@ async fn deploy_is_accepted_by_the_api_server_applies_idempotently_and_deletes_c
         .await;
         let before = versions().await;
         assert_eq!(before.len(), 12, "{before:?}");
-        kubectl_ok(cluster, &apply, Some(built.as_bytes())).await;
-        let diff = kubectl(
-            cluster,
-            &[
-                "diff",
-                "--server-side",
-                "--field-manager=tandem-e2e",
-                "-k",
-                &deploy,
-            ],
-            None,
-        )
-        .await;
+        cluster.kubectl_ok(&apply, Some(built.as_bytes())).await;
+        let diff = cluster
+            .run_kubectl(
+                &[
+                    "diff",
+                    "--server-side",
+                    "--field-manager=tandem-e2e",
+                    "-k",
+                    &deploy,
+                ],
+                None,
+            )
+            .await;
         assert_eq!(
             diff.code,
             Some(0),
@@ -736,7 +644,8 @@ async fn deploy_is_accepted_by_the_api_server_applies_idempotently_and_deletes_c
         assert_eq!(before, after, "a second apply changed objects");
 
         // `kubectl apply -k` as users run it, dry run on the server: every object valid.
-        let dry = kubectl_ok(cluster, &["apply", "-k", &deploy, "--dry-run=server"], None)
+        let dry = cluster
+            .kubectl_ok(&["apply", "-k", &deploy, "--dry-run=server"], None)
             .await
             .stdout;
         assert_eq!(
@@ -746,20 +655,20 @@ async fn deploy_is_accepted_by_the_api_server_applies_idempotently_and_deletes_c
             12,
             "{dry}"
         );
-        let dry = kubectl_ok(
-            cluster,
-            &[
-                "apply",
-                "--server-side",
-                "--field-manager=tandem-e2e",
-                "-k",
-                &deploy,
-                "--dry-run=server",
-            ],
-            None,
-        )
-        .await
-        .stdout;
+        let dry = cluster
+            .kubectl_ok(
+                &[
+                    "apply",
+                    "--server-side",
+                    "--field-manager=tandem-e2e",
+                    "-k",
+                    &deploy,
+                    "--dry-run=server",
+                ],
+                None,
+            )
+            .await
+            .stdout;
         assert_eq!(
             dry.lines()
                 .filter(|l| l.contains("serverside-applied (server dry run)"))
@@ -770,7 +679,7 @@ async fn deploy_is_accepted_by_the_api_server_applies_idempotently_and_deletes_c
 
         // What the API server stored is what the design says.
         let get = |args: &'static [&'static str]| async move {
-            let said = kubectl_ok(cluster, args, None).await;
+            let said = cluster.kubectl_ok(args, None).await;
             serde_json::from_str::<Value>(&said.stdout).expect("JSON")
         };
         let d = get(&[
@@ -847,7 +756,9 @@ async fn deploy_is_accepted_by_the_api_server_applies_idempotently_and_deletes_c
         );
 
         // Deleted, all of it (cluster-scoped objects too).
-        kubectl_ok(cluster, &["delete", "-k", &deploy, "--wait=false"], None).await;
+        cluster
+            .kubectl_ok(&["delete", "-k", &deploy, "--wait=false"], None)
+            .await;
         for (kind, name) in [
             ("mutatingwebhookconfiguration", "tandem-injector"),
             ("clusterrole", "tandem-control-plane"),
@@ -858,7 +769,9 @@ async fn deploy_is_accepted_by_the_api_server_applies_idempotently_and_deletes_c
                 CLUSTER_STEP * 2,
                 &format!("{kind}/{name} to be gone"),
                 || async {
-                    let said = kubectl(cluster, &["get", kind, name, "-o", "name"], None).await;
+                    let said = cluster
+                        .run_kubectl(&["get", kind, name, "-o", "name"], None)
+                        .await;
                     (!said.ok && said.stderr.contains("NotFound")).then_some(())
                 },
             )
@@ -871,12 +784,12 @@ async fn deploy_is_accepted_by_the_api_server_applies_idempotently_and_deletes_c
 async fn ns_wait_ready(cluster: &'static Cluster, namespace: &str, selector: &str, count: usize) {
     let what = format!("{count} ready pods {selector} in {namespace}");
     eventually(CLUSTER_STEP, &what, || async {
-        let said = kubectl(
-            cluster,
-            &["-n", namespace, "get", "pods", "-l", selector, "-o", "json"],
-            None,
-        )
-        .await;
+        let said = cluster
+            .run_kubectl(
+                &["-n", namespace, "get", "pods", "-l", selector, "-o", "json"],
+                None,
+            )
+            .await;
         let list: Value = serde_json::from_str(&said.stdout).ok()?;
         let items = list["items"].as_array()?;
         let ready = items.iter().filter(|p| {
@@ -890,12 +803,9 @@ async fn ns_wait_ready(cluster: &'static Cluster, namespace: &str, selector: &st
     .await;
     // The Deployment's status catches up with its pods.
     eventually(CLUSTER_STEP, "the Deployment's status", || async {
-        let said = kubectl(
-            cluster,
-            &["-n", namespace, "get", "deployment", "-o", "json"],
-            None,
-        )
-        .await;
+        let said = cluster
+            .run_kubectl(&["-n", namespace, "get", "deployment", "-o", "json"], None)
+            .await;
         let list: Value = serde_json::from_str(&said.stdout).ok()?;
         list["items"]
             .as_array()?
@@ -964,9 +874,7 @@ async fn the_api_server_calls_the_webhook_and_pods_get_the_proxy() {
         // An annotation that is not a list of ports: admitted unmeshed, and kubectl
         // shows the API server's warning naming the annotation.
         let bad = pod_object("bad-ports", json!({"tandem.io/skip-inbound-ports": "abc"}), json!({}));
-        let said = kubectl_ok(
-            cluster,
-            &["-n", ns.name(), "apply", "-f", "-"],
+        let said = cluster.kubectl_ok(&["-n", ns.name(), "apply", "-f", "-"],
             Some(bad.to_string().as_bytes()),
         )
         .await;
@@ -980,9 +888,7 @@ async fn the_api_server_calls_the_webhook_and_pods_get_the_proxy() {
 
         // A malformed AdmissionReview, POSTed directly: a clear 400, and the webhook
         // goes on serving.
-        let ca = kubectl_ok(
-            cluster,
-            &["-n", ns.name(), "get", "secret", "tandem-webhook-tls", "-o",
+        let ca = cluster.kubectl_ok(&["-n", ns.name(), "get", "secret", "tandem-webhook-tls", "-o",
               r#"go-template={{index .data "ca.crt" | base64decode}}"#],
             None,
         )
@@ -1101,19 +1007,19 @@ async fn replicas_share_one_certificate_and_keep_the_ca_bundle() {
         // Someone empties the caBundle (a re-install): it is set again.
         let patch =
             json!([{"op": "remove", "path": "/webhooks/0/clientConfig/caBundle"}]).to_string();
-        kubectl_ok(
-            cluster,
-            &[
-                "patch",
-                "mutatingwebhookconfiguration",
-                &injector.config,
-                "--type=json",
-                "-p",
-                &patch,
-            ],
-            None,
-        )
-        .await;
+        cluster
+            .kubectl_ok(
+                &[
+                    "patch",
+                    "mutatingwebhookconfiguration",
+                    &injector.config,
+                    "--type=json",
+                    "-p",
+                    &patch,
+                ],
+                None,
+            )
+            .await;
         let bundle = injector.ca_bundle().await;
         assert_eq!(Some(bundle.as_str()), secret["data"]["ca.crt"].as_str());
     })

@@ -26,3 +26,4 @@ mod resilience;
 mod streaming;
 mod support;
 mod tls;
+mod tracing;

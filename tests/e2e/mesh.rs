@@ -10,7 +10,6 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tandem::client::Connection;
 
 use crate::cluster::{Cluster, Namespace, cluster, name, pod_ip};
 use crate::injection::{CLUSTER_WIDE, Injector};
@@ -143,27 +142,20 @@ async fn tcp_client(
     .await
 }
 
-/// The client proxy's metrics page.
+/// A proxy's metrics page.
 async fn metrics(pod: Ipv4Addr) -> String {
-    let mut conn = Connection::http1(SocketAddr::from((pod, 4191)))
+    metrics_page(SocketAddr::from((pod, 4191)))
         .await
-        .expect("the proxy's admin port answers from outside the pod");
-    conn.get("localhost", "/metrics")
-        .await
-        .expect("/metrics")
-        .text()
+        .expect("the proxy's admin port answers from outside the pod")
 }
 
-/// The sum of the series named `series` (with its labels) on a metrics page.
+/// The sum of the samples of a series written `name{labels}` on a metrics page.
 pub(crate) fn series(page: &str, series: &str) -> f64 {
-    page.lines()
-        .filter_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .parse::<f64>()
-                .ok()
-        })
-        .sum()
+    let (name, labels) = series
+        .strip_suffix('}')
+        .and_then(|s| s.split_once('{'))
+        .unwrap_or((series, ""));
+    samples(page, name, labels).unwrap_or_default()
 }
 
 /// Every one of `servers` answered, as often as the others, never twice in a row.

@@ -751,13 +751,39 @@ pub fn repo() -> &'static Path {
 
 /// The sum of every sample of `name` (any labels) in a Prometheus text page.
 pub fn metric(page: &str, name: &str) -> f64 {
-    page.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    samples(page, name, "").unwrap_or_default()
+}
+
+/// The sum of the samples of `name` in a Prometheus text page whose labels include
+/// every `key="value"` of `labels` (comma-separated; "" for any); `None` if none does.
+pub fn samples(page: &str, name: &str, labels: &str) -> Option<f64> {
+    let wanted: Vec<&str> = labels.split(',').filter(|l| !l.is_empty()).collect();
+    let mut sum = None;
+    for line in page.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (series, value) = match rest.strip_prefix('{') {
+            Some(labelled) => labelled.rsplit_once("} ").unwrap_or(("", "")),
+            None => match rest.strip_prefix(' ') {
+                Some(value) => ("", value),
+                None => continue, // another metric, whose name starts with `name`
+            },
+        };
+        let has = |pair: &&str| series.split(',').any(|l| l == *pair);
+        if wanted.iter().all(has)
+            && let Ok(value) = value.trim().parse::<f64>()
+        {
+            *sum.get_or_insert(0.0) += value;
+        }
+    }
+    sum
+}
+
+/// The metrics page of an admin endpoint (`None` if it does not answer).
+pub async fn metrics_page(admin: SocketAddr) -> Option<String> {
+    let mut conn = Connection::http1(admin).await.ok()?;
+    Some(conn.get("localhost", "/metrics").await.ok()?.text())
 }
 
 /// Sends `n` sequential GETs over `conn` and returns who answered each (panics on failure).
@@ -999,6 +1025,44 @@ impl Raw {
             Ok(Ok(0)) | Ok(Err(_))
         )
     }
+}
+
+/// A program `tests/cluster/build-tools.sh TOOL` builds from its pinned Go module:
+/// `$env_var` if set, else where that script puts it. Panics (never skips) saying how
+/// to build it when it is missing.
+pub fn built_tool(tool: &str, binary: &str, env_var: &str) -> PathBuf {
+    let how = format!(
+        "build it with `tests/cluster/build-tools.sh {tool}` (needs Go >= 1.26; \
+         scripts/test.sh does it) or point {env_var} at the binary"
+    );
+    if let Some(path) = std::env::var_os(env_var) {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "{env_var}={} is not a file: {how}",
+            path.display()
+        );
+        return path;
+    }
+    let script = repo().join("tests/cluster/build-tools.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .args(["--print-bin-dir", tool])
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} --print-bin-dir {tool} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join(binary);
+    assert!(
+        path.is_file(),
+        "{tool} is not built (no {}): {how}",
+        path.display()
+    );
+    path
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ pub const DEFAULT_IDENTITY_ADDRESS: &str = "tandem-identity.tandem-system.svc.cl
 /// …and the name they verify its certificate for (the control plane's default
 /// `--identity-server-name` in namespace tandem-system).
 pub const DEFAULT_IDENTITY_SERVER_NAME: &str = "tandem-identity.tandem-system.svc";
+/// Where injected proxies send spans (OTLP/gRPC): `deploy/observability/`'s Jaeger.
+pub const DEFAULT_TRACE_COLLECTOR: &str = "jaeger.tandem-observability.svc.cluster.local:4317";
 /// The mesh's trust domain unless `--trust-domain` says.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
@@ -63,6 +65,19 @@ pub struct InjectArgs {
     /// spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>.
     #[arg(long, env = "TANDEM_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// The OTLP/gRPC collector injected proxies send spans to (HOST:PORT); empty: no
+    /// traces.
+    #[arg(
+        long,
+        env = "TANDEM_PROXY_TRACE_COLLECTOR",
+        default_value = DEFAULT_TRACE_COLLECTOR
+    )]
+    pub proxy_trace_collector: String,
+    /// The share of requests without a trace context for which injected proxies start
+    /// a trace, 0 to 1 (a pod's `tandem.io/trace-sample-ratio` wins). A caller's
+    /// sampled context is always followed.
+    #[arg(long, env = "TANDEM_PROXY_TRACE_SAMPLE_RATIO", default_value = "0.01")]
+    pub proxy_trace_sample_ratio: String,
 }
 
 /// Resources as Kubernetes writes them (`10m`, `20Mi`); `None`: not set.
@@ -89,6 +104,10 @@ pub struct InjectConfig {
     pub identity_address: String,
     pub identity_server_name: String,
     pub trust_domain: String,
+    /// Empty: injected proxies send no spans.
+    pub trace_collector: String,
+    /// As written (checked by [`crate::injection::overrides::sample_ratio`]).
+    pub trace_sample_ratio: String,
 }
 
 impl Default for InjectConfig {
@@ -111,6 +130,8 @@ impl Default for InjectConfig {
             identity_address: DEFAULT_IDENTITY_ADDRESS.to_string(),
             identity_server_name: DEFAULT_IDENTITY_SERVER_NAME.to_string(),
             trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
+            trace_collector: DEFAULT_TRACE_COLLECTOR.to_string(),
+            trace_sample_ratio: "0.01".to_string(),
         }
     }
 }
@@ -125,6 +146,8 @@ impl From<&InjectArgs> for InjectConfig {
             identity_address: args.proxy_identity_address.clone(),
             identity_server_name: args.proxy_identity_server_name.clone(),
             trust_domain: args.trust_domain.clone(),
+            trace_collector: args.proxy_trace_collector.clone(),
+            trace_sample_ratio: args.proxy_trace_sample_ratio.trim().to_string(),
             ..Self::default()
         }
     }
@@ -156,6 +179,22 @@ impl InjectArgs {
                 )
             },
         )?;
+        if self
+            .proxy_trace_collector
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!(
+                "--proxy-trace-collector {:?}: with spaces",
+                self.proxy_trace_collector
+            ));
+        }
+        crate::injection::overrides::sample_ratio(&self.proxy_trace_sample_ratio).map_err(|e| {
+            format!(
+                "--proxy-trace-sample-ratio {:?}: {e}",
+                self.proxy_trace_sample_ratio
+            )
+        })?;
         crate::identity::name::check_trust_domain(&self.trust_domain)
             .map_err(|e| format!("--trust-domain {:?}: {e}", self.trust_domain))?;
         Ok(InjectConfig::from(self))

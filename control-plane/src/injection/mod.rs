@@ -40,6 +40,8 @@ pub const PROXY_MEMORY_LIMIT: &str = "tandem.io/proxy-memory-limit";
 /// On a pod or its namespace: `mtls-only` (plaintext from unmeshed clients refused)
 /// or `permissive` (the default).
 pub const INBOUND_POLICY: &str = "tandem.io/inbound-policy";
+/// The share of requests without a trace context the pod's proxy starts a trace for.
+pub const TRACE_SAMPLE_RATIO: &str = "tandem.io/trace-sample-ratio";
 
 /// The containers and the volume the mutation adds.
 pub const INIT_CONTAINER: &str = "tandem-init";

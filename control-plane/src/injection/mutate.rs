@@ -258,7 +258,7 @@ pub fn init_container(config: &InjectConfig, overrides: &Overrides) -> Value {
 
 /// The proxy, as a native sidecar: an init container that keeps running, started
 /// (and ready, by its startup probe) before the next init container and the app.
-pub fn proxy_container(config: &InjectConfig, overrides: &Overrides) -> Value {
+pub fn proxy_container(config: &InjectConfig, overrides: &Overrides, service: &str) -> Value {
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let probe = |path: &str, period: u32, failures: u32| {
         json!({
@@ -297,7 +297,12 @@ pub fn proxy_container(config: &InjectConfig, overrides: &Overrides) -> Value {
                 "spiffe://{}/ns/$(TANDEM_NAMESPACE)/sa/$(TANDEM_SERVICE_ACCOUNT)",
                 config.trust_domain
             )},
-            {"name": "TANDEM_INBOUND_POLICY", "value": overrides.inbound_policy.as_str()}
+            {"name": "TANDEM_INBOUND_POLICY", "value": overrides.inbound_policy.as_str()},
+            // Traces: where spans go, how many requests start one, and the
+            // workload's name in them.
+            {"name": "TANDEM_TRACE_COLLECTOR", "value": config.trace_collector},
+            {"name": "TANDEM_TRACE_SAMPLE_RATIO", "value": overrides.trace_sample_ratio},
+            {"name": "TANDEM_SERVICE_NAME", "value": service}
         ],
         // The proxy's defaults for --identity-token-file and --trust-roots-file.
         "volumeMounts": [
@@ -326,10 +331,21 @@ pub fn proxy_container(config: &InjectConfig, overrides: &Overrides) -> Value {
     })
 }
 
+/// The workload's name in traces (`service.name`): the pod's
+/// `app.kubernetes.io/name` or `app` label, as Istio reads them, else its pod's name
+/// (through the proxy's `TANDEM_POD`, which Kubernetes expands).
+fn service_name(pod: &Value) -> String {
+    let labels = &pod["metadata"]["labels"];
+    ["app.kubernetes.io/name", "app"]
+        .iter()
+        .find_map(|l| labels[l].as_str().filter(|v| !v.is_empty()))
+        .map_or_else(|| "$(TANDEM_POD)".to_string(), str::to_string)
+}
+
 fn patch(pod: &Value, config: &InjectConfig, overrides: &Overrides) -> Patch {
     let spec = &pod["spec"];
     let init = init_container(config, overrides);
-    let proxy = proxy_container(config, overrides);
+    let proxy = proxy_container(config, overrides, &service_name(pod));
     let mut ops = Vec::new();
     if spec.get("initContainers").is_some_and(Value::is_array) {
         // Inserted at 0 in turn: init, proxy, then the pod's own.
@@ -468,6 +484,18 @@ mod tests {
     }
 
     #[test]
+    fn the_service_name_in_traces_comes_from_the_app_labels() {
+        let with = |labels: Value| service_name(&json!({"metadata": {"labels": labels}}));
+        assert_eq!(
+            with(json!({"app.kubernetes.io/name": "shop", "app": "web"})),
+            "shop"
+        );
+        assert_eq!(with(json!({"app": "web"})), "web");
+        assert_eq!(with(json!({"tier": "front"})), "$(TANDEM_POD)");
+        assert_eq!(service_name(&json!({})), "$(TANDEM_POD)");
+    }
+
+    #[test]
     fn injects_in_front_of_the_pods_own_init_containers() {
         let out = stored(&pod(json!({})), true);
         let spec = &out["spec"];
@@ -578,6 +606,12 @@ mod tests {
                         .into()
                 ),
                 ("TANDEM_INBOUND_POLICY", "permissive".into()),
+                (
+                    "TANDEM_TRACE_COLLECTOR",
+                    "jaeger.tandem-observability.svc.cluster.local:4317".into()
+                ),
+                ("TANDEM_TRACE_SAMPLE_RATIO", "0.01".into()),
+                ("TANDEM_SERVICE_NAME", "web".into()),
             ]
         );
         // The proxy's token (audience tandem) and trust roots, read-only, at the

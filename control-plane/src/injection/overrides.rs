@@ -9,7 +9,8 @@ use serde_json::{Map, Value};
 use super::config::{InjectConfig, Resources};
 use super::{
     INBOUND_POLICY, PROXY_CPU_LIMIT, PROXY_CPU_REQUEST, PROXY_LOG_LEVEL, PROXY_MEMORY_LIMIT,
-    PROXY_MEMORY_REQUEST, SKIP_INBOUND_PORTS, SKIP_OUTBOUND_CIDRS, SKIP_OUTBOUND_PORTS, quantity,
+    PROXY_MEMORY_REQUEST, SKIP_INBOUND_PORTS, SKIP_OUTBOUND_CIDRS, SKIP_OUTBOUND_PORTS,
+    TRACE_SAMPLE_RATIO, quantity,
 };
 
 /// What the proxy does with plaintext from unmeshed clients (`tandem.io/inbound-policy`).
@@ -50,6 +51,8 @@ pub struct Overrides {
     pub resources: Resources,
     /// The pod's annotation, else its namespace's, else permissive.
     pub inbound_policy: InboundPolicy,
+    /// `--trace-sample-ratio` of the pod's proxy.
+    pub trace_sample_ratio: String,
 }
 
 /// An annotation whose value cannot be used.
@@ -68,6 +71,14 @@ impl fmt::Display for Invalid {
 }
 
 impl std::error::Error for Invalid {}
+
+/// Checks a sample ratio: a number from 0 to 1.
+pub fn sample_ratio(value: &str) -> Result<(), String> {
+    match value.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(()),
+        _ => Err("not a number from 0 to 1".into()),
+    }
+}
 
 /// Checks a RUST_LOG value: printable, no spaces, not empty, not huge.
 pub fn log_level(value: &str) -> Result<(), String> {
@@ -192,7 +203,13 @@ pub fn parse(
         log_level: config.log_level.clone(),
         resources: config.proxy_resources.clone(),
         inbound_policy: InboundPolicy::default(),
+        trace_sample_ratio: config.trace_sample_ratio.clone(),
     };
+    if let Some(v) = get(TRACE_SAMPLE_RATIO)? {
+        let v = v.trim();
+        sample_ratio(v).map_err(invalid(TRACE_SAMPLE_RATIO, v))?;
+        overrides.trace_sample_ratio = v.to_string();
+    }
     if let Some(v) = get(INBOUND_POLICY)? {
         overrides.inbound_policy = InboundPolicy::parse(v).map_err(invalid(INBOUND_POLICY, v))?;
     } else if let Some(v) = namespace_inbound_policy {
@@ -266,6 +283,13 @@ mod tests {
     }
 
     #[test]
+    fn the_sample_ratio_of_the_pod_else_the_flag() {
+        assert_eq!(of(json!({})).unwrap().trace_sample_ratio, "0.01");
+        let o = of(json!({TRACE_SAMPLE_RATIO: " 0.5 "})).unwrap();
+        assert_eq!(o.trace_sample_ratio, "0.5");
+    }
+
+    #[test]
     fn ports_and_cidrs() {
         let o = of(json!({
             SKIP_INBOUND_PORTS: "22, 9090,22",
@@ -297,6 +321,8 @@ mod tests {
             (SKIP_INBOUND_PORTS, json!(8080)),
             (INBOUND_POLICY, json!("strict")),
             (INBOUND_POLICY, json!(true)),
+            (TRACE_SAMPLE_RATIO, json!("1.5")),
+            (TRACE_SAMPLE_RATIO, json!("all")),
         ] {
             let error = of(json!({ annotation: value })).unwrap_err();
             assert_eq!(error.annotation, annotation, "{error}");

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::shared::is_idempotent;
+use crate::trace::context::{Found, TRACEPARENT};
 
 /// Header lines read per message on this path; a request with more goes to hyper.
 const MAX_HEADERS: usize = 64;
@@ -120,6 +121,8 @@ pub struct RequestHead {
     pub close: bool,
     /// Carries hop-by-hop headers: forward it through [`rewrite_request`].
     pub rewrite: bool,
+    /// Carries a trace context (`traceparent`, B3): looked at when tracing is on.
+    pub trace_context: bool,
 }
 
 impl RequestHead {
@@ -303,6 +306,7 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>,
         content_length: 0,
         close: false,
         rewrite: false,
+        trace_context: false,
     };
     let mut seen_length = false;
     for h in req.headers.iter() {
@@ -353,6 +357,9 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>,
             2 if name.eq_ignore_ascii_case("te") => {
                 head.rewrite |= !trim(h.value).eq_ignore_ascii_case(b"trailers");
             }
+            11 if name.eq_ignore_ascii_case("traceparent") => head.trace_context = true,
+            12 if name.eq_ignore_ascii_case("x-b3-traceid") => head.trace_context = true,
+            2 if name.eq_ignore_ascii_case("b3") => head.trace_context = true,
             10 if name.eq_ignore_ascii_case("keep-alive") => head.rewrite = true,
             16 if name.eq_ignore_ascii_case("proxy-connection") => head.rewrite = true,
             _ => {}
@@ -370,8 +377,9 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>,
     Ok(Some(head))
 }
 
-/// Writes the head at the start of `buf` into `out` without its hop-by-hop headers.
-pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>) {
+/// Writes the head at the start of `buf` into `out` without its hop-by-hop headers,
+/// and with `traceparent` (replacing the client's) when the request is traced.
+pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>, traceparent: Option<&[u8]>) {
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     // Parsed successfully once already (parse_request), so this cannot fail.
@@ -389,11 +397,32 @@ pub fn rewrite_request(buf: &[u8], out: &mut Vec<u8>) {
         }
     }
     for h in req.headers.iter() {
-        if !is_hop_by_hop(h.name, h.value, &tokens) {
+        let replaced = traceparent.is_some() && h.name.eq_ignore_ascii_case(TRACEPARENT);
+        if !is_hop_by_hop(h.name, h.value, &tokens) && !replaced {
             push_header(out, h.name.as_bytes(), h.value);
         }
     }
+    if let Some(value) = traceparent {
+        push_header(out, TRACEPARENT.as_bytes(), value);
+    }
     out.extend_from_slice(b"\r\n");
+}
+
+/// What a traced request's spans say of it, and its trace context, read again from
+/// the head at the start of `buf` (only for requests tracing looks at).
+pub fn trace_parts(buf: &[u8], with: impl FnOnce(&str, &str, &Found<'_>)) {
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    if req.parse_with_uninit_headers(buf, &mut headers).is_err() {
+        return;
+    }
+    let mut found = Found::default();
+    for h in req.headers.iter() {
+        found.offer(h.name.as_bytes(), h.value);
+    }
+    let path = req.path.unwrap_or("/");
+    let path = path.split_once('?').map_or(path, |(path, _)| path);
+    with(req.method.unwrap_or("GET"), path, &found);
 }
 
 pub(super) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -661,7 +690,7 @@ mod tests {
         let head = request(raw).unwrap().unwrap();
         assert!(head.rewrite);
         let mut out = Vec::new();
-        rewrite_request(raw.as_bytes(), &mut out);
+        rewrite_request(raw.as_bytes(), &mut out, None);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET / HTTP/1.1\r\nHost: web\r\nX-App: kept\r\n\r\n"
@@ -777,7 +806,7 @@ mod tests {
         let raw = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\nhello";
         let head = request(raw).unwrap().unwrap();
         let mut out = Vec::new();
-        rewrite_request(raw.as_bytes(), &mut out);
+        rewrite_request(raw.as_bytes(), &mut out, None);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"
@@ -786,7 +815,7 @@ mod tests {
 
         let raw = "GET / HTTP/1.1\r\nHost: web\r\nConnection: host\r\n\r\n";
         let mut out = Vec::new();
-        rewrite_request(raw.as_bytes(), &mut out);
+        rewrite_request(raw.as_bytes(), &mut out, None);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET / HTTP/1.1\r\nHost: web\r\n\r\n"

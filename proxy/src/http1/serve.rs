@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -18,10 +19,12 @@ use super::exchange::{BodyLeft, MAX_HEAD, MIN_READ, RELAY_CHUNK, read_head, send
 use super::head::{self, Framing, Handoff, Refusal, RequestHead, ResponseHead};
 use super::pool::{RawConn, RawPool};
 use crate::connections::{ConnControl, Phase, Stop};
+use crate::destination::{BackendSet, Destination};
 use crate::forward::Forwarder;
 use crate::forward::error::{ProxyError, nothing_to_pick, timed_out, upstream_failed};
 use crate::forward::resilience::{Attempts, record_failure, record_response, retrying};
 use crate::metrics::ProxyErrorKind;
+use crate::trace::{InboundInfo, RequestInfo, RequestTrace, Tracer};
 
 /// Request bodies up to this size are read whole before the request goes out (so a
 /// failed attempt can be sent again); larger ones go to hyper, which streams them.
@@ -63,6 +66,7 @@ where
         control,
         request_out: Vec::new(),
         response_out: Vec::new(),
+        trace: None,
     };
     loop {
         control.set_phase(if buf.is_empty() {
@@ -219,6 +223,8 @@ struct ClientConn<'a> {
     /// Scratch space for rewritten heads, kept for the connection's life.
     request_out: Vec<u8>,
     response_out: Vec<u8>,
+    /// The spans of the request under way, when it is traced.
+    trace: Option<Box<RequestTrace>>,
 }
 
 impl ClientConn<'_> {
@@ -234,13 +240,40 @@ impl ClientConn<'_> {
             Err(error) => return self.answer(client, error, head).await,
         };
         destination.touch();
-        let (destination, mut set) = match forwarder.backends(&destination).await {
+        let (destination, set) = match forwarder.backends(&destination).await {
             Ok(found) => found,
             Err(error) => return self.answer(client, error, head).await,
         };
         if !set.all_http1 {
             return Next::Handoff(Handoff("backends speak HTTP/2"));
         }
+        if let Some(tracer) = forwarder.tracer.as_deref()
+            && (head.trace_context || tracer.starts_traces())
+        {
+            self.trace = trace(tracer, forwarder, request, head, &destination);
+        }
+        let next = self
+            .forward(client, (request, head), destination, set, start)
+            .await;
+        // Whatever became of the request, its spans end with it.
+        self.trace = None;
+        next
+    }
+
+    /// Sends the request to a backend of `destination`, again when an attempt fails
+    /// and another is allowed, and relays the answer (or answers itself).
+    async fn forward<IO>(
+        &mut self,
+        client: &mut IO,
+        (request, head): (&[u8], &RequestHead),
+        destination: Arc<Destination>,
+        mut set: Arc<BackendSet>,
+        start: Instant,
+    ) -> Next
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let forwarder = self.forwarder;
         let _admitted = match forwarder.resilience.admit(&destination) {
             Ok(admitted) => admitted,
             Err(error) => return self.answer(client, error, head).await,
@@ -248,14 +281,6 @@ impl ClientConn<'_> {
         // Taken out of `self` for the loop, so answering (which borrows `self`) can
         // happen while `outgoing` borrows it.
         let mut request_out = std::mem::take(&mut self.request_out);
-        let outgoing: &[u8] = if head.rewrite {
-            request_out.clear();
-            head::rewrite_request(request, &mut request_out);
-            request_out.extend_from_slice(&request[head.len..]);
-            &request_out
-        } else {
-            request
-        };
         let timeout = forwarder.resilience.request_timeout(&set);
         let mut attempts = Attempts::default();
         let next = loop {
@@ -266,6 +291,22 @@ impl ClientConn<'_> {
                         .answer(client, nothing_to_pick(&destination, e), head)
                         .await;
                 }
+            };
+            let traceparent = self
+                .trace
+                .as_mut()
+                .map(|trace| trace.attempt(attempts.count() as u32 + 1, backend, &set));
+            let outgoing: &[u8] = if head.rewrite || traceparent.is_some() {
+                request_out.clear();
+                head::rewrite_request(
+                    request,
+                    &mut request_out,
+                    traceparent.as_ref().map(|t| &t[..]),
+                );
+                request_out.extend_from_slice(&request[head.len..]);
+                &request_out
+            } else {
+                request
             };
             let pool = backend.state.upstream.raw();
             let sending = send(pool, outgoing, head.is_head, head.idempotent);
@@ -294,10 +335,16 @@ impl ClientConn<'_> {
             match sent {
                 Ok((conn, response)) => {
                     record_response(backend, response.status, start);
+                    if let Some(trace) = self.trace.as_mut() {
+                        trace.response(response.status);
+                    }
                     break self.relay(client, conn, response, head, pool).await;
                 }
                 Err(failure) => {
                     record_failure(backend, failure.fault());
+                    if let Some(trace) = self.trace.as_mut() {
+                        trace.attempt_failed(&failure, false);
+                    }
                     // The whole request is in hand, so an idempotent one can be sent again.
                     let again = attempts.another(&forwarder.resilience, &set, &destination.stats)
                         && (failure.unsent() || head.idempotent);
@@ -436,6 +483,9 @@ impl ClientConn<'_> {
         error: ProxyError,
         request: &RequestHead,
     ) -> Next {
+        if let Some(trace) = self.trace.as_mut() {
+            trace.answered(error.kind, error.status.as_u16(), &error.message);
+        }
         let close = request.close || self.control.is_draining();
         let bytes = error.to_http1(request.is_head, close);
         match write_all(client, &bytes).await {
@@ -443,6 +493,41 @@ impl ClientConn<'_> {
             _ => Next::Close,
         }
     }
+}
+
+/// The trace of a request this path carries, if it is traced (see [`crate::trace`]).
+#[cold]
+fn trace(
+    tracer: &Tracer,
+    forwarder: &Forwarder,
+    request: &[u8],
+    head: &RequestHead,
+    destination: &Destination,
+) -> Option<Box<RequestTrace>> {
+    let authority = head
+        .host(request)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .unwrap_or("");
+    let inbound = forwarder.inbound.as_ref();
+    let client_id = inbound
+        .and_then(|i| i.client_id.as_ref())
+        .and_then(|id| id.to_str().ok());
+    let mut trace = None;
+    head::trace_parts(request, |method, path, found| {
+        let info = RequestInfo {
+            method,
+            path,
+            authority,
+            destination: destination.name(),
+            version: "1.1",
+            inbound: inbound.map(|i| InboundInfo {
+                peer: i.peer,
+                client_id,
+            }),
+        };
+        trace = tracer.request(found, &info);
+    });
+    trace
 }
 
 /// [`write_all`], unless the connection's limits stop it first (a client that stopped
