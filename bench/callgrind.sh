@@ -6,6 +6,7 @@
 #   bench/callgrind.sh                          # target/release/tandem-proxy
 #   bench/callgrind.sh OLD_PROXY NEW_PROXY      # several binaries, side by side
 #   LOADS="h2c h1" N=20000 bench/callgrind.sh
+#   PROXY_FLAGS="--trace-collector 127.0.0.1:4317" bench/callgrind.sh   # more proxy flags
 #
 # Loads (h2load, 64 connections, N requests, start-up and shutdown included):
 #   h2c  h2c clients, 10 streams each, HTTP/2 to the backends (--backend-protocol http2)
@@ -46,7 +47,7 @@ instructions() {
   esac
   valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" \
     --backends "127.0.0.1:$B1,127.0.0.1:$B2" --backend-protocol "$protocol" --threads 1 \
-    --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" >/dev/null 2>"$WORK/valgrind.log" &
+    --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" ${PROXY_FLAGS:-} >/dev/null 2>"$WORK/valgrind.log" &
   local pid=$!
   for _ in $(seq 1 600); do
     curl -sf -o /dev/null "http://127.0.0.1:$admin/ready" && break

@@ -25,6 +25,7 @@ use crate::inbound::InboundContext;
 use crate::inspect::Inspector;
 use crate::manager::{ManagerSettings, OutlierConfig};
 use crate::metrics::ProxyMetrics;
+use crate::scrape::{TrafficMetrics, Workload};
 use crate::server::{Role, Server};
 use crate::tls::{TlsError, server_config};
 use crate::trace::Tracer;
@@ -231,14 +232,14 @@ pub struct Args {
         help_heading = "Tracing"
     )]
     pub trace_sample_ratio: f64,
-    /// `service.name` of this proxy's spans: the workload it sits beside.
-    #[arg(
-        long,
-        default_value = "tandem-proxy",
-        env = "TANDEM_SERVICE_NAME",
-        help_heading = "Tracing"
-    )]
+    /// The workload this proxy sits beside: `service.name` of its spans, and the
+    /// `dst_service` of its inbound metrics.
+    #[arg(long, default_value = "tandem-proxy", env = "TANDEM_SERVICE_NAME")]
     pub service_name: String,
+    /// Metrics per endpoint address too (one series per endpoint of every service:
+    /// many, on a large cluster).
+    #[arg(long)]
+    pub metrics_per_endpoint: bool,
     #[command(flatten)]
     pub identity: IdentityArgs,
 }
@@ -510,10 +511,6 @@ pub async fn run(args: Args) -> Result<(), Error> {
         locality: locality.clone(),
         identity: mesh.as_ref().map(|m| m.identity.clone()),
     });
-    let mut registry = Registry::default();
-    metrics.register(&mut registry);
-    registry.register_collector(Box::new(inspector.clone()));
-    registry.register_collector(Box::new(ProcessCollector));
 
     let inbound = Arc::new(InboundContext::new(
         mesh.clone(),
@@ -529,6 +526,19 @@ pub async fn run(args: Args) -> Result<(), Error> {
         // the panic threshold, the balancer uses every endpoint not draining.
         settings.clone(),
     ));
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    registry.register_collector(Box::new(TrafficMetrics {
+        router: router.clone(),
+        inbound: inbound.clone(),
+        locality: locality.clone(),
+        workload: Workload {
+            service: args.service_name.clone(),
+            namespace: args.namespace.clone(),
+        },
+        per_endpoint: args.metrics_per_endpoint,
+    }));
+    registry.register_collector(Box::new(ProcessCollector));
     let listeners = bind_listeners(&args, inbound).await?;
     let admin_listener = tandem_common::listen::bind("admin (--admin)", args.admin).await?;
     let admin_addr = admin_listener.local_addr().unwrap_or(args.admin);

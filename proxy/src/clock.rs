@@ -30,3 +30,11 @@ pub async fn run() {
         NOW.store(start().elapsed().as_secs() as u32, Ordering::Relaxed);
     }
 }
+
+/// The wall clock in Unix seconds, for what metrics report as a time (not for
+/// measuring: it can step).
+pub fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

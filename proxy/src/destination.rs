@@ -44,9 +44,10 @@ impl EndpointState {
         threshold: u32,
         report: mpsc::UnboundedSender<SocketAddr>,
     ) -> Self {
+        let stats = Arc::new(BackendStats::default());
         Self {
-            upstream: Upstream::new(address, identity, settings.clone()),
-            stats: Arc::new(BackendStats::default()),
+            upstream: Upstream::new(address, identity, settings.clone(), stats.bytes.clone()),
+            stats,
             failures: AtomicU32::new(0),
             threshold: threshold.max(1),
             report,
@@ -146,6 +147,18 @@ impl BackendSet {
     #[inline]
     pub fn pick(&self) -> Result<&Backend, PickError> {
         self.balancer.pick().map(|i| &self.backends[i])
+    }
+
+    /// Where `backend` is from the proxy: `zone`, `region`, `anywhere`, or
+    /// `unknown` while the proxy's own locality is not known.
+    pub fn tier_of(&self, backend: &Backend) -> &'static str {
+        let theirs = &backend.meta.locality;
+        match &self.placement.proxy_locality {
+            None => "unknown",
+            Some(ours) if ours.region == theirs.region && ours.zone == theirs.zone => "zone",
+            Some(ours) if ours.region == theirs.region => "region",
+            Some(_) => "anywhere",
+        }
     }
 }
 

@@ -158,6 +158,13 @@ impl DiscoveryClient {
                 end = self.watch_once(destination, &views, &mut backoff) => end,
                 _ = views.closed() => return,
             };
+            // From now until the next update, what the proxy knows may be out of date.
+            let _ = destination.stats.stale_since.compare_exchange(
+                0,
+                crate::clock::unix_seconds(),
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             match end {
                 StreamEnd::Unknown(message) => {
                     tracing::debug!(reason = %message, "unknown destination");
@@ -216,10 +223,13 @@ impl DiscoveryClient {
                 Err(reason) => return StreamEnd::Rejected(reason),
             };
             backoff.reset();
-            destination
-                .stats
+            let stats = &destination.stats;
+            stats
                 .discovery_updates
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            stats
+                .stale_since
+                .store(0, std::sync::atomic::Ordering::Relaxed);
             if next.proxy_locality.is_some() {
                 self.settings
                     .locality

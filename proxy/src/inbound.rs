@@ -78,6 +78,12 @@ impl InboundContext {
         }
     }
 
+    /// The app destinations made so far (for metrics).
+    pub fn apps(&self) -> Vec<Arc<Destination>> {
+        let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        apps.values().cloned().collect()
+    }
+
     fn app(&self, addr: SocketAddr, protocol: Protocol) -> Arc<Destination> {
         let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
         apps.entry((addr, protocol))

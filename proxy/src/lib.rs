@@ -16,13 +16,15 @@
 //!   shares.
 //! - [`identity`]: the proxy's certificate (from the control plane) and the mutual
 //!   TLS it speaks with other proxies.
-//! - [`inspect`] serves `/config` and the per-destination metrics; [`metrics`] holds counters;
+//! - [`inspect`] serves `/config`; [`metrics`] holds counters, which [`scrape`] adds up
+//!   per service when Prometheus scrapes;
 //!   [`trace`] makes OpenTelemetry spans of requests and exports them over OTLP.
 
 pub mod app;
 pub mod body;
 pub mod clock;
 pub mod connections;
+pub mod counted;
 pub mod deadline;
 pub mod destination;
 pub mod detect;
@@ -42,6 +44,7 @@ pub mod original_dst;
 pub mod policy;
 pub mod pool;
 pub mod rewind;
+pub mod scrape;
 pub mod server;
 pub mod shared;
 pub mod tcp;

@@ -2,6 +2,7 @@
 //! destination they describe (no label lookup, lock or allocation per request); a
 //! [`prometheus_client`] collector walks the live destinations at scrape time.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -10,6 +11,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+use crate::counted::ByteCounts;
 
 /// Exact status codes are kept for this many distinct codes per backend; rarer codes
 /// beyond that are counted by class (`status_code="5xx"`).
@@ -69,6 +72,21 @@ impl StatusCounts {
         out
     }
 
+    /// Counts by status class (index: code / 100).
+    pub fn by_class(&self) -> [u64; 6] {
+        let mut out = [0u64; 6];
+        for (code, count) in self.codes.iter().zip(&self.counts) {
+            let code = code.load(Relaxed);
+            if code != 0 {
+                out[usize::from(code / 100).min(5)] += count.load(Relaxed);
+            }
+        }
+        for (class, n) in self.overflow_by_class.iter().enumerate() {
+            out[class] += n.load(Relaxed);
+        }
+        out
+    }
+
     pub fn total(&self) -> u64 {
         self.counts
             .iter()
@@ -102,23 +120,41 @@ impl LatencyHistogram {
         self.sum_us.fetch_add(us, Relaxed);
     }
 
-    /// `(sum seconds, count, per-bucket counts)`; the encoder makes them cumulative.
-    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let mut count = 0;
-        let buckets = self
+    /// Adds this histogram's counts to `sums` (histograms of several endpoints make
+    /// one of their service).
+    pub fn add_to(&self, sums: &mut LatencySums) {
+        for (sum, n) in sums.buckets.iter_mut().zip(&self.buckets) {
+            *sum += n.load(Relaxed);
+        }
+        sums.sum_us += self.sum_us.load(Relaxed);
+    }
+}
+
+/// Counts of [`LatencyHistogram`]s added up, for encoding.
+#[derive(Debug, Clone, Default)]
+pub struct LatencySums {
+    buckets: [u64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: u64,
+}
+
+impl LatencySums {
+    pub fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::MetricEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        let count = self.buckets.iter().sum();
+        let buckets: Vec<(f64, u64)> = self
             .buckets
             .iter()
             .enumerate()
             .map(|(i, n)| {
-                let n = n.load(Relaxed);
-                count += n;
                 let bound = LATENCY_BOUNDS_US
                     .get(i)
                     .map_or(f64::INFINITY, |us| *us as f64 / 1e6);
-                (bound, n)
+                (bound, *n)
             })
             .collect();
-        (self.sum_us.load(Relaxed) as f64 / 1e6, count, buckets)
+        encoder.encode_histogram::<NoLabelSet>(self.sum_us as f64 / 1e6, count, &buckets, None)
     }
 }
 
@@ -130,6 +166,8 @@ pub struct BackendStats {
     pub failures: AtomicU64,
     /// Time to response headers.
     pub latency: LatencyHistogram,
+    /// Bytes over the endpoint's connections (counted by [`crate::counted::Counted`]).
+    pub bytes: Arc<ByteCounts>,
 }
 
 /// Why the proxy answered a request itself instead of a backend.
@@ -194,11 +232,17 @@ pub struct DestinationStats {
     pub active: std::sync::atomic::AtomicUsize,
     /// Retries in flight now.
     pub active_retries: std::sync::atomic::AtomicUsize,
+    /// The proxy's own answers (the errors above) by status class (index: code / 100).
+    pub answered: [AtomicU64; 6],
+    /// When discovery last stopped confirming the backend set (Unix seconds; 0: the
+    /// stream is up, or the destination never had one).
+    pub stale_since: AtomicU64,
 }
 
 impl DestinationStats {
-    pub fn error(&self, kind: ProxyErrorKind) {
+    pub fn error(&self, kind: ProxyErrorKind, status: u16) {
         self.errors[kind as usize].fetch_add(1, Relaxed);
+        self.answered[usize::from(status / 100).min(5)].fetch_add(1, Relaxed);
     }
 }
 
@@ -254,6 +298,8 @@ pub struct ProxyMetrics {
     /// Inbound connections by whether they came over mesh TLS, and the client's
     /// identity (bounded: the ServiceAccounts that call this pod).
     pub inbound_connections: Family<InboundLabel, Counter>,
+    /// Mesh TLS connections this proxy made, by the server proxy's identity.
+    pub outbound_mtls_connections: Family<OutboundLabel, Counter>,
     /// Spans by what became of them (`exported`, or dropped: `queue_full`,
     /// `export_failed`).
     pub trace_spans: Family<ResultLabel, Counter>,
@@ -271,6 +317,12 @@ pub struct InboundLabel {
     pub transport: &'static str,
     /// The client proxy's identity; empty for plaintext.
     pub client_id: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutboundLabel {
+    /// The server proxy's identity (bounded: the ServiceAccounts this pod calls).
+    pub server_id: String,
 }
 
 impl ProxyMetrics {
@@ -362,6 +414,11 @@ impl ProxyMetrics {
             self.inbound_connections.clone(),
         );
         r.register(
+            "outbound_mtls_connections",
+            "Mutual TLS connections to other proxies, by the server's identity",
+            self.outbound_mtls_connections.clone(),
+        );
+        r.register(
             "trace_spans",
             "Spans by result: exported, or dropped (queue_full: the collector is slower than the traffic; export_failed: it did not take them)",
             self.trace_spans.clone(),
@@ -382,15 +439,6 @@ impl ProxyMetrics {
             self.discovery_updates_rejected.clone(),
         );
     }
-}
-
-/// Encodes a histogram snapshot with `encode_histogram`.
-pub(crate) fn encode_latency(
-    encoder: &mut prometheus_client::encoding::MetricEncoder<'_>,
-    histogram: &LatencyHistogram,
-) -> Result<(), std::fmt::Error> {
-    let (sum, count, buckets) = histogram.snapshot();
-    encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
 }
 
 #[cfg(test)]
@@ -417,12 +465,13 @@ mod tests {
         h.observe(Duration::from_micros(100));
         h.observe(Duration::from_millis(3));
         h.observe(Duration::from_secs(60));
-        let (sum, count, buckets) = h.snapshot();
-        assert_eq!(count, 3);
-        assert!((sum - 60.0031).abs() < 1e-6);
-        assert_eq!(buckets[0], (0.0005, 1));
-        assert_eq!(buckets[3], (0.005, 1));
-        assert_eq!(buckets.last().unwrap(), &(f64::INFINITY, 1));
-        assert_eq!(buckets.iter().map(|b| b.1).sum::<u64>(), 3);
+        let mut sums = LatencySums::default();
+        h.add_to(&mut sums);
+        h.add_to(&mut sums);
+        assert_eq!(sums.buckets.iter().sum::<u64>(), 6);
+        assert_eq!(sums.sum_us, 2 * 60_003_100);
+        assert_eq!(sums.buckets[0], 2);
+        assert_eq!(sums.buckets[3], 2);
+        assert_eq!(sums.buckets[LATENCY_BOUNDS_US.len()], 2);
     }
 }

@@ -18,13 +18,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::counted::{ByteCounts, Counted};
 use arc_swap::ArcSwapOption;
 use futures_util::FutureExt;
 use futures_util::future::Either as FutureEither;
 use http::Response;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
 use crate::body::{ClientBodyError, HyperPool, Lease, ProxyBody, RequestSlot};
@@ -132,6 +132,7 @@ pub struct Upstream {
     /// Idle hyper HTTP/1 connections, shared with the [`Lease`]s that bring them back.
     idle: Arc<HyperPool>,
     raw: Arc<RawPool>,
+    bytes: Arc<ByteCounts>,
     h2: ArcSwapOption<Http2Connection>,
     /// Serialises HTTP/2 dials so a burst of requests opens one connection, not many.
     h2_dial: tokio::sync::Mutex<()>,
@@ -168,7 +169,13 @@ impl Connection {
 }
 
 impl Upstream {
-    pub fn new(addr: SocketAddr, identity: &str, settings: Arc<UpstreamSettings>) -> Arc<Self> {
+    /// `bytes`: where the endpoint's connections count what they carry.
+    pub fn new(
+        addr: SocketAddr,
+        identity: &str,
+        settings: Arc<UpstreamSettings>,
+        bytes: Arc<ByteCounts>,
+    ) -> Arc<Self> {
         let mesh = match &settings.mesh {
             Some(mesh) if !identity.is_empty() => match mesh.client(identity) {
                 Ok(client) => Some(client),
@@ -184,7 +191,8 @@ impl Upstream {
             identity: identity.into(),
             mesh,
             idle: Arc::new(IdlePool::new(settings.max_idle_per_endpoint)),
-            raw: Arc::new(RawPool::new(addr, settings.clone())),
+            raw: Arc::new(RawPool::new(addr, settings.clone(), bytes.clone())),
+            bytes,
             settings,
             h2: ArcSwapOption::empty(),
             h2_dial: tokio::sync::Mutex::new(()),
@@ -345,8 +353,9 @@ impl Upstream {
         None
     }
 
-    async fn dial(&self) -> Result<TcpStream, UpstreamError> {
-        Ok(pool::dial(self.addr, &self.settings).await?)
+    async fn dial(&self) -> Result<Counted, UpstreamError> {
+        let tcp = pool::dial(self.addr, &self.settings).await?;
+        Ok(Counted::new(tcp, self.bytes.clone()))
     }
 
     /// A new connection to the endpoint: TCP, or mesh TLS to its proxy (for
@@ -354,7 +363,7 @@ impl Upstream {
     pub async fn connect(
         &self,
         carries: Carries,
-    ) -> Result<Either<TcpStream, MeshStream>, UpstreamError> {
+    ) -> Result<Either<Counted, MeshStream>, UpstreamError> {
         let tcp = self.dial().await?;
         match &self.mesh {
             Some(mesh) => mesh

@@ -112,16 +112,35 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
         assert_eq!(admin_get(admin, "/live").await, "live\n");
         assert_eq!(admin_get(admin, "/ready").await, "ready\n");
         let metrics = admin_get(admin, "/metrics").await;
+        // Golden signals per service (not per endpoint, not per alias), in seconds.
+        let web = r#"direction="outbound",dst_namespace="default",dst_service="web""#;
+        let line = format!(r#"tandem_proxy_requests_total{{{web},status_class="2xx"}} 10"#);
+        assert!(metrics.contains(&line), "missing {line} in\n{metrics}");
+        let line = format!("tandem_proxy_response_latency_seconds_count{{{web}}} 10");
+        assert!(metrics.contains(&line), "missing {line} in\n{metrics}");
+        assert!(metrics.contains(&format!(r#"tandem_proxy_response_latency_seconds_bucket{{{web},le="0.0005"}}"#)), "{metrics}");
+        // Bytes to and from the endpoints, by zone (the proxy's is unknown here).
+        let zone = r#"dst_service="web",src_zone="unknown",dst_zone="unknown",tier="unknown""#;
+        for flow in ["sent", "received"] {
+            let bytes = samples(&metrics, "tandem_proxy_zone_bytes_total", &format!(r#"{zone},flow="{flow}""#));
+            assert!(bytes.is_some_and(|b| b >= 10.0 * 20.0), "{flow}: {bytes:?} in\n{metrics}");
+        }
+        assert_eq!(samples(&metrics, "tandem_proxy_zone_requests_total", zone), Some(10.0), "{metrics}");
+        assert!(!metrics.contains("tandem_proxy_endpoint_requests"), "per endpoint only with the flag");
+        assert!(metrics.contains("process_resident_memory_bytes"));
+
+        // With --metrics-per-endpoint, by endpoint address too.
+        let detailed = proxy(mesh.control_plane.addr("discovery"), &["--metrics-per-endpoint"]).await;
+        let mut conn = Connection::http1(detailed.addr("proxy")).await.unwrap();
+        instances(&mut conn, "web", 4).await;
+        let metrics = admin_get(detailed.addr("admin"), "/metrics").await;
         for backend in &mesh.backends {
             let line = format!(
-                "tandem_proxy_requests_total{{direction=\"outbound\",destination=\"web:80\",backend=\"{}\",status_code=\"200\"}} 5",
+                r#"tandem_proxy_endpoint_requests_total{{{web},endpoint="{}",status_code="200"}} 2"#,
                 backend.addr("http")
             );
             assert!(metrics.contains(&line), "missing {line} in\n{metrics}");
         }
-        assert!(metrics.contains("tandem_proxy_response_latency_seconds_bucket{"), "{metrics}");
-        assert!(metrics.contains("tandem_proxy_response_latency_seconds_count{direction=\"outbound\",destination=\"web:80\""));
-        assert!(metrics.contains("process_resident_memory_bytes"));
         let config = config(admin).await;
         let web = &config["destinations"][0];
         assert_eq!(web["name"], "web:80");

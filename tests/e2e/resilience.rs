@@ -124,7 +124,7 @@ async fn a_backend_killed_under_load_costs_no_client_request() {
         assert!(failures.is_empty(), "clients saw failures: {failures:?}");
         let metrics = admin_get(admin, "/metrics").await;
         assert!(
-            metrics.contains("tandem_proxy_ejections_total{destination=\"web:80\"} 1"),
+            metrics.contains(r#"tandem_proxy_ejections_total{direction="outbound",dst_namespace="default",dst_service="web"} 1"#),
             "{metrics}"
         );
     })
@@ -310,7 +310,7 @@ async fn slow_backends_time_out_and_overload_is_refused_at_once() {
         assert!(refused >= 3, "{refused} of 6 refused with a limit of 2");
         let metrics = admin_get(proxy.addr("admin"), "/metrics").await;
         assert!(
-            metrics.contains("tandem_proxy_overflow_total{destination=\"web:80\"}"),
+            metrics.contains(r#"tandem_proxy_overflow_total{direction="outbound",dst_namespace="default",dst_service="web"}"#),
             "{metrics}"
         );
     })

@@ -38,7 +38,7 @@ impl ProxyError {
         status: StatusCode,
         message: String,
     ) -> Self {
-        stats.error(kind);
+        stats.error(kind, status.as_u16());
         Self::new(kind, status, message)
     }
 

@@ -177,7 +177,7 @@ impl Router {
                     ),
                 ),
             };
-            destination.stats.error(error.kind);
+            destination.stats.error(error.kind, error.status.as_u16());
             return Err(error);
         }
     }

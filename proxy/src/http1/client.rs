@@ -195,7 +195,11 @@ mod tests {
     }
 
     fn pool(addr: std::net::SocketAddr) -> Arc<RawPool> {
-        Arc::new(RawPool::new(addr, Arc::new(UpstreamSettings::default())))
+        Arc::new(RawPool::new(
+            addr,
+            Arc::new(UpstreamSettings::default()),
+            Default::default(),
+        ))
     }
 
     fn get(uri: &str) -> Request<ProxyBody> {

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::net::TcpStream;
 
+use crate::counted::{ByteCounts, Counted};
 use crate::pool::{self, ConnectError, IdlePool, UpstreamSettings};
 
 /// Room a backend connection's read buffer has for a response head (and the small
@@ -17,7 +17,7 @@ pub const RESPONSE_BUFFER: usize = 8 * 1024;
 /// A connection to the endpoint that the HTTP/1 path reads and writes itself: the
 /// socket and the buffer responses are read into, kept together while pooled.
 pub struct RawConn {
-    pub stream: TcpStream,
+    pub stream: Counted,
     pub buf: BytesMut,
     /// Taken from the idle pool: the server may have closed it a moment ago.
     pub reused: bool,
@@ -28,13 +28,15 @@ pub struct RawPool {
     addr: SocketAddr,
     settings: Arc<UpstreamSettings>,
     /// A raw connection is pooled with its read buffer.
-    idle: IdlePool<(TcpStream, BytesMut)>,
+    idle: IdlePool<(Counted, BytesMut)>,
+    bytes: Arc<ByteCounts>,
 }
 
 impl RawPool {
-    pub fn new(addr: SocketAddr, settings: Arc<UpstreamSettings>) -> Self {
+    pub fn new(addr: SocketAddr, settings: Arc<UpstreamSettings>, bytes: Arc<ByteCounts>) -> Self {
         Self {
             addr,
+            bytes,
             idle: IdlePool::new(settings.max_idle_per_endpoint),
             settings,
         }
@@ -67,7 +69,10 @@ impl RawPool {
     /// A new connection.
     pub async fn dial(&self) -> Result<RawConn, ConnectError> {
         Ok(RawConn {
-            stream: pool::dial(self.addr, &self.settings).await?,
+            stream: Counted::new(
+                pool::dial(self.addr, &self.settings).await?,
+                self.bytes.clone(),
+            ),
             buf: BytesMut::with_capacity(RESPONSE_BUFFER),
             reused: false,
         })

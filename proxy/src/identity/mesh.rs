@@ -20,13 +20,14 @@ use rustls::pki_types::ServerName;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig, SignatureScheme};
-use tokio::net::TcpStream;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 use super::Identity;
 use super::verify::{PeerClient, PeerServer};
-use crate::metrics::{MeshHandshakeLabel, ProxyMetrics};
+use crate::counted::Counted;
+use crate::metrics::{MeshHandshakeLabel, OutboundLabel, ProxyMetrics};
 
 pub const ALPN_H2: &[u8] = b"tandem.io/h2";
 pub const ALPN_HTTP1: &[u8] = b"tandem.io/http1";
@@ -80,6 +81,8 @@ pub struct MeshTls {
     /// Client handshakes that succeeded and failed (resolved once, no label lookup).
     client_ok: Counter,
     client_failed: Counter,
+    /// Mesh connections made, by the server's identity.
+    outbound: Family<OutboundLabel, Counter>,
 }
 
 impl MeshTls {
@@ -108,6 +111,7 @@ impl MeshTls {
             server: Arc::new(server),
             client_ok: counter("ok"),
             client_failed: counter("error"),
+            outbound: metrics.outbound_mtls_connections.clone(),
         }))
     }
 
@@ -130,7 +134,14 @@ impl MeshTls {
             config.alpn_protocols = vec![alpn.to_vec()];
             Arc::new(config)
         };
+        let connections = self
+            .outbound
+            .get_or_create(&OutboundLabel {
+                server_id: expected.to_string(),
+            })
+            .clone();
         Ok(MeshClient {
+            connections,
             ok: self.client_ok.clone(),
             failed: self.client_failed.clone(),
             expected: expected.into(),
@@ -153,6 +164,8 @@ pub enum Carries {
 /// are the endpoint's for its life, so TLS sessions resume across its connections.
 pub struct MeshClient {
     pub expected: Box<str>,
+    /// Connections to peers with this identity (handshakes that succeeded).
+    connections: Counter,
     ok: Counter,
     failed: Counter,
     h2: Arc<ClientConfig>,
@@ -160,13 +173,13 @@ pub struct MeshClient {
     opaque: Arc<ClientConfig>,
 }
 
-pub type MeshStream = tokio_rustls::client::TlsStream<TcpStream>;
+pub type MeshStream = tokio_rustls::client::TlsStream<Counted>;
 
 impl MeshClient {
     /// TLS over `tcp` (connected to `addr`), for `carries`.
     pub async fn handshake(
         &self,
-        tcp: TcpStream,
+        tcp: Counted,
         addr: SocketAddr,
         carries: Carries,
     ) -> std::io::Result<MeshStream> {
@@ -184,7 +197,10 @@ impl MeshClient {
         )
         .await;
         match &result {
-            Ok(Ok(_)) => self.ok.inc(),
+            Ok(Ok(_)) => {
+                self.ok.inc();
+                self.connections.inc()
+            }
             _ => self.failed.inc(),
         };
         result
@@ -308,7 +324,8 @@ pub(crate) mod tests {
             .unwrap()
             .client(expected)
             .unwrap();
-        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let tcp = Counted::new(tcp, Default::default());
         let mut tls = dialer
             .handshake(tcp, addr, Carries::Opaque)
             .await

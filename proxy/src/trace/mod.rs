@@ -25,7 +25,7 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, Span, SpanExporter};
-use tandem_balancer::{Locality, Mode};
+use tandem_balancer::Mode;
 
 use crate::destination::{Backend, BackendSet};
 use crate::metrics::ProxyErrorKind;
@@ -254,17 +254,6 @@ fn mode_name(mode: Mode) -> &'static str {
     }
 }
 
-/// Where the backend is from the proxy: `zone`, `region`, `anywhere`, or `unknown`
-/// when the proxy's own locality is not known.
-fn tier(proxy: Option<&Locality>, backend: &Locality) -> &'static str {
-    match proxy {
-        None => "unknown",
-        Some(p) if p.region == backend.region && p.zone == backend.zone => "zone",
-        Some(p) if p.region == backend.region => "region",
-        Some(_) => "anywhere",
-    }
-}
-
 impl RequestTrace {
     /// Starts attempt `n` (1 for the first) to `backend` and returns the context to
     /// send with it: the attempt's own span (outbound), or the inbound span.
@@ -299,10 +288,7 @@ impl RequestTrace {
             KeyValue::new("tandem.destination", set.service.clone()),
             KeyValue::new("tandem.backend.address", meta.address.to_string()),
             KeyValue::new("tandem.backend.zone", meta.locality.zone.clone()),
-            KeyValue::new(
-                "tandem.locality.tier",
-                tier(set.placement.proxy_locality.as_ref(), &meta.locality),
-            ),
+            KeyValue::new("tandem.locality.tier", set.tier_of(backend)),
             KeyValue::new("tandem.balancer.mode", mode_name(set.balancer.mode())),
             KeyValue::new("network.peer.address", meta.address.ip().to_string()),
             KeyValue::new("network.peer.port", i64::from(meta.address.port())),
