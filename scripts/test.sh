@@ -52,14 +52,18 @@ fi
 # --- tools built from pinned Go modules -----------------------------------------------
 # etcd, kube-apiserver, kube-controller-manager and kubectl (the real cluster of
 # tests/e2e/cluster.rs, which the tests start themselves, one per test process),
-# h2spec (tests/e2e/h2spec.rs) and Jaeger (tests/e2e/tracing.rs), into a cache outside
-# the repository keyed by version: about 20 minutes cold on 2 cores, nothing once
-# cached.
+# h2spec (tests/e2e/h2spec.rs), Jaeger (tests/e2e/tracing.rs), Prometheus and promtool
+# and the dashboard checker (tests/e2e/observe.rs), into a cache outside the repository
+# keyed by version: about 25 minutes cold on 2 cores, nothing once cached.
 say "tools from Go modules (tests/cluster/build-tools.sh)"
-tests/cluster/build-tools.sh kubernetes etcd h2spec jaeger >/dev/null
-TANDEM_H2SPEC="$(tests/cluster/build-tools.sh --print-bin-dir h2spec)/h2spec"
-TANDEM_JAEGER="$(tests/cluster/build-tools.sh --print-bin-dir jaeger)/jaeger"
-export TANDEM_H2SPEC TANDEM_JAEGER
+tests/cluster/build-tools.sh kubernetes etcd h2spec jaeger prometheus dashcheck >/dev/null
+bin() { echo "$(tests/cluster/build-tools.sh --print-bin-dir "$1")/$2"; }
+TANDEM_H2SPEC=$(bin h2spec h2spec)
+TANDEM_JAEGER=$(bin jaeger jaeger)
+TANDEM_PROMETHEUS=$(bin prometheus prometheus)
+TANDEM_PROMTOOL=$(bin prometheus promtool)
+TANDEM_DASHBOARD_CHECK=$(bin dashcheck dashboard-check)
+export TANDEM_H2SPEC TANDEM_JAEGER TANDEM_PROMETHEUS TANDEM_PROMTOOL TANDEM_DASHBOARD_CHECK
 
 # --- checks ---------------------------------------------------------------------------
 say "cargo fmt --check"

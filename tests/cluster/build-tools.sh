@@ -14,7 +14,10 @@
 #   tests/cluster/build-tools.sh --list             print tool, version, bin dir, built?
 #
 # Tools: kubernetes (kube-apiserver, kube-controller-manager, kubectl), etcd, h2spec,
-# jaeger (the all-in-one Jaeger v2: OTLP in, query API out; tests/e2e/tracing.rs).
+# jaeger (the all-in-one Jaeger v2: OTLP in, query API out; tests/e2e/tracing.rs),
+# prometheus (Prometheus and promtool, with Kubernetes discovery, which Debian's
+# package is built without; tests/e2e/observe.rs), dashcheck (dashboard-check: Grafana dashboards against the Grafana Foundation SDK's
+# schema; its main.go is ours, the schema the pinned SDK's).
 # Needs Go >= 1.26 (the modules say `go 1.26.0`). The build output goes to stderr;
 # stdout carries only what the --print options print and, after a build, one line
 # per tool: "<tool> <version> <bin dir>".
@@ -23,7 +26,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 tools_src=$here/tools
 cache=${TANDEM_TOOLS:-$HOME/.cache/tandem-tools}
-all_tools=(kubernetes etcd h2spec jaeger)
+all_tools=(kubernetes etcd h2spec jaeger prometheus dashcheck)
 
 log() { printf '%s\n' "$*" >&2; }
 die() { printf 'build-tools: error: %s\n' "$*" >&2; exit 1; }
@@ -35,6 +38,8 @@ tool_module() {
     etcd) echo go.etcd.io/etcd/server/v3 ;;
     h2spec) echo github.com/summerwind/h2spec ;;
     jaeger) echo github.com/jaegertracing/jaeger ;;
+    prometheus) echo github.com/prometheus/prometheus ;;
+    dashcheck) echo github.com/grafana/grafana-foundation-sdk/go ;;
     *) die "unknown tool '$1' (known: ${all_tools[*]})" ;;
   esac
 }
@@ -44,6 +49,8 @@ tool_bins() {
     etcd) echo etcd ;;
     h2spec) echo h2spec ;;
     jaeger) echo jaeger ;;
+    prometheus) echo prometheus promtool ;;
+    dashcheck) echo dashboard-check ;;
   esac
 }
 
@@ -51,7 +58,7 @@ tool_bins() {
 tool_version() {
   local mod; mod=$(tool_module "$1")
   local v
-  v=$(awk -v m="$mod" '$1 == m && $2 ~ /^v/ { print $2; exit }' "$tools_src/$1/go.mod")
+  v=$(awk -v m="$mod" '$1 == "require" { $1 = "" ; $0 = $0 } $1 == m && $2 ~ /^v/ { print $2; exit }' "$tools_src/$1/go.mod")
   [ -n "$v" ] || die "no version of $mod in $tools_src/$1/go.mod"
   echo "$v"
 }
@@ -78,13 +85,22 @@ recipe() {
     h2spec)
       v=${v#v}; printf '%s\n' "$ld -X main.VERSION=${v%+incompatible}" github.com/summerwind/h2spec/cmd/h2spec ;;
     jaeger) printf '%s\n' "$ld" github.com/jaegertracing/jaeger/cmd/jaeger ;;
+    prometheus)
+      # What `promu` stamps, so `prometheus --version` says 3.x.y.
+      # (module v0.MNN.P is Prometheus M.NN.P)
+      local x=${v#v0.} m; m=${x%%.*}
+      ld+=" -X github.com/prometheus/common/version.Version=${m:0:1}.${m:1}.${x#*.}"
+      printf '%s\n' "$ld" github.com/prometheus/prometheus/cmd/prometheus \
+        github.com/prometheus/prometheus/cmd/promtool ;;
+    dashcheck) printf '%s\n' "$ld" . ;;
   esac
 }
 
 # A digest of what goes into a build: go.mod, go.sum, the recipe and the Go version.
 # When it changes, the tool is rebuilt into the same versioned directory.
 stamp_of() {
-  cat "$tools_src/$1/go.mod" "$tools_src/$1/go.sum" <(recipe "$1") \
+  # shellcheck disable=SC2046 # a tool of ours has its sources beside go.mod
+  cat "$tools_src/$1/go.mod" "$tools_src/$1/go.sum" $(find "$tools_src/$1" -maxdepth 1 -name '*.go' | sort) <(recipe "$1") \
     <(go env GOVERSION GOOS GOARCH 2>/dev/null) | sha256sum | cut -c1-16
 }
 
@@ -111,6 +127,12 @@ build_one() {
     if [ "$t" = etcd ]; then
       # go build names a .../server/v3 main "server"; name it etcd.
       go build -mod=readonly -trimpath -ldflags "$ld" -o "$tmp/bin/etcd" "${pkgs[@]}"
+    elif [ "$t" = dashcheck ]; then
+      go build -mod=readonly -trimpath -ldflags "$ld" -o "$tmp/bin/dashboard-check" "${pkgs[@]}"
+    elif [ "$t" = prometheus ]; then
+      # Kubernetes discovery only: the other clouds' SDKs would triple the build.
+      go build -mod=readonly -trimpath -tags remove_all_sd,enable_kubernetes_sd \
+        -ldflags "$ld" -o "$tmp/bin/" "${pkgs[@]}"
     else
       go build -mod=readonly -trimpath -ldflags "$ld" -o "$tmp/bin/" "${pkgs[@]}"
     fi

@@ -22,6 +22,7 @@ mod locality;
 mod mesh;
 mod mtls;
 mod node_agent;
+mod observe;
 mod resilience;
 mod streaming;
 mod support;

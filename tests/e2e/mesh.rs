@@ -91,6 +91,16 @@ pub(crate) async fn in_pod(cluster: &Cluster, pod: Ipv4Addr, args: &[&str]) -> S
 
 /// As [`in_pod`]: whether it succeeded, and its stdout (then stderr).
 pub(crate) async fn try_in_pod(cluster: &Cluster, pod: Ipv4Addr, args: &[&str]) -> (bool, String) {
+    try_in_pod_for(cluster, pod, args, IN_POD).await
+}
+
+/// As [`try_in_pod`], for a command that may take up to `limit`.
+pub(crate) async fn try_in_pod_for(
+    cluster: &Cluster,
+    pod: Ipv4Addr,
+    args: &[&str],
+    limit: Duration,
+) -> (bool, String) {
     let netns = cluster.netns(pod);
     let run = tokio::process::Command::new("ip")
         .args(["netns", "exec", &netns])
@@ -98,9 +108,9 @@ pub(crate) async fn try_in_pod(cluster: &Cluster, pod: Ipv4Addr, args: &[&str]) 
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();
-    let out = tokio::time::timeout(IN_POD, run)
+    let out = tokio::time::timeout(limit, run)
         .await
-        .unwrap_or_else(|_| panic!("{args:?} in {netns} did not finish within {IN_POD:?}"))
+        .unwrap_or_else(|_| panic!("{args:?} in {netns} did not finish within {limit:?}"))
         .expect("ip netns exec runs");
     let said = format!(
         "{}{}",

@@ -251,6 +251,17 @@ pub async fn serve<N: Namespaces + 'static>(
     namespaces: Arc<N>,
     metrics: Arc<Metrics>,
 ) {
+    // Every result shows, at 0, before the first call.
+    for result in [
+        Result::Injected,
+        Result::Skipped,
+        Result::Unmeshed,
+        Result::Error,
+    ] {
+        let _ = metrics.webhook_calls.get_or_create(&ResultLabel {
+            result: result.label(),
+        });
+    }
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
