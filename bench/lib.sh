@@ -28,7 +28,10 @@ us_per_request() {
 # built in one `cargo build` with `tandem` (which links kube), it would get the features
 # kube-client switches on in shared crates (tracing's `log`: ~5% more instructions per
 # HTTP/2 request), which the shipped proxy (deploy/Dockerfile) has not.
+# BENCH_NO_BUILD=1: the release binaries as they are (built beforehand, for a run on a
+# machine that must stay quiet).
 build_release() {
+  [ -z "${BENCH_NO_BUILD:-}" ] || return 0
   cargo build --release -p tandem >&2
   cargo build --release -p tandem-proxy >&2
 }

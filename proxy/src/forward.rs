@@ -319,13 +319,15 @@ impl Forwarder {
         grpc: bool,
         conn: Option<Arc<ConnControl>>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'static {
-        let mut trace = self
-            .tracer
-            .as_deref()
-            .and_then(|tracer| self.trace(tracer, &req, &destination));
         // The one place the request is kept until a backend takes it: the sends borrow it.
         let mut slot: RequestSlot = Some(req);
+        // Nothing before the block: this function must stay a bare constructor, or the
+        // future is built aside and copied into place (twice, per HTTP/2 stream).
         async move {
+            let mut trace = match (&self.tracer, &slot) {
+                (Some(tracer), Some(req)) => self.trace(tracer, req, &destination),
+                _ => None,
+            };
             let (destination, mut set) = self
                 .backends(&destination)
                 .await

@@ -185,8 +185,12 @@ impl Prometheus {
     /// Prometheus with deploy/'s scrape configuration, pointed at the test cluster's
     /// API server (a kubeconfig instead of the in-cluster account), scraping every
     /// second; the control plane, which runs on this host rather than in a pod, is a
-    /// static target of its job.
-    async fn start(cluster: &Cluster, control_plane_admin: SocketAddr) -> Prometheus {
+    /// static target of its job, labelled with its `namespace` as discovery would.
+    async fn start(
+        cluster: &Cluster,
+        control_plane_admin: SocketAddr,
+        namespace: &str,
+    ) -> Prometheus {
         let mut config = yaml(&observability().join("prometheus/prometheus.yml"));
         config["global"]["scrape_interval"] = json!("1s");
         config["global"]["evaluation_interval"] = json!("1s");
@@ -198,7 +202,10 @@ impl Prometheus {
             if job["job_name"] == "tandem-control-plane" {
                 job.as_object_mut().unwrap().remove("kubernetes_sd_configs");
                 job.as_object_mut().unwrap().remove("relabel_configs");
-                job["static_configs"] = json!([{"targets": [control_plane_admin.to_string()]}]);
+                job["static_configs"] = json!([{
+                    "targets": [control_plane_admin.to_string()],
+                    "labels": {"namespace": namespace},
+                }]);
                 continue;
             }
             for sd in job["kubernetes_sd_configs"]
@@ -406,7 +413,7 @@ async fn every_dashboard_panel_returns_data_from_prometheus_scraping_the_mesh() 
             .await;
         }
 
-        let mut prometheus = Prometheus::start(cluster, injector.cp.addr("admin")).await;
+        let mut prometheus = Prometheus::start(cluster, injector.cp.addr("admin"), ns.name()).await;
         // Each client's traffic, for as long as the checks below take (at most LOAD_FOR).
         let loads: Vec<_> = clients
             .iter()
@@ -454,12 +461,17 @@ async fn every_dashboard_panel_returns_data_from_prometheus_scraping_the_mesh() 
         .await;
 
         // Every query of every panel, with the variables a user would pick: the
-        // test's namespace, web as the service (the client workload for the proxy
-        // dashboard: web's proxies make no outbound connections). Queries without data
-        // are asked again until the deadline: a series shows once scraped twice.
+        // test's namespace; web as the service, all of them on the overview (as it
+        // opens), the client workload on the proxy dashboard (web's proxies make no
+        // outbound connections). Queries without data are asked again until the
+        // deadline: a series shows once scraped twice.
         let mut pending: Vec<(String, String)> = Vec::new();
         for (name, dashboard) in dashboards() {
-            let service = if name == "tandem-proxy.json" { "client" } else { "web" };
+            let service = match name.as_str() {
+                "tandem-overview.json" => ".*",
+                "tandem-proxy.json" => "client",
+                _ => "web",
+            };
             for (panel, ref_id, expr) in queries(&dashboard) {
                 let filled = expr
                     .replace("$__rate_interval", RATE_INTERVAL)

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_queue::ArrayQueue;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crossbeam_queue::SegQueue;
 use opentelemetry::Context;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
@@ -32,10 +34,13 @@ pub struct SpanCounts {
     pub export_failed: Counter,
 }
 
-/// The queue between requests and the export task.
+/// The queue between requests and the export task: lock-free, bounded by a count,
+/// and grown in small blocks as spans come (an array of [`QUEUE`] spans made up front
+/// would cost every proxy over a megabyte while idle).
 #[derive(Debug)]
 pub struct SpanQueue {
-    spans: ArrayQueue<SpanData>,
+    spans: SegQueue<SpanData>,
+    queued: AtomicUsize,
     ready: Notify,
     counts: SpanCounts,
 }
@@ -43,28 +48,35 @@ pub struct SpanQueue {
 impl SpanQueue {
     pub fn new(counts: SpanCounts) -> Arc<Self> {
         Arc::new(Self {
-            spans: ArrayQueue::new(QUEUE),
+            spans: SegQueue::new(),
+            queued: AtomicUsize::new(0),
             ready: Notify::new(),
             counts,
         })
     }
 
     fn push(&self, span: SpanData) {
-        if self.spans.push(span).is_err() {
+        let queued = self.queued.fetch_add(1, Ordering::Relaxed);
+        if queued >= QUEUE {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
             self.counts.queue_full.inc();
-        } else if self.spans.len() == BATCH {
+            return;
+        }
+        self.spans.push(span);
+        if queued + 1 == BATCH {
             self.ready.notify_one();
         }
     }
 
     fn batch(&self) -> Vec<SpanData> {
-        let mut batch = Vec::with_capacity(self.spans.len().min(BATCH));
+        let mut batch = Vec::with_capacity(self.queued.load(Ordering::Relaxed).min(BATCH));
         while batch.len() < BATCH {
             match self.spans.pop() {
                 Some(span) => batch.push(span),
                 None => break,
             }
         }
+        self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
         batch
     }
 
