@@ -54,16 +54,15 @@ fi
 # tests/e2e/cluster.rs, which the tests start themselves, one per test process),
 # h2spec (tests/e2e/h2spec.rs), Jaeger (tests/e2e/tracing.rs), Prometheus and promtool
 # and the dashboard checker (tests/e2e/observe.rs), into a cache outside the repository
-# keyed by version: about 25 minutes cold on 2 cores, nothing once cached.
-say "tools from Go modules (tests/cluster/build-tools.sh)"
-tests/cluster/build-tools.sh kubernetes etcd h2spec jaeger prometheus dashcheck >/dev/null
-bin() { echo "$(tests/cluster/build-tools.sh --print-bin-dir "$1")/$2"; }
-TANDEM_H2SPEC=$(bin h2spec h2spec)
-TANDEM_JAEGER=$(bin jaeger jaeger)
-TANDEM_PROMETHEUS=$(bin prometheus prometheus)
-TANDEM_PROMTOOL=$(bin prometheus promtool)
-TANDEM_DASHBOARD_CHECK=$(bin dashcheck dashboard-check)
-export TANDEM_H2SPEC TANDEM_JAEGER TANDEM_PROMETHEUS TANDEM_PROMTOOL TANDEM_DASHBOARD_CHECK
+# keyed by version: about 25 minutes cold on 2 cores, nothing once cached. Built in the
+# background while the checks below compile (rustc and the linker leave cores idle),
+# and waited for before the tests.
+say "tools from Go modules (tests/cluster/build-tools.sh), in the background"
+tools_log=$(mktemp)
+# In a process group of its own, so that an early exit stops the Go builds with it.
+setsid tests/cluster/build-tools.sh kubernetes etcd h2spec jaeger prometheus dashcheck >/dev/null 2>"$tools_log" &
+tools_pid=$!
+trap 'kill -- "-$tools_pid" 2>/dev/null || true; rm -f "$tools_log"' EXIT
 
 # --- checks ---------------------------------------------------------------------------
 say "cargo fmt --check"
@@ -85,6 +84,21 @@ say "no import cycles between the modules of any crate (scripts/module-cycles.sh
 # cargo-modules 0.27 needs Rust >= 1.95 (0.28: 1.98); about 15 minutes to build, once.
 command -v cargo-modules >/dev/null || cargo install cargo-modules --version 0.27.0 --locked
 scripts/module-cycles.sh
+
+say "waiting for the tools from Go modules"
+if ! wait "$tools_pid"; then
+  cat "$tools_log" >&2
+  echo "error: building the tools from their Go modules failed (above)" >&2
+  exit 1
+fi
+grep -E 'built|up to date' "$tools_log" || true
+bin() { echo "$(tests/cluster/build-tools.sh --print-bin-dir "$1")/$2"; }
+TANDEM_H2SPEC=$(bin h2spec h2spec)
+TANDEM_JAEGER=$(bin jaeger jaeger)
+TANDEM_PROMETHEUS=$(bin prometheus prometheus)
+TANDEM_PROMTOOL=$(bin prometheus promtool)
+TANDEM_DASHBOARD_CHECK=$(bin dashcheck dashboard-check)
+export TANDEM_H2SPEC TANDEM_JAEGER TANDEM_PROMETHEUS TANDEM_PROMTOOL TANDEM_DASHBOARD_CHECK
 
 say "cargo test"
 cargo test --workspace

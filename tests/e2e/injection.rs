@@ -481,7 +481,10 @@ fn assert_injected(pod: &Value) {
             "TANDEM_IDENTITY_ADDRESS",
             "TANDEM_IDENTITY_SERVER_NAME",
             "TANDEM_IDENTITY",
-            "TANDEM_INBOUND_POLICY"
+            "TANDEM_INBOUND_POLICY",
+            "TANDEM_TRACE_COLLECTOR",
+            "TANDEM_TRACE_SAMPLE_RATIO",
+            "TANDEM_SERVICE_NAME"
         ]
     );
     // The identity the proxy asks for is its ServiceAccount's, as the kubelet expands it.
