@@ -8,6 +8,7 @@ pub mod index;
 pub mod injection;
 pub mod metrics;
 pub mod model;
+pub mod objects;
 pub mod server;
 pub mod source;
 

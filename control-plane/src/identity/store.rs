@@ -34,6 +34,7 @@ use super::authority::Authority;
 use super::material::{self, Generated, IssuerMaterial, TrustRoots, not_after, now, when};
 use super::{BUNDLE_KEY, SECRET, TRUST_ROOTS};
 use crate::metrics::Metrics;
+use crate::objects::create_or_get;
 
 /// What Certify signs with, once there is something usable.
 pub type Current = watch::Receiver<Option<Arc<Authority>>>;
@@ -258,21 +259,14 @@ impl Store {
             let generated = material::generate(&self.settings.trust_domain)
                 .map_err(|e| format!("cannot make a root and issuer: {e}"))?;
             let object = to_secret(ns, &generated, None);
-            return match api.create(&PostParams::default(), &object).await {
-                Ok(created) => {
-                    tracing::warn!(
-                        secret = %at,
-                        "identity: no issuer Secret: made a self-signed root (10 years) and an issuer under it (1 year); production clusters should bring their own issuer, for example from cert-manager (tls.crt, tls.key, ca.crt in this Secret)"
-                    );
-                    Ok((SecretTexts::of(&created), true))
-                }
-                // Another replica made it first: theirs.
-                Err(kube::Error::Api(status)) if status.code == 409 => {
-                    let winner = api.get(SECRET).await.map_err(read)?;
-                    Ok((SecretTexts::of(&winner), false))
-                }
-                Err(e) => Err(format!("cannot create {at}: {e}")),
-            };
+            let (secret, made) = create_or_get(&api, SECRET, &object, &at).await?;
+            if made {
+                tracing::warn!(
+                    secret = %at,
+                    "identity: no issuer Secret: made a self-signed root (10 years) and an issuer under it (1 year); production clusters should bring their own issuer, for example from cert-manager (tls.crt, tls.key, ca.crt in this Secret)"
+                );
+            }
+            return Ok((SecretTexts::of(&secret), made));
         };
         let texts = SecretTexts::of(&secret);
         let data = secret.data.clone().unwrap_or_default();
@@ -319,17 +313,11 @@ impl Store {
                 ));
             };
             let object = to_config_map(ns, TRUST_ROOTS, ca, None, false);
-            return match api.create(&PostParams::default(), &object).await {
-                Ok(_) => {
-                    tracing::info!(config_map = %at, "identity: made the trust roots from the issuer Secret's ca.crt");
-                    Ok(ca.clone())
-                }
-                Err(kube::Error::Api(status)) if status.code == 409 => {
-                    let winner = api.get(TRUST_ROOTS).await.map_err(read)?;
-                    Ok(bundle_of(&winner))
-                }
-                Err(e) => Err(format!("cannot create {at}: {e}")),
-            };
+            let (roots, made) = create_or_get(&api, TRUST_ROOTS, &object, &at).await?;
+            if made {
+                tracing::info!(config_map = %at, "identity: made the trust roots from the issuer Secret's ca.crt");
+            }
+            return Ok(bundle_of(&roots));
         };
         let bundle = bundle_of(&existing);
         let Some(ca) = secret.ca_crt.as_deref().filter(|_| made) else {

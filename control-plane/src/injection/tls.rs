@@ -36,6 +36,8 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde_json::json;
 
+use crate::objects::create_or_get;
+
 /// How often each replica reads the Secret and the webhook configuration again…
 pub const SYNC_EVERY: Duration = Duration::from_secs(10);
 /// …or, while something is missing or wrong, tries again.
@@ -367,21 +369,13 @@ pub async fn ensure_secret(client: &Client, settings: &TlsSettings) -> Result<Ma
         let material =
             Material::generate(&names).map_err(|e| format!("cannot make a certificate: {e}"))?;
         let new = material.to_secret(&settings.namespace, None);
-        return match api.create(&PostParams::default(), &new).await {
-            Ok(_) => {
-                tracing::info!(secret = %at, names = %names.join(","), "made the webhook's certificate");
-                Ok(material)
-            }
-            // Another replica made it first: serve theirs.
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                let secret = api
-                    .get(SECRET)
-                    .await
-                    .map_err(|e| format!("cannot read {at}: {e}"))?;
-                Material::from_secret(&secret).map_err(|e| format!("{at}: {e}"))
-            }
-            Err(e) => Err(format!("cannot create {at}: {e}")),
-        };
+        let (secret, made) = create_or_get(&api, SECRET, &new, &at).await?;
+        if made {
+            tracing::info!(secret = %at, names = %names.join(","), "made the webhook's certificate");
+            return Ok(material);
+        }
+        // Another replica made it first: serve theirs.
+        return Material::from_secret(&secret).map_err(|e| format!("{at}: {e}"));
     };
     let current = match Material::from_secret(&secret) {
         Ok(m) => m,
