@@ -55,8 +55,8 @@ fi
 # h2spec (tests/e2e/h2spec.rs), Jaeger (tests/e2e/tracing.rs), Prometheus and promtool
 # and the dashboard checker (tests/e2e/observe.rs), into a cache outside the repository
 # keyed by version: about 25 minutes cold on 2 cores, nothing once cached. Built in the
-# background while the checks below compile (rustc and the linker leave cores idle),
-# and waited for before the tests.
+# background while the checks and the tests below compile (rustc and the linker leave
+# cores idle), and waited for before the tests run.
 say "tools from Go modules (tests/cluster/build-tools.sh), in the background"
 tools_log=$(mktemp)
 # In a process group of its own, so that an early exit stops the Go builds with it.
@@ -84,6 +84,9 @@ say "no import cycles between the modules of any crate (scripts/module-cycles.sh
 # cargo-modules 0.27 needs Rust >= 1.95 (0.28: 1.98); about 15 minutes to build, once.
 command -v cargo-modules >/dev/null || cargo install cargo-modules --version 0.27.0 --locked
 scripts/module-cycles.sh
+
+say "building the tests (while the tools build)"
+cargo test --workspace --no-run
 
 say "waiting for the tools from Go modules"
 if ! wait "$tools_pid"; then
