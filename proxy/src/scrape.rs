@@ -200,7 +200,11 @@ impl TrafficMetrics {
         let Some(set) = set else { return };
         let proxy_zone = set.placement.proxy_locality.as_ref().map(|l| &l.zone);
         let mut endpoints = [0u64; 4];
-        let shares = set.balancer.expected_shares();
+        // Only with a zone of its own does the proxy send anything "out of" it.
+        let shares = match proxy_zone {
+            Some(_) => set.balancer.expected_shares(),
+            None => Vec::new(),
+        };
         let mut cross_zone = 0.0;
         for (i, backend) in set.backends.iter().enumerate() {
             let backend_stats = &backend.state.stats;
