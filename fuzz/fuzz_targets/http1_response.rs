@@ -1,6 +1,6 @@
 //! The HTTP/1 response head parser (`tandem_proxy::http1::head::parse_response`),
 //! the rewrite the proxy sends to HTTP/1 clients (`rewrite_response`) and the header
-//! map made for HTTP/2 clients (`response_parts`). The bytes come from a backend.
+//! map made for HTTP/2 clients (`parse_response_parts`). The bytes come from a backend.
 //!
 //! Checks, beyond "no panic":
 //! - an accepted head lies within the buffer; what follows it changes nothing, and
@@ -10,13 +10,13 @@
 //!   response: same length, status and body framing (a client that frames the body
 //!   differently from the proxy desynchronises the connection), nothing left to
 //!   rewrite, and `connection: close` when the proxy closes the client connection;
-//! - `response_parts` never hands on hop-by-hop or framing headers.
+//! - `parse_response_parts` never hands on hop-by-hop or framing headers.
 
 #![no_main]
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use tandem_proxy::http1::head::{Framing, parse_response, response_parts, rewrite_response};
+use tandem_proxy::http1::head::{Framing, parse_response, parse_response_parts, rewrite_response};
 
 fuzz_target!(|buf: &[u8]| {
     for request_is_head in [false, true] {
@@ -87,7 +87,7 @@ fn check(buf: &[u8], request_is_head: bool) {
     }
 
     let bytes = Bytes::copy_from_slice(raw);
-    if let Ok((status, headers)) = response_parts(&bytes) {
+    if let Ok((_, status, headers)) = parse_response_parts(&bytes, request_is_head) {
         assert_eq!(status.as_u16(), head.status);
         for name in [
             "connection",

@@ -192,6 +192,13 @@ fn adapt(req: &mut Request<ProxyBody>, to: HttpVersion, backend: std::net::Socke
     match to {
         HttpVersion::Http1 => {
             *req.version_mut() = Version::HTTP_11;
+            if crate::http1::client::fits(req)
+                && (req.uri().authority().is_some() || req.headers().contains_key(header::HOST))
+            {
+                // Written by the raw client, which takes the target's path and its
+                // authority (else Host) from where they are (`client::write_head`).
+                return;
+            }
             if let Some(authority) = req.uri().authority() {
                 // HTTP/1 servers expect origin-form (`/path?query`) and a Host header,
                 // the target's authority whatever Host said (RFC 9112 §3.2.2).
@@ -311,7 +318,7 @@ impl Forwarder {
 
     // Not `async fn`: see `handle` (an async fn here would hold the request twice).
     #[allow(clippy::manual_async_fn)]
-    fn forward(
+    pub(crate) fn forward(
         self: Arc<Self>,
         destination: Arc<Destination>,
         req: Request<ProxyBody>,
@@ -523,10 +530,11 @@ mod tests {
 
     #[test]
     fn adapts_between_versions() {
+        // With a body: sent by hyper's client, which takes the head as it is.
         let mut req = Request::builder()
             .uri("/a?b=1")
             .header(header::HOST, "web:80")
-            .body(ProxyBody::Empty)
+            .body(ProxyBody::text("x"))
             .unwrap();
         let addr = "10.0.0.1:8080".parse().unwrap();
         adapt(&mut req, HttpVersion::Http2, addr);
@@ -536,6 +544,25 @@ mod tests {
         assert_eq!(req.uri().to_string(), "/a?b=1");
         assert_eq!(req.headers()[header::HOST], "web:80");
         assert_eq!(req.version(), Version::HTTP_11);
+
+        // Bodiless: written by the raw client from the URI as it is.
+        let mut req = Request::builder()
+            .uri("http://web:80/a")
+            .version(Version::HTTP_2)
+            .body(ProxyBody::Empty)
+            .unwrap();
+        adapt(&mut req, HttpVersion::Http1, addr);
+        assert_eq!(req.uri().to_string(), "http://web:80/a");
+        assert_eq!(req.version(), Version::HTTP_11);
+
+        // HTTP/1.0 without a Host: the backend's address names it.
+        let mut req = Request::builder()
+            .uri("/a")
+            .version(Version::HTTP_10)
+            .body(ProxyBody::Empty)
+            .unwrap();
+        adapt(&mut req, HttpVersion::Http1, addr);
+        assert_eq!(req.headers()[header::HOST], "10.0.0.1:8080");
     }
 }
 

@@ -1,6 +1,6 @@
 //! An HTTP/1.1 client connection: the proxy's own HTTP/1 path ([`crate::http1`]) first,
 //! then hyper from the first request it hands over (a body it does not stream
-//! itself, an upgrade, a backend that speaks HTTP/2). Every listener serves HTTP/1.1
+//! itself, an upgrade, HTTP/1.0). Every listener serves HTTP/1.1
 //! through here.
 
 use std::convert::Infallible;

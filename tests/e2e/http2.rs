@@ -281,6 +281,15 @@ async fn http1_clients_are_carried_over_http2_to_the_backends() {
             .unwrap();
         assert_eq!(echoed.status, StatusCode::OK);
         assert_eq!(echoed.body, upload, "a request body, whole, both ways");
+        // A small body stays on the proxy's own HTTP/1 path, which reads it whole.
+        let small = conn
+            .send("POST", "web", "/echo", Bytes::from_static(b"small"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (small.status, &small.body[..]),
+            (StatusCode::OK, &b"small"[..])
+        );
 
         let chunks = conn.get("web", "/chunks/50").await.unwrap();
         assert_eq!(chunks.status, StatusCode::OK);

@@ -9,13 +9,12 @@
 
 use std::sync::Arc;
 
-use bytes::Buf;
 use http::{HeaderMap, Method, Request, Response, Version, header};
 use http_body::Body;
 
 use super::body::ResponseBody;
 use super::exchange::{self, BodyLeft, SendFailure};
-use super::head::{self, BadResponse, Framing, ResponseHead};
+use super::head::{self, BadResponse, Framing};
 use super::pool::{RawConn, RawPool};
 use crate::body::ProxyBody;
 use crate::shared::is_idempotent;
@@ -51,16 +50,18 @@ pub fn send<'a, E: From<SendFailure>>(
     let is_head = req.method() == Method::HEAD;
     let idempotent = is_idempotent(req.method().as_str());
     async move {
-        let sent = exchange::send(pool, &outgoing, is_head, idempotent).await;
+        // The head is parsed once it is whole, and once: into the response's header map.
+        let sent = exchange::send_with(pool, &outgoing, idempotent, head_end).await;
         let result = match sent {
-            Ok((conn, response)) => respond(pool, conn, response, is_head).await,
+            Ok((conn, head_len)) => respond(pool, conn, head_len, is_head).await,
             Err(failure) => Err(failure),
         };
         result.map_err(E::from)
     }
 }
 
-/// The request head in HTTP/1.1: origin-form target, `Host` first, the other
+/// The request head in HTTP/1.1: origin-form target, `Host` first (the target's
+/// authority whatever Host said, RFC 9112 §3.2.2; Host when it has none), the other
 /// headers as they are (HTTP/2 may split `cookie` in several fields: joined again,
 /// RFC 9113 §8.2.3). `te` is left out: only `trailers` survives to here, and this
 /// path does not forward response trailers.
@@ -75,10 +76,11 @@ fn write_head(req: &Request<ProxyBody>, out: &mut Vec<u8>) {
     });
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let headers = req.headers();
-    let host = headers
-        .get(header::HOST)
-        .map(|h| h.as_bytes())
-        .or_else(|| req.uri().authority().map(|a| a.as_str().as_bytes()));
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| headers.get(header::HOST).map(|h| h.as_bytes()));
     if let Some(host) = host {
         head::push_header(out, b"host", host);
     }
@@ -114,25 +116,37 @@ fn write_cookies(headers: &HeaderMap, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The response for `response`, whose head starts `conn.buf`. Interim (1xx) heads
-/// before it are skipped: nothing here asked for them.
+/// Where the response head at the start of `buf` ends, once it is all there.
+fn head_end(buf: &[u8]) -> Result<Option<usize>, BadResponse> {
+    Ok(head::response_head_end(buf))
+}
+
+/// The response whose head, `head_len` bytes, starts `conn.buf`. Interim (1xx)
+/// heads before it are skipped: nothing here asked for them.
 async fn respond(
     pool: &Arc<RawPool>,
     mut conn: RawConn,
-    mut response: ResponseHead,
+    mut head_len: usize,
     is_head: bool,
 ) -> Result<Response<ProxyBody>, SendFailure> {
-    while (100..200).contains(&response.status) {
-        if response.status == 101 {
+    let (response, status, headers) = loop {
+        // In a block: an interim head's parts are not kept while the next one is read.
+        let switched = {
+            let head_bytes = conn.buf.split_to(head_len).freeze();
+            let parts = head::parse_response_parts(&head_bytes, is_head)
+                .map_err(SendFailure::BadResponse)?;
+            if !(100..200).contains(&parts.0.status) {
+                break parts;
+            }
+            parts.0.status == 101
+        };
+        if switched {
             return Err(SendFailure::BadResponse(BadResponse(
                 "switched protocols without being asked to",
             )));
         }
-        conn.buf.advance(response.len);
-        response = exchange::read_head(&mut conn, is_head).await?;
-    }
-    let head_bytes = conn.buf.split_to(response.len).freeze();
-    let (status, headers) = head::response_parts(&head_bytes).map_err(SendFailure::BadResponse)?;
+        head_len = exchange::read_head_with(&mut conn, head_end).await?;
+    };
     let body = match response.framing {
         Framing::Empty => {
             pool.finish(conn, response.close);
@@ -311,6 +325,28 @@ mod tests {
             slot.is_some(),
             "kept, so it can be sent again without a copy"
         );
+    }
+
+    #[test]
+    fn the_head_names_the_targets_authority_in_origin_form() {
+        let req = Request::get("http://web:80/a?b=1")
+            .header(header::HOST, "elsewhere")
+            .header("x-app", "1")
+            .body(ProxyBody::Empty)
+            .unwrap();
+        let mut out = Vec::new();
+        write_head(&req, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /a?b=1 HTTP/1.1\r\nhost: web:80\r\nx-app: 1\r\n\r\n"
+        );
+        let req = Request::get("/a")
+            .header(header::HOST, "web")
+            .body(ProxyBody::Empty)
+            .unwrap();
+        let mut out = Vec::new();
+        write_head(&req, &mut out);
+        assert_eq!(out, b"GET /a HTTP/1.1\r\nhost: web\r\n\r\n");
     }
 
     #[test]

@@ -59,12 +59,27 @@ impl SendFailure {
 /// Sends `outgoing` over a pooled (or new) connection of `pool` and reads the response head.
 /// `is_head`: the request is a HEAD (its response has no body); `idempotent`: it may
 /// be sent again when a pooled connection turns out closed.
-pub async fn send(
-    pool: &RawPool,
-    outgoing: &[u8],
+/// Not an `async fn`: one would hold [`send_with`]'s future inside its own, and be
+/// moved into place in a copy per request.
+pub fn send<'a>(
+    pool: &'a RawPool,
+    outgoing: &'a [u8],
     is_head: bool,
     idempotent: bool,
-) -> Result<(RawConn, ResponseHead), SendFailure> {
+) -> impl Future<Output = Result<(RawConn, ResponseHead), SendFailure>> + 'a {
+    send_with(pool, outgoing, idempotent, move |buf| {
+        head::parse_response(buf, is_head)
+    })
+}
+
+/// [`send`], with `complete` saying when `conn.buf` holds a whole response head
+/// (and what the caller wants of it).
+pub async fn send_with<T>(
+    pool: &RawPool,
+    outgoing: &[u8],
+    idempotent: bool,
+    complete: impl Fn(&[u8]) -> Result<Option<T>, BadResponse>,
+) -> Result<(RawConn, T), SendFailure> {
     loop {
         let mut conn = match pool.checkout() {
             Some(conn) => conn,
@@ -72,7 +87,7 @@ pub async fn send(
             None => Box::pin(pool.dial()).await.map_err(SendFailure::Connect)?,
         };
         let result = match conn.stream.write_all(outgoing).await {
-            Ok(()) => read_head(&mut conn, is_head).await,
+            Ok(()) => read_head_with(&mut conn, &complete).await,
             Err(e) => Err(SendFailure::Write(e)),
         };
         match result {
@@ -89,13 +104,21 @@ pub async fn send(
 }
 
 /// Reads until `conn.buf` starts with a whole response head.
-pub async fn read_head(
+pub fn read_head(
     conn: &mut RawConn,
     request_is_head: bool,
-) -> Result<ResponseHead, SendFailure> {
+) -> impl Future<Output = Result<ResponseHead, SendFailure>> + '_ {
+    read_head_with(conn, move |buf| head::parse_response(buf, request_is_head))
+}
+
+/// Reads until `complete` finds a whole response head at the start of `conn.buf`.
+pub async fn read_head_with<T>(
+    conn: &mut RawConn,
+    complete: impl Fn(&[u8]) -> Result<Option<T>, BadResponse>,
+) -> Result<T, SendFailure> {
     loop {
         if !conn.buf.is_empty() {
-            match head::parse_response(&conn.buf, request_is_head) {
+            match complete(&conn.buf) {
                 Ok(Some(response)) => return Ok(response),
                 Ok(None) if conn.buf.len() < MAX_HEAD => {}
                 Ok(None) => return Err(SendFailure::BadResponse(BadResponse("head too large"))),

@@ -21,7 +21,7 @@ use crate::shared::is_idempotent;
 use crate::trace::context::{Found, TRACEPARENT};
 
 /// Header lines read per message on this path; a request with more goes to hyper.
-const MAX_HEADERS: usize = 64;
+pub(super) const MAX_HEADERS: usize = 64;
 /// Response heads may carry more (cookies, CSP, tracing).
 const MAX_RESPONSE_HEADERS: usize = 128;
 /// Names listed in one message's `Connection` headers that this path removes itself.
@@ -123,6 +123,8 @@ pub struct RequestHead {
     pub rewrite: bool,
     /// Carries a trace context (`traceparent`, B3): looked at when tracing is on.
     pub trace_context: bool,
+    /// Says `te: trailers`: the client takes a chunked response's trailers.
+    pub te_trailers: bool,
 }
 
 impl RequestHead {
@@ -307,6 +309,7 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>,
         close: false,
         rewrite: false,
         trace_context: false,
+        te_trailers: false,
     };
     let mut seen_length = false;
     for h in req.headers.iter() {
@@ -355,7 +358,9 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Option<RequestHead>,
                 head.rewrite = true;
             }
             2 if name.eq_ignore_ascii_case("te") => {
-                head.rewrite |= !trim(h.value).eq_ignore_ascii_case(b"trailers");
+                let trailers = trim(h.value).eq_ignore_ascii_case(b"trailers");
+                head.rewrite |= !trailers;
+                head.te_trailers |= trailers;
             }
             11 if name.eq_ignore_ascii_case("traceparent") => head.trace_context = true,
             12 if name.eq_ignore_ascii_case("x-b3-traceid") => head.trace_context = true,
@@ -440,12 +445,20 @@ pub fn parse_response(
 ) -> Result<Option<ResponseHead>, BadResponse> {
     let mut headers =
         [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
+    Ok(parse_response_in(buf, request_is_head, &mut headers)?.map(|(head, _)| head))
+}
+
+/// [`parse_response`], leaving the parsed header lines in `headers` for a caller
+/// that makes more of them.
+fn parse_response_in<'h, 'b>(
+    buf: &'b [u8],
+    request_is_head: bool,
+    headers: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> Result<Option<(ResponseHead, httparse::Response<'h, 'b>)>, BadResponse> {
     let mut res = httparse::Response::new(&mut []);
-    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut res,
-        buf,
-        &mut headers,
-    ) {
+    let len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, buf, headers)
+    {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(BadResponse("too many headers")),
@@ -517,13 +530,25 @@ pub fn parse_response(
         }
     };
     let close = tokens.close || (http10 && !tokens.keep_alive) || framing == Framing::UntilClose;
-    Ok(Some(ResponseHead {
+    let head = ResponseHead {
         len,
         status,
         framing,
         close,
         rewrite,
-    }))
+    };
+    Ok(Some((head, res)))
+}
+
+/// Where the response head at the start of `buf` ends (after its empty line, CRLF or
+/// bare LF), if it is all there: what waiting for a head needs to know, for a caller
+/// that parses it once it is whole ([`parse_response_parts`]).
+pub fn response_head_end(buf: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', buf).find_map(|i| match buf.get(i + 1..) {
+        Some([b'\n', ..]) => Some(i + 2),
+        Some([b'\r', b'\n', ..]) => Some(i + 3),
+        _ => None,
+    })
 }
 
 /// Writes the response head at the start of `buf` into `out` as HTTP/1.1, without
@@ -565,24 +590,20 @@ pub fn rewrite_response(buf: &[u8], close_client: bool, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The status and end-to-end headers of the response head at the start of `head`, for
-/// a response that leaves this path as a header map (to an HTTP/2 client, or through
-/// hyper). Values are slices of `head`, not copies. The body is decoded on its way
-/// out, so Transfer-Encoding goes too (and Content-Length beside it).
-pub fn response_parts(head: &Bytes) -> Result<(StatusCode, HeaderMap), BadResponse> {
+/// The framing ([`parse_response`]'s), status and end-to-end headers of the response
+/// head `head` holds whole (see [`response_head_end`]), parsed once, for a response
+/// that leaves this path as a header map (to an HTTP/2 client, or through hyper).
+/// Values are slices of `head`, not copies. The body is decoded on its way out, so
+/// Transfer-Encoding goes too (and Content-Length beside it).
+pub fn parse_response_parts(
+    head: &Bytes,
+    request_is_head: bool,
+) -> Result<(ResponseHead, StatusCode, HeaderMap), BadResponse> {
     let mut headers =
         [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
-    let mut res = httparse::Response::new(&mut []);
-    if !matches!(
-        httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut res,
-            head,
-            &mut headers
-        ),
-        Ok(httparse::Status::Complete(_))
-    ) {
+    let Some((parsed, res)) = parse_response_in(head, request_is_head, &mut headers)? else {
         return Err(BadResponse("malformed head"));
-    }
+    };
     let status = res
         .code
         .and_then(|code| StatusCode::from_u16(code).ok())
@@ -602,7 +623,7 @@ pub fn response_parts(head: &Bytes) -> Result<(StatusCode, HeaderMap), BadRespon
             .map_err(|_| BadResponse("invalid header value"))?;
         map.append(name, value);
     }
-    Ok((status, map))
+    Ok((parsed, status, map))
 }
 
 #[cfg(test)]

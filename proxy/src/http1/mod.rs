@@ -11,6 +11,10 @@
 //! requests hyper parsed) over the same pooled backend connections ([`pool`]),
 //! streaming the response [`body`] as the caller reads it.
 //!
+//! Requests whose backends are spoken to in HTTP/2 (a meshed endpoint's proxy, an
+//! HTTP/2 backend) stay on this path as well ([`to_http2`]): the parsed head becomes a
+//! header map for the forwarder, and the response is written back as HTTP/1.1.
+//!
 //! Anything else continues in hyper, on the same connection, from the first byte of
 //! the request that needed it (see [`head::Handoff`]): such a request was not acted
 //! on yet, so hyper sees exactly what the client sent.
@@ -22,6 +26,7 @@ mod exchange;
 pub mod head;
 pub mod pool;
 mod serve;
+mod to_http2;
 
 pub use exchange::SendFailure;
 pub use pool::RESPONSE_BUFFER;

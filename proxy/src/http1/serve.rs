@@ -7,22 +7,26 @@
 
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
+use http_body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::exchange::{BodyLeft, MAX_HEAD, MIN_READ, RELAY_CHUNK, read_head, send};
 use super::head::{self, Framing, Handoff, Refusal, RequestHead, ResponseHead};
 use super::pool::{RawConn, RawPool};
+use super::to_http2::{self, BodyOut};
+use crate::body::ProxyBody;
 use crate::connections::{ConnControl, Phase, Stop};
 use crate::destination::{BackendSet, Destination};
-use crate::forward::Forwarder;
 use crate::forward::error::{ProxyError, nothing_to_pick, timed_out, upstream_failed};
 use crate::forward::resilience::{Attempts, record_failure, record_response, retrying};
+use crate::forward::{Forwarder, Router};
 use crate::metrics::ProxyErrorKind;
 use crate::trace::{InboundInfo, RequestInfo, RequestTrace, Tracer};
 
@@ -47,14 +51,17 @@ pub enum Outcome<IO> {
 enum Next {
     KeepAlive,
     Close,
-    Handoff(Handoff),
+    /// The destination's backends are spoken to in HTTP/2: the request goes through
+    /// [`ClientConn::over_http2`] (awaited apart, so the common path's state does not
+    /// hold that one's).
+    Http2(Arc<Destination>, Instant),
 }
 
 /// Serves HTTP/1.1 requests from `io` (with `buf` holding bytes already read) until
 /// the connection ends or a request needs hyper.
 pub async fn serve<IO>(
-    forwarder: &Forwarder,
-    control: &ConnControl,
+    forwarder: &Arc<Forwarder>,
+    control: &Arc<ConnControl>,
     mut io: IO,
     mut buf: BytesMut,
 ) -> Outcome<IO>
@@ -67,6 +74,7 @@ where
         request_out: Vec::new(),
         response_out: Vec::new(),
         trace: None,
+        routed: None,
     };
     loop {
         control.set_phase(if buf.is_empty() {
@@ -114,9 +122,14 @@ where
                 return Outcome::Closed;
             }
         }
-        match conn.exchange(&mut io, &buf[..total], &head).await {
+        let mut next = conn.exchange(&mut io, &buf[..total], &head).await;
+        if let Next::Http2(destination, start) = next {
+            next = conn
+                .over_http2(&mut io, &buf[..total], &head, destination, start)
+                .await;
+        }
+        match next {
             Next::KeepAlive if !head.close && !control.is_draining() => buf.advance(total),
-            Next::Handoff(reason) => return handoff(io, buf, reason),
             _ => {
                 let _ = io.shutdown().await;
                 return Outcome::Closed;
@@ -218,16 +231,41 @@ impl<F: Future> Future for UnlessStopped<'_, F> {
 }
 
 struct ClientConn<'a> {
-    forwarder: &'a Forwarder,
-    control: &'a ConnControl,
+    forwarder: &'a Arc<Forwarder>,
+    control: &'a Arc<ConnControl>,
     /// Scratch space for rewritten heads, kept for the connection's life.
     request_out: Vec<u8>,
     response_out: Vec<u8>,
     /// The spans of the request under way, when it is traced.
     trace: Option<Box<RequestTrace>>,
+    /// The last request's Host and the destination it routed to: a connection's
+    /// requests mostly name one service, and comparing bytes costs less than
+    /// normalising and looking the name up again. Held as long as an intercepted
+    /// connection holds the destination it was addressed to.
+    routed: Option<(Vec<u8>, Arc<Destination>)>,
 }
 
 impl ClientConn<'_> {
+    /// The destination of a request naming `host` (see [`Forwarder::route`]).
+    fn route(&mut self, host: Option<&[u8]>) -> Result<Arc<Destination>, ProxyError> {
+        if let Router::Static(destination) = &*self.forwarder.router {
+            return Ok(destination.clone());
+        }
+        if let (Some(host), Some((last, destination))) = (host, &self.routed)
+            && host == &last[..]
+        {
+            return Ok(destination.clone());
+        }
+        let destination = self.forwarder.route(host)?;
+        if let Some(host) = host {
+            let mut last = self.routed.take().map(|(last, _)| last).unwrap_or_default();
+            last.clear();
+            last.extend_from_slice(host);
+            self.routed = Some((last, destination.clone()));
+        }
+        Ok(destination)
+    }
+
     /// Forwards one request (`request`: its head and whole body) and relays the answer.
     async fn exchange<IO>(&mut self, client: &mut IO, request: &[u8], head: &RequestHead) -> Next
     where
@@ -235,7 +273,7 @@ impl ClientConn<'_> {
     {
         let start = Instant::now();
         let forwarder = self.forwarder;
-        let destination = match forwarder.route(head.host(request)) {
+        let destination = match self.route(head.host(request)) {
             Ok(destination) => destination,
             Err(error) => return self.answer(client, error, head).await,
         };
@@ -245,7 +283,7 @@ impl ClientConn<'_> {
             Err(error) => return self.answer(client, error, head).await,
         };
         if !set.all_http1 {
-            return Next::Handoff(Handoff("backends speak HTTP/2"));
+            return Next::Http2(destination, start);
         }
         if let Some(tracer) = forwarder.tracer.as_deref()
             && (head.trace_context || tracer.starts_traces())
@@ -360,6 +398,66 @@ impl ClientConn<'_> {
         };
         self.request_out = request_out;
         next
+    }
+
+    /// Forwards a request whose backends are spoken to in HTTP/2 (meshed endpoints)
+    /// as a header map, through the forwarder's flow, and writes the response back
+    /// as HTTP/1.1 ([`to_http2`]).
+    async fn over_http2<IO>(
+        &mut self,
+        client: &mut IO,
+        request: &[u8],
+        head: &RequestHead,
+        destination: Arc<Destination>,
+        start: Instant,
+    ) -> Next
+    where
+        IO: AsyncWrite + Unpin,
+    {
+        let req = match to_http2::request(Bytes::copy_from_slice(request), head) {
+            Ok(req) => req,
+            Err(why) => {
+                let error = ProxyError::new(
+                    ProxyErrorKind::BadRequest,
+                    StatusCode::BAD_REQUEST,
+                    why.into(),
+                );
+                return self.answer(client, error, head).await;
+            }
+        };
+        // The forwarder's flow bounds its own wait for the response.
+        self.control.set_phase(Phase::Delegated);
+        let forwarding = self.forwarder.clone().forward(
+            destination,
+            req,
+            start,
+            false,
+            Some(self.control.clone()),
+        );
+        let response = forwarding.await;
+        self.control.set_phase(Phase::Busy);
+        let response = match response {
+            Ok(response) => response,
+            Err(error) => return self.answer(client, error, head).await,
+        };
+        let close = head.close || self.control.is_draining();
+        let mut out = std::mem::take(&mut self.response_out);
+        out.clear();
+        let framing = to_http2::response_head(&response, head.is_head, close, &mut out);
+        let relayed = relay_frames(
+            self.control,
+            client,
+            response.into_body(),
+            framing,
+            head.te_trailers,
+            &mut out,
+        )
+        .await;
+        self.response_out = out;
+        match relayed {
+            Ok(()) if !close => Next::KeepAlive,
+            _ => Next::Close,
+        }
     }
 
     /// Relays the response whose head was read on `conn`, then pools `conn` if it can
@@ -528,6 +626,55 @@ fn trace(
         trace = tracer.request(found, &info);
     });
     trace
+}
+
+/// Writes `out` (a response head) and `body` framed as `framing` says: what is
+/// ready at once goes out with the head in one write, and then each batch of frames
+/// as it comes. An error (a body cut short, a client gone) closes the connection:
+/// that is how HTTP/1 says a response was cut short.
+async fn relay_frames<IO: AsyncWrite + Unpin>(
+    control: &ConnControl,
+    client: &mut IO,
+    mut body: ProxyBody,
+    framing: BodyOut,
+    te_trailers: bool,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    let mut trailers = false;
+    if framing != BodyOut::None {
+        loop {
+            let frame = match to_http2::frame_now(&mut body) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    if !out.is_empty() {
+                        write_to(control, client, out).await?;
+                        out.clear();
+                    }
+                    let next = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
+                    unless_stopped(control, next)
+                        .await
+                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+                }
+            };
+            match frame {
+                None => break,
+                Some(Err(error)) => return Err(io::Error::other(error)),
+                Some(Ok(frame)) => {
+                    trailers |= frame.is_trailers();
+                    to_http2::push_frame(out, frame, framing, te_trailers);
+                    if out.len() >= RELAY_CHUNK {
+                        write_to(control, client, out).await?;
+                        out.clear();
+                    }
+                }
+            }
+        }
+        to_http2::push_end(out, framing, trailers && te_trailers);
+    }
+    if !out.is_empty() {
+        write_to(control, client, out).await?;
+    }
+    Ok(())
 }
 
 /// [`write_all`], unless the connection's limits stop it first (a client that stopped
