@@ -9,8 +9,10 @@
 #   PROXY_FLAGS="--trace-collector 127.0.0.1:4317" bench/callgrind.sh   # more proxy flags
 #
 # Loads (h2load, 64 connections, N requests, start-up and shutdown included):
-#   h2c  h2c clients, 10 streams each, HTTP/2 to the backends (--backend-protocol http2)
-#   h1   HTTP/1.1 keep-alive clients (h2load --h1), HTTP/1.1 to the backends
+#   h2c       h2c clients, 10 streams each, HTTP/2 to the backends (--backend-protocol http2)
+#   h1        HTTP/1.1 keep-alive clients (h2load --h1), HTTP/1.1 to the backends
+#   h1-h2up   HTTP/1.1 clients, HTTP/2 to the backends (the client side of a mesh hop)
+#   h2c-h1up  h2c clients, HTTP/1.1 to the backends (the server side of a mesh hop)
 # The proxy runs with one thread; the two backends are `tandem backend`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +46,9 @@ instructions() {
   case $load in
     h2c) protocol=http2 ;;
     h1) h1=(--h1) ;;
+    h1-h2up) h1=(--h1); protocol=http2 ;;
+    h2c-h1up) protocol=http1 ;;
+    *) echo "unknown load $load (h2c h1 h1-h2up h2c-h1up)" >&2; exit 1 ;;
   esac
   valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" \
     --backends "127.0.0.1:$B1,127.0.0.1:$B2" --backend-protocol "$protocol" --threads 1 \

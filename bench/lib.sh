@@ -18,6 +18,13 @@ cpu_ticks() {
   awk '{ s = $0; sub(/.*\) /, "", s); split(s, f, " "); t += f[12] + f[13] } END { print t }' "${files[@]}"
 }
 
+# System (kernel) CPU ticks alone of one or more processes (field 15).
+sys_ticks() {
+  local pid files=()
+  for pid in "$@"; do files+=("/proc/$pid/stat"); done
+  awk '{ s = $0; sub(/.*\) /, "", s); split(s, f, " "); t += f[13] } END { print t }' "${files[@]}"
+}
+
 # us_per_request BEFORE AFTER REQUESTS: CPU microseconds per request between two
 # cpu_ticks readings.
 us_per_request() {

@@ -11,6 +11,8 @@
 #                                         # haproxy-mtls haproxy-mtls-h1 tandem-plain)
 #   HANDSHAKE_SECONDS=0 CERTIFY_REQUESTS=0 bench/mesh.sh   # the pairs only
 #   BUILD=0 bench/mesh.sh                 # the binaries in target/release as they are
+#   CALLGRIND=1 bench/mesh.sh             # instructions per request of each Tandem proxy
+#   CALLGRIND=1 PROXIES="OLD NEW" bench/mesh.sh   # of several proxy binaries, side by side
 #
 # Needs root (a network namespace, nat rules), 2 CPUs, the tests' Kubernetes control
 # plane (scripts/cluster.sh: etcd, kube-apiserver, kube-controller-manager, built once
@@ -69,7 +71,8 @@
 #
 # Reported per pair: requests/s; p50 and p99 latency (wrk's); CPU per request of the
 # pair (both proxies' user + system time from /proc/PID/stat, summed) and of each
-# proxy; how busy each core was (/proc/stat); peak RSS of each proxy under load
+# proxy, and how much of the pair's was system time (the kernel's TCP and veth
+# work); how busy each core was (/proc/stat); peak RSS of each proxy under load
 # (VmHWM); the mesh hop's TCP connections at the end of the run and, for Tandem, the
 # mTLS handshakes the pair made (tandem_proxy_mesh_tls_handshakes_total, both sides)
 # and the inbound connections by transport (checked: mtls from .../sa/bench-client
@@ -108,6 +111,15 @@
 # the same token, as a proxy's renewals do: the API server may answer its
 # TokenReviews from its token cache.
 #
+# CALLGRIND=1: instead of the rounds, handshakes and Certify, each Tandem pair (of
+# PAIRS) runs both its proxies under callgrind while h2load (HTTP/1.1, 64 connections,
+# CALLGRIND_REQUESTS requests, default 20000) sends through it; reported: instructions
+# per request of the client proxy, the server proxy and the pair (start-up and
+# shutdown included). Counted instructions do not move with what else the machine
+# does, so two builds compare on a busy machine where times cannot; PROXIES names the
+# proxy binaries to compare (default: the one built); CALLGRIND_KEEP=DIR keeps the
+# profiles (PAIR-BINARY-client.out, PAIR-BINARY-server.out).
+#
 # The Tandem proxies' log lines at WARN or ERROR, over every run, are counted in the
 # report (and the first few printed on stderr).
 #
@@ -128,6 +140,8 @@ PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 BUILD=${BUILD:-1}
 HANDSHAKE_SECONDS=${HANDSHAKE_SECONDS:-5}
+CALLGRIND=${CALLGRIND:-0}
+CALLGRIND_REQUESTS=${CALLGRIND_REQUESTS:-20000}
 CERTIFY_REQUESTS=${CERTIFY_REQUESTS:-5000}
 CERTIFY_CONCURRENCY=${CERTIFY_CONCURRENCY:-16}
 
@@ -164,6 +178,7 @@ need() {
   command -v ss >/dev/null || missing+=(iproute2)
   command -v taskset >/dev/null || missing+=(util-linux)
   command -v setpriv >/dev/null || missing+=(util-linux)
+  [ "$CALLGRIND" = 0 ] || command -v valgrind >/dev/null || missing+=(valgrind)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
@@ -202,6 +217,9 @@ chmod 755 "$WORK"
 mkdir -p "$WORK/bin" "$WORK/secrets"
 cp "$TARGET/release/tandem-proxy" "$TARGET/release/tandem" "$WORK/bin/"
 PROXY_BIN=$WORK/bin/tandem-proxy
+# What runs each Tandem proxy: nothing, or callgrind (CALLGRIND=1).
+PROXY_WRAP=()
+READY_SECONDS=20
 TANDEM_BIN=$WORK/bin/tandem
 # Keys and tokens: readable by the proxies' UID only.
 chown "$PROXY_UID:$PROXY_UID" "$WORK/secrets"; chmod 700 "$WORK/secrets"
@@ -420,12 +438,12 @@ start_server() {
   case $1 in
     tandem-*)
       [ "$1" = tandem-plain ] || read -r -a flags <<<"$(identity_flags bench-server)"
-      taskset -c "$PROXY_CPU" ip netns exec "$NS" "${AS_PROXY[@]}" "$PROXY_BIN" \
+      taskset -c "$PROXY_CPU" ip netns exec "$NS" "${AS_PROXY[@]}" "${PROXY_WRAP[@]}" "$PROXY_BIN" \
         --inbound-listen "0.0.0.0:$INBOUND_PORT" --admin "127.0.0.1:$NS_ADMIN_PORT" \
         --control-plane "$DISCOVERY_ADDR" --threads 1 --shutdown-grace 1s "${flags[@]}" \
         >/dev/null 2>>"$log" &
       SERVER_PID=$!
-      wait_ready ns "http://127.0.0.1:$NS_ADMIN_PORT/ready" 20 || { tail -20 "$log" >&2; return 1; }
+      wait_ready ns "http://127.0.0.1:$NS_ADMIN_PORT/ready" "$READY_SECONDS" || { tail -20 "$log" >&2; return 1; }
       ;;
     haproxy-*)
       taskset -c "$PROXY_CPU" ip netns exec "$NS" "${AS_PROXY[@]}" haproxy -db -f "$WORK/haproxy-server.cfg" \
@@ -446,11 +464,11 @@ start_client() {
       HOST_HEADER=bench-server
       if [ "$1" = tandem-plain ]; then HOST_HEADER=bench-server-plain
       else read -r -a flags <<<"$(identity_flags bench-client)"; fi
-      taskset -c "$PROXY_CPU" "${AS_PROXY[@]}" "$PROXY_BIN" --listen "127.0.0.1:$CLIENT_PORT" \
+      taskset -c "$PROXY_CPU" "${AS_PROXY[@]}" "${PROXY_WRAP[@]}" "$PROXY_BIN" --listen "127.0.0.1:$CLIENT_PORT" \
         --admin "127.0.0.1:$CLIENT_ADMIN" --control-plane "$DISCOVERY_ADDR" --namespace default \
         --threads 1 --shutdown-grace 1s "${flags[@]}" >/dev/null 2>>"$log" &
       CLIENT_PID=$!
-      wait_ready "http://127.0.0.1:$CLIENT_ADMIN/ready" 20 || { tail -20 "$log" >&2; return 1; }
+      wait_ready "http://127.0.0.1:$CLIENT_ADMIN/ready" "$READY_SECONDS" || { tail -20 "$log" >&2; return 1; }
       ;;
     haproxy-*)
       CLIENT_PORT=${HAPROXY_CLIENT_PORT[$1]}; CLIENT_ADMIN=""; HOST_HEADER=bench-server
@@ -512,6 +530,53 @@ check_pair() {
   return 1
 }
 
+# --- CALLGRIND=1: instructions per request, then done ------------------------------------
+# callgrind_pair PAIR NAME: "client server pair" instructions per request of PAIR's
+# proxies; with CALLGRIND_KEEP=DIR, their profiles are kept there as PAIR-NAME-client.out
+# and PAIR-NAME-server.out (for callgrind_annotate).
+callgrind_pair() {
+  local out=$WORK/cg h2 client_ir server_ir
+  rm -rf "$out"; mkdir -p "$out"; chown "$PROXY_UID:$PROXY_UID" "$out"
+  PROXY_WRAP=(valgrind --tool=callgrind --callgrind-out-file="$out/%p.out")
+  start_pair "$1" && check_pair "$1" || { stop_pair; return 1; }
+  h2=$(timeout 600 taskset -c "$LOAD_CPU" h2load --h1 -t1 -c"$CONNECTIONS" -n "$CALLGRIND_REQUESTS" \
+    -H ":authority: $HOST_HEADER" "http://127.0.0.1:$CLIENT_PORT/" 2>&1 || true)
+  local client=$CLIENT_PID server=$SERVER_PID
+  stop_pair
+  grep -q "$CALLGRIND_REQUESTS succeeded" <<<"$h2" || { echo "$1: h2load: $(grep -E 'requests:|status codes' <<<"$h2")" >&2; return 1; }
+  # The pids valgrind ran as are the ones started (setpriv and ip netns exec exec).
+  client_ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$out/$client.out")
+  server_ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$out/$server.out")
+  if [ -n "${CALLGRIND_KEEP:-}" ]; then
+    mkdir -p "$CALLGRIND_KEEP"
+    cp "$out/$client.out" "$CALLGRIND_KEEP/$1-$2-client.out"
+    cp "$out/$server.out" "$CALLGRIND_KEEP/$1-$2-server.out"
+  fi
+  awk -v c="$client_ir" -v s="$server_ir" -v n="$CALLGRIND_REQUESTS" \
+    'BEGIN { printf "%.0f %.0f %.0f\n", c / n, s / n, (c + s) / n }'
+}
+if [ "$CALLGRIND" != 0 ]; then
+  READY_SECONDS=180
+  read -r -a proxies <<<"${PROXIES:-$TARGET/release/tandem-proxy}"
+  echo
+  echo "| proxy binary | pair | client | server | pair |"
+  echo "| --- | --- | ---: | ---: | ---: |"
+  for bin in "${proxies[@]}"; do
+    cp "$bin" "$WORK/bin/tandem-proxy"
+    for pair in $PAIRS; do
+      [[ $pair == tandem-* ]] || continue
+      if read -r c s p < <(callgrind_pair "$pair" "$(basename "$bin")"); then
+        echo "| $bin | $pair | $c | $s | $p |"
+      else
+        echo "| $bin | $pair | failed | | |"
+      fi
+    done
+  done
+  echo
+  echo "instructions per request (callgrind; h2load --h1, $CONNECTIONS connections, $CALLGRIND_REQUESTS requests, start-up and shutdown included)"
+  exit 0
+fi
+
 RESULTS=$WORK/results.tsv
 : > "$RESULTS"
 FAILED=""
@@ -525,10 +590,28 @@ for round in $(seq "$ROUNDS"); do
     fi
     wrk_run "$WARMUP" /dev/null || true
     before=$(cpu_ticks "$CLIENT_PID" "$SERVER_PID"); cb=$(cpu_ticks "$CLIENT_PID"); sb=$(cpu_ticks "$SERVER_PID")
+    kb=$(sys_ticks "$CLIENT_PID" "$SERVER_PID")
     pcb=$(core_ticks "$PROXY_CPU"); lcb=$(core_ticks "$LOAD_CPU")
     out=$WORK/wrk.out
+    tracers=()
+    if [ "${STRACE:-0}" != 0 ]; then
+      # Diagnostic only (ptrace slows the proxies): syscalls by kind, per proxy.
+      for side in client server; do
+        pid=$CLIENT_PID; [ $side = server ] && pid=$SERVER_PID
+        strace -c -f -p "$pid" -o "$WORK/strace-$pair-$side-$round.txt" 2>/dev/null & tracers+=($!)
+      done
+      sleep 0.5
+    fi
     wrk_run "$DURATION" "$out" || echo "wrk failed" >&2
+    for t in "${tracers[@]}"; do kill -INT "$t" 2>/dev/null || true; wait "$t" 2>/dev/null || true; done
+    if [ "${STRACE:-0}" != 0 ]; then
+      for side in client server; do
+        echo "--- strace $pair $side round $round ($(awk '/requests in/ { print $1 }' "$out") requests):" >&2
+        head -14 "$WORK/strace-$pair-$side-$round.txt" >&2
+      done
+    fi
     after=$(cpu_ticks "$CLIENT_PID" "$SERVER_PID"); ca=$(cpu_ticks "$CLIENT_PID"); sa=$(cpu_ticks "$SERVER_PID")
+    ka=$(sys_ticks "$CLIENT_PID" "$SERVER_PID")
     pca=$(core_ticks "$PROXY_CPU"); lca=$(core_ticks "$LOAD_CPU")
     hwm_c=$(rss_kib "$CLIENT_PID" VmHWM); hwm_s=$(rss_kib "$SERVER_PID" VmHWM)
     conns=$(hop_connections "$pair")
@@ -554,9 +637,10 @@ for round in $(seq "$ROUNDS"); do
     errors=$(awk '/Socket errors/ { gsub(",", ""); n = $4 + $6 + $8 + $10 } /Non-2xx/ { n += $NF } END { print n + 0 }' "$out")
     cpu=$(us_per_request "$before" "$after" "${reqs:-0}")
     cpu_c=$(us_per_request "$cb" "$ca" "${reqs:-0}"); cpu_s=$(us_per_request "$sb" "$sa" "${reqs:-0}")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$pair" "${rps:-0}" "$p50" "$p99" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$pair" "${rps:-0}" "$p50" "$p99" \
       "$cpu" "$cpu_c" "$cpu_s" "$(busy_pct "$pcb" "$pca")" "$(busy_pct "$lcb" "$lca")" "$errors" \
-      "${hwm_c:-0}" "${hwm_s:-0}" "$conns" "$hs_c" "$hs_s" "$READY_MS" "$check" "$round" >> "$RESULTS"
+      "${hwm_c:-0}" "${hwm_s:-0}" "$conns" "$hs_c" "$hs_s" "$READY_MS" "$check" "$round" \
+      "$(us_per_request "$kb" "$ka" "${reqs:-0}")" >> "$RESULTS"
     echo "done: round $round/$ROUNDS $pair (${rps:-0} req/s, p99 $p99 ms, pair CPU $cpu µs/req, errors $errors, $check)" >&2
   done
 done
@@ -712,6 +796,15 @@ per_round() {
     END { for (r = 1; r <= 1000; r++) if ((r in x) && (r in y) && y[r] > 0) { printf "%s%.2f", sep, x[r] / y[r]; sep = ", " } }' "$RESULTS"
 }
 
+# CALLGRIND=1: instead of the rounds, handshakes and Certify, each Tandem pair (of
+# PAIRS) runs both its proxies under callgrind while h2load (HTTP/1.1, 64 connections,
+# CALLGRIND_REQUESTS requests, default 20000) sends through it; reported: instructions
+# per request of the client proxy, the server proxy and the pair (start-up and
+# shutdown included). Counted instructions do not move with what else the machine
+# does, so two builds compare on a busy machine where times cannot; PROXIES names the
+# proxy binaries to compare (default: the one built); CALLGRIND_KEEP=DIR keeps the
+# profiles (PAIR-BINARY-client.out, PAIR-BINARY-server.out).
+#
 # The Tandem proxies' log lines at WARN or ERROR (colour codes taken out).
 tandem_warnings() {
   cat "$WORK"/tandem-*.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | grep -aE '^[^ ]+ +(WARN|ERROR) ' || true
@@ -751,6 +844,14 @@ report() {
       "$(mib "$(highest "$p" 11)")" "$(mib "$(highest "$p" 12)")" "$(median "$p" 13)" "$hs" \
       "$(total "$p" 10)" "$(runs "$p")" "$(checks "$p")"
   done
+  echo
+  local kernel="" kp
+  for p in $PAIRS; do
+    has "$p" || continue
+    kp=$(median "$p" 19)
+    kernel="$kernel${kernel:+; }$p $kp of $(median "$p" 5) ($(awk -v k="$kp" -v c="$(median "$p" 5)" 'BEGIN { printf "%.0f", (c > 0 ? k / c * 100 : 0) }')%)"
+  done
+  echo "Of the pair's CPU per request, in the kernel (system time, both proxies; µs/req): $kernel."
   echo
   if has tandem-mtls && has tandem-plain; then
     local mr pr mc pc
