@@ -4,7 +4,8 @@
 //!
 //! Checks, beyond "no panic":
 //! - an accepted head lies within the buffer; what follows it changes nothing, and
-//!   every strict prefix of it is "incomplete";
+//!   every strict prefix of it is "incomplete"; waiting for a head by its empty line
+//!   (`response_head_end`) finds the same end;
 //! - a response to HEAD, a 1xx, 204 or 304 has no body;
 //! - the rewritten head is CRLF-only, and the same parser reads it as the same
 //!   response: same length, status and body framing (a client that frames the body
@@ -16,7 +17,9 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use tandem_proxy::http1::head::{Framing, parse_response, parse_response_parts, rewrite_response};
+use tandem_proxy::http1::head::{
+    Framing, parse_response, parse_response_parts, response_head_end, rewrite_response,
+};
 
 fuzz_target!(|buf: &[u8]| {
     for request_is_head in [false, true] {
@@ -31,6 +34,12 @@ fn check(buf: &[u8], request_is_head: bool) {
     assert!(head.len <= buf.len(), "head longer than the buffer");
     let raw = &buf[..head.len];
     assert_eq!(parse_response(raw, request_is_head), Ok(Some(head.clone())));
+    // Waiting for a head by its empty line finds the end httparse finds.
+    assert_eq!(
+        response_head_end(buf),
+        Some(head.len),
+        "where the head ends"
+    );
     let prefixes: Box<dyn Iterator<Item = usize>> = if head.len <= 1024 {
         Box::new(0..head.len)
     } else {

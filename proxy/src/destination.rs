@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -195,6 +195,9 @@ pub struct Destination {
     resolution: ArcSwap<Resolution>,
     resolved: Notify,
     evicted: Notify,
+    /// Set when it is evicted: a connection that kept it (to skip the lookup) looks
+    /// it up again.
+    gone: AtomicBool,
     /// The coarse clock's seconds ([`clock::now`]) at the last request: idle ones are
     /// evicted. Coarse because a clock read per request would cost more than the
     /// eviction needs.
@@ -209,6 +212,7 @@ impl Destination {
             resolution: ArcSwap::from_pointee(resolution),
             resolved: Notify::new(),
             evicted: Notify::new(),
+            gone: AtomicBool::new(false),
             last_used: AtomicU32::new(clock::now()),
             stats: DestinationStats::default(),
         })
@@ -265,6 +269,12 @@ impl Destination {
                 return self.resolution.load_full();
             }
         }
+    }
+
+    /// Whether it was evicted from the cache (its watch ends; a new one takes its name).
+    #[inline]
+    pub fn is_evicted(&self) -> bool {
+        self.gone.load(Ordering::Relaxed)
     }
 
     /// Resolves once the destination was evicted from the cache (its watch should end).
@@ -343,6 +353,7 @@ impl Destinations {
         }
         for (name, destination) in &evict {
             tracing::debug!(destination = %name, "evicting idle destination");
+            destination.gone.store(true, Ordering::Relaxed);
             destination.evicted.notify_one();
         }
         let next: HashMap<_, _> = keep

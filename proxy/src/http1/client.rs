@@ -133,12 +133,18 @@ async fn respond(
         // In a block: an interim head's parts are not kept while the next one is read.
         let switched = {
             let head_bytes = conn.buf.split_to(head_len).freeze();
-            let parts = head::parse_response_parts(&head_bytes, is_head)
-                .map_err(SendFailure::BadResponse)?;
-            if !(100..200).contains(&parts.0.status) {
-                break parts;
+            match head::parse_response_parts(&head_bytes, is_head) {
+                Ok(parts) if !(100..200).contains(&parts.0.status) => break parts,
+                Ok(parts) => parts.0.status == 101,
+                // An interim head is skipped whatever its headers, as before a map
+                // was made of every head.
+                Err(bad) => match head::parse_response(&head_bytes, is_head) {
+                    Ok(Some(interim)) if (100..200).contains(&interim.status) => {
+                        interim.status == 101
+                    }
+                    _ => return Err(SendFailure::BadResponse(bad)),
+                },
             }
-            parts.0.status == 101
         };
         if switched {
             return Err(SendFailure::BadResponse(BadResponse(

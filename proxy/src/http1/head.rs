@@ -544,9 +544,11 @@ fn parse_response_in<'h, 'b>(
 /// bare LF), if it is all there: what waiting for a head needs to know, for a caller
 /// that parses it once it is whole ([`parse_response_parts`]).
 pub fn response_head_end(buf: &[u8]) -> Option<usize> {
-    memchr::memchr_iter(b'\n', buf).find_map(|i| match buf.get(i + 1..) {
-        Some([b'\n', ..]) => Some(i + 2),
-        Some([b'\r', b'\n', ..]) => Some(i + 3),
+    // Empty lines before the status line are skipped, as httparse does.
+    let start = buf.iter().position(|b| *b != b'\r' && *b != b'\n')?;
+    memchr::memchr_iter(b'\n', &buf[start..]).find_map(|i| match buf.get(start + i + 1..) {
+        Some([b'\n', ..]) => Some(start + i + 2),
+        Some([b'\r', b'\n', ..]) => Some(start + i + 3),
         _ => None,
     })
 }
@@ -766,6 +768,23 @@ mod tests {
             Err(BadResponse("conflicting Content-Length headers"))
         );
         assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n", false).is_err());
+    }
+
+    #[test]
+    fn a_response_head_ends_at_its_first_empty_line() {
+        for (raw, end) in [
+            ("HTTP/1.1 200 OK\r\na: 1\r\n\r\nbody\n\n", Some(25)),
+            ("HTTP/1.1 200 OK\na: 1\n\nbody", Some(22)),
+            ("\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", Some(31)),
+            ("HTTP/1.1 200 OK\r\na: 1\r\n\r", None),
+            ("\r\n\r\n", None),
+        ] {
+            assert_eq!(response_head_end(raw.as_bytes()), end, "{raw:?}");
+            if let Some(end) = end {
+                let parsed = parse_response(raw.as_bytes(), false).unwrap().unwrap();
+                assert_eq!(parsed.len, end, "as httparse reads it: {raw:?}");
+            }
+        }
     }
 
     #[test]

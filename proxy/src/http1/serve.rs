@@ -240,8 +240,8 @@ struct ClientConn<'a> {
     trace: Option<Box<RequestTrace>>,
     /// The last request's Host and the destination it routed to: a connection's
     /// requests mostly name one service, and comparing bytes costs less than
-    /// normalising and looking the name up again. Held as long as an intercepted
-    /// connection holds the destination it was addressed to.
+    /// normalising and looking the name up again. Looked up again once the
+    /// destination is evicted (unused for a long while elsewhere).
     routed: Option<(Vec<u8>, Arc<Destination>)>,
 }
 
@@ -253,6 +253,7 @@ impl ClientConn<'_> {
         }
         if let (Some(host), Some((last, destination))) = (host, &self.routed)
             && host == &last[..]
+            && !destination.is_evicted()
         {
             return Ok(destination.clone());
         }
@@ -636,7 +637,7 @@ async fn relay_frames<IO: AsyncWrite + Unpin>(
     control: &ConnControl,
     client: &mut IO,
     mut body: ProxyBody,
-    framing: BodyOut,
+    mut framing: BodyOut,
     te_trailers: bool,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
@@ -660,8 +661,8 @@ async fn relay_frames<IO: AsyncWrite + Unpin>(
                 None => break,
                 Some(Err(error)) => return Err(io::Error::other(error)),
                 Some(Ok(frame)) => {
-                    trailers |= frame.is_trailers();
-                    to_http2::push_frame(out, frame, framing, te_trailers);
+                    trailers |= to_http2::push_frame(out, frame, &mut framing, te_trailers)
+                        .map_err(io::Error::other)?;
                     if out.len() >= RELAY_CHUNK {
                         write_to(control, client, out).await?;
                         out.clear();
@@ -669,7 +670,7 @@ async fn relay_frames<IO: AsyncWrite + Unpin>(
                 }
             }
         }
-        to_http2::push_end(out, framing, trailers && te_trailers);
+        to_http2::push_end(out, framing, trailers).map_err(io::Error::other)?;
     }
     if !out.is_empty() {
         write_to(control, client, out).await?;

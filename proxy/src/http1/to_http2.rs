@@ -4,10 +4,11 @@
 //! forwarder's flow (the one every request from hyper or HTTP/2 takes: retries,
 //! timeouts, traces, the mesh), and the response is written back as HTTP/1.1 here.
 //!
-//! What hyper would do with such a request is done the same way: hop-by-hop headers
-//! are dropped (by the forwarder), a response whose length is unknown is chunked, a
-//! response to HEAD (or a 204 or 304) has no body whatever it says, trailers reach a
-//! client that said `te: trailers` and nobody else.
+//! As hyper would: hop-by-hop headers are dropped (by the forwarder), a response
+//! whose length is unknown is chunked, one whose body does not keep to its length is
+//! cut off by closing the connection, a response to HEAD (or a 204 or 304) has no
+//! body whatever it says, trailers reach a client that said `te: trailers` and nobody
+//! else. (Unlike hyper, no `date` is added: the app's response has its own.)
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -36,7 +37,10 @@ pub fn request(request: Bytes, head: &RequestHead) -> Result<Request<ProxyBody>,
     }
     let method = Method::from_bytes(parsed.method.unwrap_or("GET").as_bytes())
         .map_err(|_| "invalid method")?;
-    let path = request.slice_ref(parsed.path.unwrap_or("/").as_bytes());
+    let Some(path) = parsed.path else {
+        return Err("no request target");
+    };
+    let path = request.slice_ref(path.as_bytes());
     // The Host goes into the URI, where HTTP/2 carries it (`:authority`), rather than
     // into the map for the forwarder to move there.
     let authority = head
@@ -81,14 +85,22 @@ pub fn request(request: Bytes, head: &RequestHead) -> Result<Request<ProxyBody>,
 pub enum BodyOut {
     /// None at all (HEAD, 1xx, 204, 304, or an empty body).
     None,
-    /// As it comes: the head says its length.
-    Raw,
+    /// As it comes, this many bytes still to come: the head says its length, and the
+    /// body must keep to it (a response may come from anywhere, not only over HTTP/2,
+    /// which checks it), or the client would read the next response wrong.
+    Raw(u64),
     /// In chunks: nothing said its length.
     Chunked,
 }
 
+/// A body that does not match the length its head gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the response body does not match its content-length ({0})")]
+pub struct LengthMismatch(pub &'static str);
+
 /// Writes `response`'s head into `out` as HTTP/1.1, with `connection: close` when
-/// `close`, and says how its body follows. `te_trailers`: the client accepts trailers.
+/// `close`, and says how its body follows. The Content-Length is written once, by
+/// this function, and only when it says one thing.
 pub fn response_head(
     response: &Response<ProxyBody>,
     request_is_head: bool,
@@ -102,26 +114,43 @@ pub fn response_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let mut length = false;
+    let no_body = request_is_head || (100..200).contains(&code) || code == 204 || code == 304;
+    let mut length: Option<u64> = None;
+    let mut unusable_length = false;
     for (name, value) in response.headers() {
-        // Hop-by-hop fields never come over HTTP/2; the framing is this hop's own.
+        // Hop-by-hop fields are the hop's own (its framing above all).
         if tandem_h2::is_hop_by_hop(name) {
             continue;
         }
-        length |= name == header::CONTENT_LENGTH;
+        if name == header::CONTENT_LENGTH && !no_body {
+            match parse_length(value) {
+                Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
+                _ => unusable_length = true,
+            }
+            continue;
+        }
         push_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    let no_body = request_is_head || (100..200).contains(&code) || code == 204 || code == 304;
-    let body = if no_body {
-        BodyOut::None
-    } else if length {
-        BodyOut::Raw
-    } else if response.body().is_end_stream() {
-        out.extend_from_slice(b"content-length: 0\r\n");
-        BodyOut::None
-    } else {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        BodyOut::Chunked
+    let body = match length {
+        _ if no_body => BodyOut::None,
+        Some(n) if !unusable_length => {
+            out.extend_from_slice(b"content-length: ");
+            push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+            if n == 0 {
+                BodyOut::None
+            } else {
+                BodyOut::Raw(n)
+            }
+        }
+        _ if response.body().is_end_stream() => {
+            out.extend_from_slice(b"content-length: 0\r\n");
+            BodyOut::None
+        }
+        _ => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            BodyOut::Chunked
+        }
     };
     if close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -130,14 +159,51 @@ pub fn response_head(
     body
 }
 
+/// A Content-Length value: digits only (at most 19, which never overflow a u64).
+fn parse_length(value: &HeaderValue) -> Option<u64> {
+    let digits = value.as_bytes().trim_ascii();
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(digits.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// `n` in decimal, without a `String` per response.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
 /// Appends a body frame to `out` as `framing` has it; `te_trailers`: the client
-/// accepts trailers (else they are dropped, as hyper does).
-pub fn push_frame(out: &mut Vec<u8>, frame: Frame<Bytes>, framing: BodyOut, te_trailers: bool) {
+/// accepts trailers (else they are dropped, as hyper does). Returns whether it
+/// wrote trailers.
+pub fn push_frame(
+    out: &mut Vec<u8>,
+    frame: Frame<Bytes>,
+    framing: &mut BodyOut,
+    te_trailers: bool,
+) -> Result<bool, LengthMismatch> {
     match frame.into_data() {
         Ok(data) if data.is_empty() => {}
         Ok(data) => match framing {
             BodyOut::None => {}
-            BodyOut::Raw => out.extend_from_slice(&data),
+            BodyOut::Raw(left) => {
+                let n = data.len() as u64;
+                if n > *left {
+                    return Err(LengthMismatch("more data than it said"));
+                }
+                *left -= n;
+                out.extend_from_slice(&data);
+            }
             BodyOut::Chunked => {
                 push_hex(out, data.len());
                 out.extend_from_slice(b"\r\n");
@@ -147,23 +213,33 @@ pub fn push_frame(out: &mut Vec<u8>, frame: Frame<Bytes>, framing: BodyOut, te_t
         },
         Err(frame) => {
             if let (Ok(trailers), BodyOut::Chunked, true) =
-                (frame.into_trailers(), framing, te_trailers)
+                (frame.into_trailers(), *framing, te_trailers)
             {
                 out.extend_from_slice(b"0\r\n");
                 for (name, value) in &trailers {
                     push_header(out, name.as_str().as_bytes(), value.as_bytes());
                 }
                 out.extend_from_slice(b"\r\n");
+                return Ok(true);
             }
         }
     }
+    Ok(false)
 }
 
-/// Ends a chunked body in `out`, unless trailers did already.
-pub fn push_end(out: &mut Vec<u8>, framing: BodyOut, trailers_written: bool) {
-    if framing == BodyOut::Chunked && !trailers_written {
-        out.extend_from_slice(b"0\r\n\r\n");
+/// Ends the body in `out`: the last chunk of a chunked one (unless trailers ended it
+/// already); a body shorter than its length is an error.
+pub fn push_end(
+    out: &mut Vec<u8>,
+    framing: BodyOut,
+    trailers_written: bool,
+) -> Result<(), LengthMismatch> {
+    match framing {
+        BodyOut::Chunked if !trailers_written => out.extend_from_slice(b"0\r\n\r\n"),
+        BodyOut::Raw(left) if left > 0 => return Err(LengthMismatch("less data than it said")),
+        _ => {}
     }
+    Ok(())
 }
 
 fn push_hex(out: &mut Vec<u8>, mut n: usize) {
@@ -236,10 +312,18 @@ mod tests {
         assert_eq!(
             head_of(response, false, false),
             (
-                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-b: 1\r\n\r\n".into(),
-                BodyOut::Raw
+                "HTTP/1.1 200 OK\r\nx-b: 1\r\ncontent-length: 5\r\n\r\n".into(),
+                BodyOut::Raw(5)
             )
         );
+        // Two lengths that disagree say none: the body is chunked instead.
+        let response = Response::builder()
+            .status(200)
+            .header("content-length", "5")
+            .header("content-length", "6")
+            .body(ProxyBody::text("hello"))
+            .unwrap();
+        assert_eq!(head_of(response, false, false).1, BodyOut::Chunked);
         let response = Response::builder()
             .status(200)
             .body(ProxyBody::text("hello"))
@@ -281,30 +365,62 @@ mod tests {
     #[test]
     fn chunks_and_trailers() {
         let mut out = Vec::new();
-        push_frame(
-            &mut out,
-            Frame::data(Bytes::from(vec![b'x'; 26])),
-            BodyOut::Chunked,
-            false,
-        );
+        let mut chunked = BodyOut::Chunked;
+        let data = Frame::data(Bytes::from(vec![b'x'; 26]));
+        assert_eq!(push_frame(&mut out, data, &mut chunked, false), Ok(false));
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
-        push_frame(
-            &mut out,
-            Frame::trailers(trailers.clone()),
-            BodyOut::Chunked,
-            true,
-        );
+        let frame = Frame::trailers(trailers.clone());
+        assert_eq!(push_frame(&mut out, frame, &mut chunked, true), Ok(true));
+        assert_eq!(push_end(&mut out, chunked, true), Ok(()));
         assert_eq!(
             String::from_utf8(out).unwrap(),
             format!("1a\r\n{}\r\n0\r\ngrpc-status: 0\r\n\r\n", "x".repeat(26))
         );
         let mut out = Vec::new();
-        push_frame(&mut out, Frame::trailers(trailers), BodyOut::Chunked, false);
-        push_end(&mut out, BodyOut::Chunked, false);
+        let frame = Frame::trailers(trailers);
+        assert_eq!(push_frame(&mut out, frame, &mut chunked, false), Ok(false));
+        assert_eq!(push_end(&mut out, chunked, false), Ok(()));
         assert_eq!(
             out, b"0\r\n\r\n",
             "trailers only for a client that said te: trailers"
+        );
+    }
+
+    #[test]
+    fn lengths_are_digits_only() {
+        for (text, n) in [
+            ("0", Some(0)),
+            (" 42 ", Some(42)),
+            ("+1", None),
+            ("1 2", None),
+            ("", None),
+        ] {
+            assert_eq!(parse_length(&HeaderValue::from_static(text)), n, "{text:?}");
+        }
+        let mut out = Vec::new();
+        push_decimal(&mut out, 0);
+        push_decimal(&mut out, 18_446_744_073_709_551_615);
+        assert_eq!(out, b"018446744073709551615");
+    }
+
+    #[test]
+    fn a_body_keeps_to_its_length() {
+        let mut out = Vec::new();
+        let mut raw = BodyOut::Raw(5);
+        let hel = Frame::data(Bytes::from_static(b"hel"));
+        assert_eq!(push_frame(&mut out, hel, &mut raw, false), Ok(false));
+        assert!(push_end(&mut out, raw, false).is_err(), "2 bytes short");
+        let more = Frame::data(Bytes::from_static(b"lo!"));
+        assert!(
+            push_frame(&mut out, more, &mut raw, false).is_err(),
+            "1 byte over"
+        );
+        let lo = Frame::data(Bytes::from_static(b"lo"));
+        assert_eq!(push_frame(&mut out, lo, &mut raw, false), Ok(false));
+        assert_eq!(
+            (push_end(&mut out, raw, false), &out[..]),
+            (Ok(()), &b"hello"[..])
         );
     }
 }
