@@ -10,20 +10,20 @@ wait_port() {
   echo "nothing listens on port $1" >&2; exit 1
 }
 
-# CPU ticks (user + system) of one or more processes, summed, from /proc/PID/stat
-# (fields 14 and 15).
-cpu_ticks() {
-  local pid files=()
+# proc_ticks FIELDS PID...: the ticks in /proc/PID/stat's FIELDS (after the command
+# name: 12 user, 13 system; "12 13" both) of one or more processes, summed.
+proc_ticks() {
+  local fields=$1 pid files=()
+  shift
   for pid in "$@"; do files+=("/proc/$pid/stat"); done
-  awk '{ s = $0; sub(/.*\) /, "", s); split(s, f, " "); t += f[12] + f[13] } END { print t }' "${files[@]}"
+  awk -v fields="$fields" 'BEGIN { n = split(fields, want, " ") }
+    { s = $0; sub(/.*\) /, "", s); split(s, f, " "); for (i = 1; i <= n; i++) t += f[want[i]] }
+    END { print t }' "${files[@]}"
 }
-
-# System (kernel) CPU ticks alone of one or more processes (field 15).
-sys_ticks() {
-  local pid files=()
-  for pid in "$@"; do files+=("/proc/$pid/stat"); done
-  awk '{ s = $0; sub(/.*\) /, "", s); split(s, f, " "); t += f[13] } END { print t }' "${files[@]}"
-}
+# CPU ticks (user + system) of one or more processes, summed.
+cpu_ticks() { proc_ticks "12 13" "$@"; }
+# System (kernel) ticks alone.
+sys_ticks() { proc_ticks 13 "$@"; }
 
 # us_per_request BEFORE AFTER REQUESTS: CPU microseconds per request between two
 # cpu_ticks readings.

@@ -247,7 +247,7 @@ fn frames_message(name: &str) -> bool {
         || name.eq_ignore_ascii_case("host")
 }
 
-fn parse_length(value: &[u8]) -> Option<u64> {
+pub(super) fn parse_length(value: &[u8]) -> Option<u64> {
     let value = trim(value);
     if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
         return None;

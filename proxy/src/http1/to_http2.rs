@@ -19,7 +19,7 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use super::head::{MAX_HEADERS, RequestHead, push_header};
+use super::head::{MAX_HEADERS, RequestHead, parse_length, push_header};
 use crate::body::ProxyBody;
 
 /// The request at the start of `request` (its head, then its whole body), as the
@@ -117,13 +117,10 @@ pub fn response_head(
     let no_body = request_is_head || (100..200).contains(&code) || code == 204 || code == 304;
     let mut length: Option<u64> = None;
     let mut unusable_length = false;
+    // Hop-by-hop fields are gone already (the forwarder strips them from responses).
     for (name, value) in response.headers() {
-        // Hop-by-hop fields are the hop's own (its framing above all).
-        if tandem_h2::is_hop_by_hop(name) {
-            continue;
-        }
         if name == header::CONTENT_LENGTH && !no_body {
-            match parse_length(value) {
+            match parse_length(value.as_bytes()) {
                 Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
                 _ => unusable_length = true,
             }
@@ -135,7 +132,7 @@ pub fn response_head(
         _ if no_body => BodyOut::None,
         Some(n) if !unusable_length => {
             out.extend_from_slice(b"content-length: ");
-            push_decimal(out, n);
+            push_number(out, n, 10);
             out.extend_from_slice(b"\r\n");
             if n == 0 {
                 BodyOut::None
@@ -159,23 +156,14 @@ pub fn response_head(
     body
 }
 
-/// A Content-Length value: digits only (at most 19, which never overflow a u64).
-fn parse_length(value: &HeaderValue) -> Option<u64> {
-    let digits = value.as_bytes().trim_ascii();
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(digits.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
-}
-
-/// `n` in decimal, without a `String` per response.
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+/// `n` in `base` (10 or 16), without a `String` per response.
+fn push_number(out: &mut Vec<u8>, mut n: u64, base: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
         i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
+        digits[i] = b"0123456789abcdef"[(n % base) as usize];
+        n /= base;
         if n == 0 {
             break;
         }
@@ -205,7 +193,7 @@ pub fn push_frame(
                 out.extend_from_slice(&data);
             }
             BodyOut::Chunked => {
-                push_hex(out, data.len());
+                push_number(out, data.len() as u64, 16);
                 out.extend_from_slice(b"\r\n");
                 out.extend_from_slice(&data);
                 out.extend_from_slice(b"\r\n");
@@ -240,20 +228,6 @@ pub fn push_end(
         _ => {}
     }
     Ok(())
-}
-
-fn push_hex(out: &mut Vec<u8>, mut n: usize) {
-    let mut digits = [0u8; 16];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b"0123456789abcdef"[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
 }
 
 /// The body's next frame if it is there now, without waiting (and without
@@ -388,20 +362,12 @@ mod tests {
     }
 
     #[test]
-    fn lengths_are_digits_only() {
-        for (text, n) in [
-            ("0", Some(0)),
-            (" 42 ", Some(42)),
-            ("+1", None),
-            ("1 2", None),
-            ("", None),
-        ] {
-            assert_eq!(parse_length(&HeaderValue::from_static(text)), n, "{text:?}");
-        }
+    fn numbers_in_decimal_and_hex() {
         let mut out = Vec::new();
-        push_decimal(&mut out, 0);
-        push_decimal(&mut out, 18_446_744_073_709_551_615);
-        assert_eq!(out, b"018446744073709551615");
+        push_number(&mut out, 0, 10);
+        push_number(&mut out, 18_446_744_073_709_551_615, 10);
+        push_number(&mut out, 26, 16);
+        assert_eq!(out, b"0184467440737095516151a");
     }
 
     #[test]
