@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::cluster::{cluster, name, pod_ip};
 use crate::injection::{CLUSTER_WIDE, Injector};
-use crate::mesh::{cluster_ip, in_pod, series};
+use crate::mesh::{cluster_ip, in_pod, series, try_in_pod};
 use crate::support::*;
 
 const LIMIT: Duration = Duration::from_secs(300);
@@ -292,13 +292,19 @@ async fn a_request_through_two_proxies_is_one_trace_in_jaeger() {
                 in_pod(cluster, client_ip, &args).await
             }
         };
-        // The client proxy may learn of web's endpoint after the pod is Ready.
+        // The client proxy may learn of web's endpoint after the pod is Ready, and
+        // web's proxy may not take connections yet: a first try may time out.
+        let url_first = url.clone();
         eventually(
             Duration::from_secs(30),
             "web answers through the mesh",
             || {
-                let curl = &curl;
-                async move { curl(None).await.contains("host:").then_some(()) }
+                let url = url_first.clone();
+                async move {
+                    let args = ["curl", "-sS", "--max-time", "5", url.as_str()];
+                    let (ok, said) = try_in_pod(cluster, client_ip, &args).await;
+                    (ok && said.contains("host:")).then_some(())
+                }
             },
         )
         .await;
